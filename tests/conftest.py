@@ -1,0 +1,27 @@
+import os
+
+
+# Everything the suite needs is built in code; make any accidental Hub access fail fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def arithmetic_models():
+    """The built-in teacher and student (trained once, then read from the cache; see `TRL_TIP_CACHE`)."""
+    from trl_tip.tasks import prepare_arithmetic_models
+
+    return prepare_arithmetic_models(verbose=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_paths(tmp_path_factory):
+    """Randomly initialised tiny teacher and student saved with the offline tokenizer."""
+    from trl_tip.testing import save_tiny_models
+
+    return save_tiny_models(tmp_path_factory.mktemp("tiny-models"))

@@ -1,0 +1,54 @@
+import pytest
+
+from trl_tip.rewards import extract_answer, grade_answer, math_reward
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("8+7=15;5+6+1=12;\\boxed{125}", "125"),
+        ("\\boxed{1} then \\boxed{2}", "2"),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("work...\nAnswer: 42", "42"),
+        ("Answer: 7.\nmore text\nanswer: $9$", "9"),
+        ("no answer here", None),
+        ("\\boxed{12", None),
+        ("", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_math_reward_plain_and_conversational():
+    completions = [
+        "8+7=15;5+6+1=12;\\boxed{125}",  # right
+        "8+7=15;5+6+1=12;\\boxed{126}",  # wrong
+        [{"role": "assistant", "content": "Answer: 0.5"}],  # conversational, equivalent form
+        "\\boxed{12",  # malformed
+        "I do not know",  # no answer
+        "ünïcödé \\boxed{√4} 中文",  # unicode around a numeric answer
+        "\\boxed{\\frac{1}{2}}",
+    ]
+    answers = ["125", "125", "\\frac{1}{2}", "12", "3", "7", "0.5"]
+    assert math_reward(completions, answer=answers) == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def test_unparseable_gold_is_skipped():
+    assert grade_answer("\\boxed{3}", "") is None
+    assert grade_answer("\\boxed{3}", None) is None
+    assert math_reward(["\\boxed{3}"], answer=[None]) == [None]
+
+
+def test_missing_answer_column_is_a_clear_error():
+    with pytest.raises(ValueError, match="`answer` column"):
+        math_reward(["\\boxed{3}"])
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        math_reward(["a", "b"], answer=["1"])
+
+
+def test_non_string_completion_is_a_clear_error():
+    with pytest.raises(TypeError, match="Completion 1 is a int"):
+        math_reward(["\\boxed{3}", 3], answer=["3", "3"])
+    with pytest.raises(TypeError, match="Completion 0"):
+        math_reward([[{"role": "assistant", "content": None}]], answer=["3"])

@@ -1,0 +1,8 @@
+"""trl_tip: TRL trainers for cheaper, better post-training of language models."""
+
+__version__ = "0.1.0"
+
+from .rewards import extract_answer, grade_answer, math_reward
+
+
+__all__ = ["extract_answer", "grade_answer", "math_reward"]
