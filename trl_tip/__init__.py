@@ -3,6 +3,21 @@
 __version__ = "0.1.0"
 
 from .rewards import extract_answer, grade_answer, math_reward
+from .selection import SELECTION_METHODS, select_tokens
+from .losses import selective_divergence_loss
+from .token_stats import TokenStats, token_stats
+from .trainers import TipDistillConfig, TipDistillTrainer
 
 
-__all__ = ["extract_answer", "grade_answer", "math_reward"]
+__all__ = [
+    "SELECTION_METHODS",
+    "TipDistillConfig",
+    "TipDistillTrainer",
+    "TokenStats",
+    "extract_answer",
+    "grade_answer",
+    "math_reward",
+    "select_tokens",
+    "selective_divergence_loss",
+    "token_stats",
+]

@@ -1,0 +1,202 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from trl.kernels import chunked_divergence
+from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+import importlib
+from trl_tip import selective_divergence_loss, token_stats
+from trl_tip.selection import select_tokens
+from trl_tip.token_stats import divergence_from_stats
+
+
+# `trl_tip.token_stats` is the exported function; the module of the same name is reached through sys.modules.
+token_stats_module = importlib.import_module("trl_tip.token_stats")
+
+
+def _logits(hidden, weight, bias=None, scale=1.0, softcap=None, temperature=1.0):
+    z = hidden @ weight.t()
+    if bias is not None:
+        z = z + bias
+    z = z * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def _reference(student_logits, teacher_logits, beta):
+    # Full-logit reference, in float64: entropy / ln V, KL(S||T), KL(T||S), generalised JSD as TRL defines it.
+    log_s = F.log_softmax(student_logits.double(), -1)
+    log_t = F.log_softmax(teacher_logits.double(), -1)
+    p_s, p_t = log_s.exp(), log_t.exp()
+    entropy = -(p_s * log_s).sum(-1)
+    reverse = (p_s * (log_s - log_t)).sum(-1)
+    forward = (p_t * (log_t - log_s)).sum(-1)
+    if beta == 0.0:
+        divergence = forward
+    elif beta == 1.0:
+        divergence = reverse
+    else:
+        log_m = torch.logsumexp(torch.stack([log_s + math.log(1 - beta), log_t + math.log(beta)]), 0)
+        divergence = beta * (p_t * (log_t - log_m)).sum(-1) + (1 - beta) * (p_s * (log_s - log_m)).sum(-1)
+    return entropy / math.log(student_logits.shape[-1]), reverse, forward, divergence
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    # Force several token and vocabulary chunks on small tensors, so the chunked loops are really exercised.
+    for module in (token_stats_module, chunked_divergence):
+        monkeypatch.setattr(module, "TOKEN_CHUNK_SIZE", 5)
+        monkeypatch.setattr(module, "VOCAB_CHUNK_SIZE", 7)
+
+
+@pytest.mark.parametrize(
+    "logit_kwargs",
+    [
+        {},
+        {"temperature": 0.7},
+        {"student_logit_scale": 0.5, "teacher_logit_scale": 2.0},
+        {"student_final_logit_softcapping": 3.0, "teacher_final_logit_softcapping": 5.0},
+    ],
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_token_stats_match_full_logits(small_chunks, logit_kwargs, with_bias):
+    torch.manual_seed(0)
+    vocab, n = 23, 13
+    h_s, h_t = torch.randn(n, 8), torch.randn(n, 12)
+    w_s, w_t = torch.randn(vocab, 8), torch.randn(vocab, 12)
+    b_s, b_t = (torch.randn(vocab), torch.randn(vocab)) if with_bias else (None, None)
+    stats = token_stats(h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, **logit_kwargs)
+    temperature = logit_kwargs.get("temperature", 1.0)
+    s_logits = _logits(h_s, w_s, b_s, logit_kwargs.get("student_logit_scale", 1.0),
+                       logit_kwargs.get("student_final_logit_softcapping"), temperature)
+    t_logits = _logits(h_t, w_t, b_t, logit_kwargs.get("teacher_logit_scale", 1.0),
+                       logit_kwargs.get("teacher_final_logit_softcapping"), temperature)
+    entropy, reverse, forward, _ = _reference(s_logits, t_logits, 1.0)
+    torch.testing.assert_close(stats.entropy.double(), entropy, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stats.reverse_kl.double(), reverse, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stats.forward_kl.double(), forward, rtol=1e-4, atol=1e-5)
+    assert ((stats.entropy >= 0) & (stats.entropy <= 1 + 1e-6)).all()
+
+
+def test_token_stats_keeps_leading_shape_and_needs_no_grad():
+    h_s = torch.randn(2, 3, 4, requires_grad=True)
+    stats = token_stats(h_s, torch.randn(11, 4), torch.randn(2, 3, 5), torch.randn(11, 5))
+    assert stats.entropy.shape == stats.reverse_kl.shape == stats.forward_kl.shape == (2, 3)
+    assert not stats.entropy.requires_grad
+
+
+def test_token_stats_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="shared vocabulary"):
+        token_stats(torch.randn(3, 4), torch.randn(10, 4), torch.randn(3, 4), torch.randn(11, 4))
+    with pytest.raises(ValueError, match="same positions"):
+        token_stats(torch.randn(3, 4), torch.randn(10, 4), torch.randn(2, 4), torch.randn(10, 4))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_divergence_from_stats_value_and_gradient_on_chosen_rows(small_chunks, beta):
+    torch.manual_seed(1)
+    vocab, n = 19, 11
+    h_s, w_s, b_s = torch.randn(n, 6), torch.randn(vocab, 6), torch.randn(vocab)
+    h_t, w_t = torch.randn(n, 6), torch.randn(vocab, 6)
+    stats = token_stats(h_s, w_s, h_t, w_t, student_bias=b_s, temperature=0.9)
+    rows = torch.tensor([1, 4, 5, 9])
+
+    leaf_h, leaf_w, leaf_b = (t.clone().requires_grad_(True) for t in (h_s, w_s, b_s))
+    ours = divergence_from_stats(rows, leaf_h[rows], leaf_w, h_t[rows], w_t, stats, beta, student_bias=leaf_b,
+                                 temperature=0.9)
+    ours.sum().backward()
+
+    ref_h, ref_w, ref_b = (t.clone().double().requires_grad_(True) for t in (h_s, w_s, b_s))
+    s_logits = _logits(ref_h, ref_w, ref_b, temperature=0.9)
+    t_logits = _logits(h_t.double(), w_t.double(), temperature=0.9)
+    reference = _reference(s_logits, t_logits, beta)[3][rows]
+    reference.sum().backward()
+
+    torch.testing.assert_close(ours.double(), reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(leaf_h.grad.double(), ref_h.grad, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(leaf_w.grad.double(), ref_w.grad, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(leaf_b.grad.double(), ref_b.grad, rtol=1e-3, atol=1e-5)
+    # Rows that were not chosen get no gradient at all.
+    unchosen = torch.ones(n, dtype=torch.bool)
+    unchosen[rows] = False
+    assert torch.count_nonzero(leaf_h.grad[unchosen]) == 0
+
+
+def _batch(seed=0, batch=3, width=6, hidden_s=8, hidden_t=10, vocab=29):
+    generator = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(batch, width, hidden_s, generator=generator)
+    h_t = torch.randn(batch, width, hidden_t, generator=generator)
+    w_s = torch.randn(vocab, hidden_s, generator=generator)
+    w_t = torch.randn(vocab, hidden_t, generator=generator)
+    mask = (torch.arange(width).unsqueeze(0) < torch.tensor([6, 4, 1]).unsqueeze(1)).long()
+    return h_s, h_t, w_s, w_t, mask
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("num_items", [None, 17])
+def test_all_is_bit_identical_to_trl(small_chunks, beta, num_items):
+    h_s, h_t, w_s, w_t, mask = _batch()
+    a_h, a_w = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
+    loss_trl, entropy_trl, n_trl = _chunked_divergence_loss(a_h, h_t, a_w, w_t, mask, beta, num_items_in_batch=num_items)
+    loss_trl.backward()
+    b_h, b_w = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
+    ours = selective_divergence_loss(b_h, h_t, b_w, w_t, mask, beta, num_items_in_batch=num_items, method="all")
+    ours.loss.backward()
+    assert torch.equal(ours.loss, loss_trl)
+    assert torch.equal(ours.entropy_sum, entropy_trl)
+    assert ours.num_valid == n_trl
+    assert torch.equal(b_h.grad, a_h.grad)
+    assert torch.equal(b_w.grad, a_w.grad)
+
+
+@pytest.mark.parametrize("method", ["soft_or", "entropy_topk", "divergence_topk", "overconfident", "random"])
+def test_selected_loss_is_mean_over_kept_and_gradient_flows_only_through_kept(method):
+    h_s, h_t, w_s, w_t, mask = _batch(seed=3)
+    leaf = h_s.clone().requires_grad_(True)
+    out = selective_divergence_loss(leaf, h_t, w_s, w_t, mask, 1.0, method=method, ratio=0.5,
+                                    generator=torch.Generator().manual_seed(0))
+    assert out.keep.sum(-1).tolist() == [3, 2, 1]
+    stats = token_stats(h_s, w_s, h_t, w_t)
+    torch.testing.assert_close(out.loss, stats.reverse_kl[out.keep].mean())
+    out.loss.backward()
+    grad_norm = leaf.grad.norm(dim=-1)
+    assert (grad_norm[out.keep] > 0).all()
+    assert torch.count_nonzero(grad_norm[~out.keep]) == 0
+    # The rule saw the same statistics the loss trains on.
+    expected_keep = select_tokens(stats.entropy, stats.reverse_kl, mask, method, 0.5, forward_kl=stats.forward_kl,
+                                  generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.keep, expected_keep)
+
+
+def test_unkept_tokens_skip_the_lm_head_backward(monkeypatch):
+    # TRL's chunked backward must run over the kept rows only: spy on the rows it receives.
+    seen_rows = []
+    original = chunked_divergence.ChunkedDivergenceFunction.backward
+
+    def spy(ctx, grad_divergence, grad_entropy):
+        seen_rows.append(ctx.saved_tensors[0].shape[0])
+        return original(ctx, grad_divergence, grad_entropy)
+
+    monkeypatch.setattr(chunked_divergence.ChunkedDivergenceFunction, "backward", staticmethod(spy))
+    h_s, h_t, w_s, w_t, mask = _batch(seed=4)
+    leaf = h_s.clone().requires_grad_(True)
+    out = selective_divergence_loss(leaf, h_t, w_s, w_t, mask, 1.0, method="soft_or", ratio=0.5)
+    out.loss.backward()
+    assert seen_rows == [int(out.keep.sum())] == [6]
+
+
+def test_num_items_in_batch_normalisation():
+    h_s, h_t, w_s, w_t, mask = _batch(seed=5)
+    mean = selective_divergence_loss(h_s, h_t, w_s, w_t, mask, 1.0, method="soft_or", ratio=0.5)
+    total = selective_divergence_loss(h_s, h_t, w_s, w_t, mask, 1.0, num_items_in_batch=torch.tensor(12.0),
+                                      method="soft_or", ratio=0.5)
+    torch.testing.assert_close(total.loss * 12, mean.loss * int(mean.keep.sum()))
+
+
+def test_empty_completion_batch_is_a_finite_zero():
+    h_s, h_t, w_s, w_t, mask = _batch(seed=6)
+    out = selective_divergence_loss(h_s.requires_grad_(True), h_t, w_s, w_t, torch.zeros_like(mask), 1.0)
+    assert out.loss.item() == 0.0 and torch.isfinite(out.loss)

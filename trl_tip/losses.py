@@ -1,0 +1,165 @@
+"""The distillation loss over selected tokens, with the signature of TRL's chunked divergence loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from trl.kernels.chunked_logprob import _use_triton
+
+from .selection import select_tokens
+from .token_stats import divergence_from_stats, token_stats
+
+
+@dataclass
+class SelectiveLossOutput:
+    """
+    What [`selective_divergence_loss`] returns.
+
+    Attributes:
+        loss (`torch.Tensor`): scalar loss (differentiable).
+        entropy_sum (`torch.Tensor`): sum of the student's entropy in nats over all completion tokens (detached).
+        num_valid (`torch.Tensor`): number of completion tokens.
+        mask (`torch.BoolTensor`): `(B, T)` completion tokens.
+        keep (`torch.BoolTensor`): `(B, T)` kept tokens, a subset of `mask`.
+        entropy (`torch.Tensor`): `(B, T)` normalised student entropy (0 outside the mask on GPU).
+        reverse_kl (`torch.Tensor`): `(B, T)` per-token KL(student || teacher).
+    """
+
+    loss: torch.Tensor
+    entropy_sum: torch.Tensor
+    num_valid: torch.Tensor
+    mask: torch.Tensor
+    keep: torch.Tensor
+    entropy: torch.Tensor
+    reverse_kl: torch.Tensor
+
+
+def selective_divergence_loss(
+    student_hidden_states: torch.Tensor,
+    teacher_hidden_states: torch.Tensor,
+    student_lm_head_weight: torch.Tensor,
+    teacher_lm_head_weight: torch.Tensor,
+    completion_mask: torch.Tensor,
+    beta: float,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    student_lm_head_bias: torch.Tensor | None = None,
+    teacher_lm_head_bias: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_final_logit_softcapping: float | None = None,
+    temperature: float = 1.0,
+    *,
+    method: str = "soft_or",
+    ratio: float = 0.5,
+    entropy_clip_quantile: float = 0.98,
+    generator: torch.Generator | None = None,
+) -> SelectiveLossOutput:
+    """
+    TRL's generalised-JSD distillation loss (`trl.trainer.distillation_trainer._chunked_divergence_loss`, same
+    positional arguments) restricted to the tokens a TIP rule keeps.
+
+    1. One chunked pass without gradient scores every completion token: normalised student entropy, reverse KL,
+       forward KL ([`token_stats`]).
+    2. [`select_tokens`] keeps `max(1, ⌊ratio·m_i⌋)` tokens of each rollout.
+    3. The divergence of the kept tokens reuses the pass-1 statistics; its backward (TRL's) runs over the kept rows
+       only, so unkept tokens cost no `lm_head` backward.
+
+    The loss is `Σ_kept divergence / num_items_in_batch` (the kept-token count of the global batch, for
+    gradient-accumulation- and multi-process-correct normalisation), or the mean over kept tokens when
+    `num_items_in_batch` is `None`. With `method="all"` it equals TRL's loss bit for bit, gradients included.
+
+    Batch statistics of the rules are local to the tensors passed in: no cross-process communication happens here,
+    so it is safe inside a DDP/FSDP-wrapped forward.
+    """
+    # As in TRL: gather FSDP2-sharded heads once, cast to the hidden-states dtype.
+    if isinstance(student_lm_head_weight, torch.distributed.tensor.DTensor):
+        student_lm_head_weight = student_lm_head_weight.full_tensor().to(student_hidden_states.dtype)
+        if student_lm_head_bias is not None:
+            student_lm_head_bias = student_lm_head_bias.full_tensor()
+    if isinstance(teacher_lm_head_weight, torch.distributed.tensor.DTensor):
+        teacher_lm_head_weight = teacher_lm_head_weight.full_tensor().to(teacher_hidden_states.dtype)
+        if teacher_lm_head_bias is not None:
+            teacher_lm_head_bias = teacher_lm_head_bias.full_tensor()
+    logits_kwargs = {
+        "student_bias": student_lm_head_bias,
+        "teacher_bias": teacher_lm_head_bias,
+        "temperature": temperature,
+        "student_logit_scale": student_logit_scale,
+        "student_final_logit_softcapping": student_final_logit_softcapping,
+        "teacher_logit_scale": teacher_logit_scale,
+        "teacher_final_logit_softcapping": teacher_final_logit_softcapping,
+    }
+
+    mask = completion_mask != 0
+    valid = mask.reshape(-1)
+    h_s = student_hidden_states.reshape(-1, student_hidden_states.size(-1))
+    h_t = teacher_hidden_states.reshape(-1, teacher_hidden_states.size(-1))
+    # Rows scored: like TRL, only completion positions where Triton runs, every position elsewhere (fixed tile shapes
+    # for compiled backends). Following TRL's choice also keeps method="all" bit-identical to TRL on every device.
+    compact = _use_triton(student_hidden_states.device)
+    if compact:
+        scored_rows = valid.nonzero().squeeze(-1)
+        stats = token_stats(
+            h_s[scored_rows].detach(), student_lm_head_weight, h_t[scored_rows], teacher_lm_head_weight, **logits_kwargs
+        )
+    else:
+        scored_rows = torch.arange(valid.numel(), device=valid.device)
+        stats = token_stats(h_s.detach(), student_lm_head_weight, h_t, teacher_lm_head_weight, **logits_kwargs)
+
+    def per_position(values):
+        if not compact:
+            return values.reshape(mask.shape)
+        return values.new_zeros(valid.numel()).index_copy_(0, scored_rows, values).reshape(mask.shape)
+
+    entropy, reverse_kl = per_position(stats.entropy), per_position(stats.reverse_kl)
+    keep = select_tokens(
+        entropy,
+        reverse_kl,
+        mask,
+        method=method,
+        ratio=ratio,
+        forward_kl=per_position(stats.forward_kl) if method == "overconfident" else None,
+        entropy_clip_quantile=entropy_clip_quantile,
+        generator=generator,
+    )
+
+    if method == "all":
+        loss_rows = scored_rows
+        stat_index = torch.arange(scored_rows.numel(), device=scored_rows.device)
+    else:
+        loss_rows = keep.reshape(-1).nonzero().squeeze(-1)
+        stat_index = torch.searchsorted(scored_rows, loss_rows) if compact else loss_rows
+    every_row = loss_rows.numel() == h_s.shape[0]
+    divergence = divergence_from_stats(
+        stat_index,
+        h_s if every_row else h_s[loss_rows],
+        student_lm_head_weight,
+        h_t if every_row else h_t[loss_rows],
+        teacher_lm_head_weight,
+        stats,
+        beta,
+        **logits_kwargs,
+    )
+    if method == "all" and not compact:
+        divergence = divergence.masked_fill(~valid, 0)
+    loss = divergence.sum()
+    if num_items_in_batch is None:
+        # Clamped so a batch without completion tokens reduces to a finite zero rather than 0 / 0.
+        loss = loss / keep.sum().clamp(min=1)
+    else:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+
+    entropy_sum = per_position(stats.entropy_nats).masked_fill(~mask, 0).sum()
+    return SelectiveLossOutput(
+        loss=loss,
+        entropy_sum=entropy_sum,
+        num_valid=mask.sum(),
+        mask=mask,
+        keep=keep,
+        entropy=entropy,
+        reverse_kl=reverse_kl,
+    )

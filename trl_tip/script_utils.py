@@ -1,0 +1,49 @@
+"""Helpers shared by the example scripts: parsing with built-in-task defaults, and before/after evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def parse_with_builtin_defaults(make_parser: Callable, builtin_defaults: dict[str, Any]) -> tuple:
+    """
+    Parse the command line (and `--config` YAML) the TRL way; when no model is given, parse again with the built-in
+    task's settings as defaults.
+
+    Precedence stays TRL's: command-line flags over the YAML file over defaults. Only the defaults change, so
+    `python examples/x.py --max_steps 10` runs the built-in task for 10 steps, and any run that names
+    `--model_name_or_path` (on the command line or in the YAML) is untouched.
+
+    Args:
+        make_parser (`Callable`): builds a fresh `trl.TrlParser` over the script's dataclasses.
+        builtin_defaults (`dict`): field name → value used when no model is given.
+
+    Returns:
+        `tuple`: the parsed dataclasses, followed by `True` when the built-in task's defaults were used.
+    """
+    # TRL's distillation and GRPO configs default to bf16, which transformers rejects on a machine without a GPU.
+    device_defaults = {} if torch.cuda.is_available() else {"bf16": False}
+    parser = make_parser()
+    parser.set_defaults(**device_defaults)
+    parsed = parser.parse_args_and_config()
+    model_args = next(arg for arg in parsed if hasattr(arg, "model_name_or_path"))
+    if model_args.model_name_or_path is not None:
+        return (*parsed, False)
+    parser = make_parser()
+    parser.set_defaults(**{**device_defaults, **builtin_defaults})
+    return (*parser.parse_args_and_config(), True)
+
+
+def evaluate_split(model, tokenizer, dataset, max_new_tokens: int, batch_size: int = 256) -> dict | None:
+    """
+    Greedy accuracy (math reward) and mean completion tokens on a split with `prompt` and `answer` columns; `None`
+    when the split has no `answer` column to grade against.
+    """
+    from .tasks.arithmetic import evaluate_accuracy
+
+    if dataset is None or "answer" not in dataset.column_names:
+        return None
+    return evaluate_accuracy(model, tokenizer, dataset, max_new_tokens=max_new_tokens, batch_size=batch_size)

@@ -1,0 +1,340 @@
+"""Chunked per-token statistics of a student and a teacher, and a divergence whose backward runs on chosen tokens only.
+
+Both are built from TRL's chunked divergence kernel (`trl.kernels.chunked_divergence`): the logits are projected from
+hidden states and `lm_head` weights on `[4096 tokens x 32768 vocabulary]` tiles, so neither model's `(tokens x V)`
+logits ever exist in full. One forward pass over the tiles yields, per token, the student's entropy, the reverse KL
+and the forward KL (the kernel's online-logsumexp statistics hold all three); the loss then reuses those statistics, so
+the only extra work token selection costs is nothing in the forward and a backward over the kept tokens alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from trl.kernels.chunked_divergence import (
+    TOKEN_CHUNK_SIZE,
+    VOCAB_CHUNK_SIZE,
+    ChunkedDivergenceFunction,
+    _compute_dtype,
+    _jsd_kernel,
+    _jsd_tile,
+    _project,
+    _stats_kernel,
+    _stats_tile,
+)
+from trl.kernels.chunked_logprob import _BLOCK_SIZE, _use_triton
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+
+@dataclass
+class TokenStats:
+    """
+    Per-token statistics of a student S and a teacher T over the vocabulary V, each of shape `(N,)`, float32.
+
+    Attributes:
+        entropy (`torch.Tensor`): normalised student entropy h = H(S) / ln|V|, in [0, 1].
+        reverse_kl (`torch.Tensor`): δ = KL(S || T), the on-policy distillation loss.
+        forward_kl (`torch.Tensor`): φ = KL(T || S).
+        entropy_nats (`torch.Tensor`): H(S) in nats (what TRL logs as `entropy`).
+        student_log_z (`torch.Tensor`): log-partition of the student's (scaled, capped, tempered) logits.
+        teacher_log_z (`torch.Tensor`): log-partition of the teacher's.
+    """
+
+    entropy: torch.Tensor
+    reverse_kl: torch.Tensor
+    forward_kl: torch.Tensor
+    entropy_nats: torch.Tensor
+    student_log_z: torch.Tensor
+    teacher_log_z: torch.Tensor
+
+
+def _kernel_args(temperature, student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap) -> dict:
+    # The exact arguments TRL's `ChunkedDivergenceFunction.forward` hands its kernels.
+    return {
+        "s_scale": student_logit_scale,
+        "s_softcap": student_softcap or 1.0,
+        "t_scale": teacher_logit_scale,
+        "t_softcap": teacher_softcap or 1.0,
+        "inv_t": 1 / temperature,
+        "S_HAS_SOFTCAP": student_softcap is not None,
+        "T_HAS_SOFTCAP": teacher_softcap is not None,
+    }
+
+
+@torch.no_grad()
+def token_stats(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    student_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_final_logit_softcapping: float | None = None,
+) -> TokenStats:
+    """
+    Per-token normalised student entropy, reverse KL and forward KL, computed in chunks from hidden states and
+    `lm_head` weights, without gradient.
+
+    Logits are post-processed exactly as in TRL's distillation loss: `z = softcap·tanh(scale·x / softcap) / T` (bias
+    added before, softcap only when set), so the statistics match the divergence TRL trains on.
+
+    Args:
+        student_hidden (`torch.Tensor`): `(..., H_s)` student hidden states before the `lm_head`.
+        student_weight (`torch.Tensor`): `(V, H_s)` student `lm_head` weight.
+        teacher_hidden (`torch.Tensor`): `(..., H_t)` teacher hidden states at the same positions.
+        teacher_weight (`torch.Tensor`): `(V, H_t)` teacher `lm_head` weight.
+        student_bias, teacher_bias (`torch.Tensor`, *optional*): `(V,)` `lm_head` biases.
+        temperature (`float`, defaults to `1.0`): softmax temperature of both distributions.
+        student_logit_scale, teacher_logit_scale (`float`, defaults to `1.0`): logit multipliers.
+        student_final_logit_softcapping, teacher_final_logit_softcapping (`float`, *optional*): Gemma-style caps.
+
+    Returns:
+        [`TokenStats`]: tensors of shape `student_hidden.shape[:-1]`.
+    """
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"Student and teacher vocabularies differ ({student_weight.shape[0]} vs {teacher_weight.shape[0]}); "
+            "token statistics compare full next-token distributions, which needs a shared vocabulary."
+        )
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            f"Student hidden states {tuple(student_hidden.shape)} and teacher hidden states "
+            f"{tuple(teacher_hidden.shape)} must cover the same positions."
+        )
+    leading_shape = student_hidden.shape[:-1]
+    student_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    device = student_hidden.device
+    n_tokens = student_hidden.shape[0]
+    s_dtype, t_dtype = _compute_dtype(student_hidden), _compute_dtype(teacher_hidden)
+    kernel_args = _kernel_args(
+        temperature,
+        student_logit_scale,
+        student_final_logit_softcapping,
+        teacher_logit_scale,
+        teacher_final_logit_softcapping,
+    )
+
+    def zeros():
+        return torch.zeros((n_tokens,), device=device, dtype=torch.float32)
+
+    s_max, t_max = zeros() - math.inf, zeros() - math.inf
+    s_sum, s_x_sum, t_sum, t_weighted_gap, s_weighted_gap = zeros(), zeros(), zeros(), zeros(), zeros()
+    rows = min(n_tokens, TOKEN_CHUNK_SIZE)
+    s_buf = torch.empty((rows, VOCAB_CHUNK_SIZE), device=device, dtype=torch.float32)
+    t_buf = torch.empty((rows, VOCAB_CHUNK_SIZE), device=device, dtype=torch.float32)
+    with maybe_gather_lm_head_ctx(student_weight, student_bias), maybe_gather_lm_head_ctx(teacher_weight, teacher_bias):
+        vocab = student_weight.shape[0]
+        for token_start in range(0, n_tokens, TOKEN_CHUNK_SIZE):
+            token_end = min(token_start + TOKEN_CHUNK_SIZE, n_tokens)
+            n = token_end - token_start
+            h_s = student_hidden[token_start:token_end].to(s_dtype)
+            h_t = teacher_hidden[token_start:token_end].to(t_dtype)
+            sl = slice(token_start, token_end)
+            for start in range(0, vocab, VOCAB_CHUNK_SIZE):
+                end = min(start + VOCAB_CHUNK_SIZE, vocab)
+                s_tile, t_tile = s_buf[:n, : end - start], t_buf[:n, : end - start]
+                _project(s_tile, h_s, student_weight, student_bias, start, end, s_dtype)
+                _project(t_tile, h_t, teacher_weight, teacher_bias, start, end, t_dtype)
+                fold = _stats_kernel[(n,)] if _use_triton(device) else _stats_tile
+                fold(
+                    s_tile,
+                    s_tile.stride(0),
+                    t_tile,
+                    t_tile.stride(0),
+                    s_max[sl],
+                    s_sum[sl],
+                    s_x_sum[sl],
+                    t_max[sl],
+                    t_sum[sl],
+                    t_weighted_gap[sl],
+                    s_weighted_gap[sl],
+                    end - start,
+                    BLOCK_SIZE=_BLOCK_SIZE,
+                    **kernel_args,
+                )
+    # The same closed forms as `ChunkedDivergenceFunction.forward`, so β ∈ {0, 1} losses are bit-identical to TRL's.
+    s_log_z = s_max + torch.log(s_sum)
+    t_log_z = t_max + torch.log(t_sum)
+    entropy_nats = s_log_z - s_x_sum / s_sum
+    reverse_kl = s_weighted_gap / s_sum - s_log_z + t_log_z
+    forward_kl = t_weighted_gap / t_sum - t_log_z + s_log_z
+    return TokenStats(
+        entropy=(entropy_nats / math.log(student_weight.shape[0])).reshape(leading_shape),
+        reverse_kl=reverse_kl.reshape(leading_shape),
+        forward_kl=forward_kl.reshape(leading_shape),
+        entropy_nats=entropy_nats.reshape(leading_shape),
+        student_log_z=s_log_z.reshape(leading_shape),
+        teacher_log_z=t_log_z.reshape(leading_shape),
+    )
+
+
+@torch.no_grad()
+def _generalized_jsd(
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, s_log_z, t_log_z, beta,
+    kernel_args,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # TRL's second pass for 0 < β < 1: the mixture needs both normalisers. Returns (JSD, KL(S || mixture)) per token.
+    device = student_hidden.device
+    n_tokens = student_hidden.shape[0]
+    s_dtype, t_dtype = _compute_dtype(student_hidden), _compute_dtype(teacher_hidden)
+    jsd = torch.zeros((n_tokens,), device=device, dtype=torch.float32)
+    kl_student = torch.zeros_like(jsd)
+    rows = min(n_tokens, TOKEN_CHUNK_SIZE)
+    s_buf = torch.empty((rows, VOCAB_CHUNK_SIZE), device=device, dtype=torch.float32)
+    t_buf = torch.empty((rows, VOCAB_CHUNK_SIZE), device=device, dtype=torch.float32)
+    with maybe_gather_lm_head_ctx(student_weight, student_bias), maybe_gather_lm_head_ctx(teacher_weight, teacher_bias):
+        vocab = student_weight.shape[0]
+        for token_start in range(0, n_tokens, TOKEN_CHUNK_SIZE):
+            token_end = min(token_start + TOKEN_CHUNK_SIZE, n_tokens)
+            n = token_end - token_start
+            h_s = student_hidden[token_start:token_end].to(s_dtype)
+            h_t = teacher_hidden[token_start:token_end].to(t_dtype)
+            sl = slice(token_start, token_end)
+            for start in range(0, vocab, VOCAB_CHUNK_SIZE):
+                end = min(start + VOCAB_CHUNK_SIZE, vocab)
+                s_tile, t_tile = s_buf[:n, : end - start], t_buf[:n, : end - start]
+                _project(s_tile, h_s, student_weight, student_bias, start, end, s_dtype)
+                _project(t_tile, h_t, teacher_weight, teacher_bias, start, end, t_dtype)
+                fold = _jsd_kernel[(n,)] if _use_triton(device) else _jsd_tile
+                fold(
+                    s_tile,
+                    s_tile.stride(0),
+                    t_tile,
+                    t_tile.stride(0),
+                    s_log_z[sl],
+                    t_log_z[sl],
+                    jsd[sl],
+                    kl_student[sl],
+                    end - start,
+                    beta,
+                    BLOCK_SIZE=_BLOCK_SIZE,
+                    **kernel_args,
+                )
+    return jsd, kl_student
+
+
+class _PrecomputedDivergenceFunction(torch.autograd.Function):
+    """
+    The per-token divergence of [`~trl.kernels.chunked_divergence.ChunkedDivergenceFunction`] for rows whose forward
+    statistics are already known: the forward returns them as they are, and the backward is TRL's own, run over these
+    rows only. This is what lets tokens that were scored but not kept skip the `lm_head` backward entirely.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        divergence,
+        student_log_z,
+        teacher_log_z,
+        aux,
+        beta,
+        kernel_args,
+    ):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            student_log_z,
+            teacher_log_z,
+            aux,
+        )
+        # The attributes `ChunkedDivergenceFunction.backward` reads from its context.
+        ctx.dtypes = _compute_dtype(student_hidden), _compute_dtype(teacher_hidden)
+        ctx.beta = beta
+        ctx.mode = 0 if beta == 0.0 else 1 if beta == 1.0 else 2
+        ctx.kernel_args = kernel_args
+        return divergence.clone()
+
+    @staticmethod
+    def backward(ctx, grad_divergence):  # type: ignore[override]
+        grad_hidden, grad_weight, grad_bias, *_ = ChunkedDivergenceFunction.backward(ctx, grad_divergence, None)
+        return grad_hidden, grad_weight, grad_bias, *(None,) * 9
+
+
+def divergence_from_stats(
+    stats_rows: torch.Tensor,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    stats: TokenStats,
+    beta: float,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    student_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_final_logit_softcapping: float | None = None,
+) -> torch.Tensor:
+    """
+    Differentiable per-token generalised JSD (TRL's: β=0 forward KL, β=1 reverse KL) for a subset of rows that
+    [`token_stats`] has already scored.
+
+    Args:
+        stats_rows (`torch.Tensor`): `(M,)` long indices into the flattened rows of `stats`.
+        student_hidden (`torch.Tensor`): `(M, H_s)` student hidden states of those rows, with gradient.
+        teacher_hidden (`torch.Tensor`): `(M, H_t)` teacher hidden states of those rows.
+        stats ([`TokenStats`]): statistics of all rows, flattened or not.
+
+    Returns:
+        `torch.Tensor`: `(M,)` divergence; its gradient flows to `student_hidden`, `student_weight` and `student_bias`
+        through TRL's chunked backward over these M rows only.
+    """
+    kernel_args = _kernel_args(
+        temperature,
+        student_logit_scale,
+        student_final_logit_softcapping,
+        teacher_logit_scale,
+        teacher_final_logit_softcapping,
+    )
+    s_log_z = stats.student_log_z.reshape(-1)[stats_rows]
+    t_log_z = stats.teacher_log_z.reshape(-1)[stats_rows]
+    if beta == 0.0:
+        divergence = aux = stats.forward_kl.reshape(-1)[stats_rows]
+    elif beta == 1.0:
+        divergence = aux = stats.reverse_kl.reshape(-1)[stats_rows]
+    else:
+        divergence, aux = _generalized_jsd(
+            student_hidden.detach(),
+            student_weight.detach(),
+            None if student_bias is None else student_bias.detach(),
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            s_log_z,
+            t_log_z,
+            beta,
+            kernel_args,
+        )
+    return _PrecomputedDivergenceFunction.apply(
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        divergence,
+        s_log_z,
+        t_log_z,
+        aux,
+        beta,
+        kernel_args,
+    )
