@@ -14,6 +14,47 @@ from ..losses import selective_divergence_loss
 from ..selection import SELECTION_METHODS, quadrant_counts, tokens_per_rollout
 
 
+TEACHER_QUANTIZATION = ("none", "4bit", "8bit")
+
+
+def teacher_quantization_config(mode: str, compute_dtype: torch.dtype | None = None):
+    """The `BitsAndBytesConfig` for a `teacher_quantization` mode (`None` for `"none"`)."""
+    if mode == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16,
+    )
+
+
+@contextlib.contextmanager
+def _teacher_init_kwargs(args, teacher_model):
+    # TRL loads a teacher given by path with `args.teacher_model_init_kwargs`; add the quantisation config there for
+    # the length of the constructor only, so the config object itself stays serialisable.
+    if args is None or getattr(args, "teacher_quantization", "none") == "none" or not isinstance(teacher_model, str):
+        yield
+        return
+    original = args.teacher_model_init_kwargs
+    dtype = (original or {}).get("dtype")
+    compute_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else None
+    if compute_dtype is None and not args.bf16:
+        compute_dtype = torch.float32
+    args.teacher_model_init_kwargs = {
+        **(original or {}),
+        "quantization_config": teacher_quantization_config(args.teacher_quantization, compute_dtype),
+    }
+    try:
+        yield
+    finally:
+        args.teacher_model_init_kwargs = original
+
+
 @dataclass
 class TipDistillConfig(DistillationConfig):
     r"""
@@ -35,6 +76,10 @@ class TipDistillConfig(DistillationConfig):
         entropy_clip_quantile (`float`, *optional*, defaults to `0.98`):
             Batch quantile at which the student's entropy is clipped before min-max normalisation (`"soft_or"`,
             `"overconfident"`). `1.0` disables the clip.
+        teacher_quantization (`str`, *optional*, defaults to `"none"`):
+            Load the teacher (when given as a path or Hub id) in `"4bit"` (nf4, double quantisation) or `"8bit"`
+            with bitsandbytes, independently of the student. A quantised student (`quantization_config`, or
+            `--load_in_4bit` in the examples) never quantises the teacher.
     """
 
     token_selection: str = field(
@@ -61,8 +106,27 @@ class TipDistillConfig(DistillationConfig):
         },
     )
 
+    teacher_quantization: str = field(
+        default="none",
+        metadata={
+            "help": "Load the teacher in '4bit' (nf4) or '8bit' with bitsandbytes, independently of the student; "
+            "'none' keeps it unquantised. The student's quantization never applies to the teacher.",
+            "choices": list(TEACHER_QUANTIZATION),
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        if self.teacher_quantization not in TEACHER_QUANTIZATION:
+            raise ValueError(
+                f"teacher_quantization must be one of {', '.join(TEACHER_QUANTIZATION)}, got "
+                f"{self.teacher_quantization!r}."
+            )
+        if self.teacher_quantization != "none" and "quantization_config" in (self.teacher_model_init_kwargs or {}):
+            raise ValueError(
+                "Set the teacher's quantization once: either teacher_quantization or "
+                "teacher_model_init_kwargs['quantization_config'], not both."
+            )
         if self.token_selection not in SELECTION_METHODS:
             raise ValueError(
                 f"token_selection must be one of {', '.join(SELECTION_METHODS)}, got {self.token_selection!r}."
@@ -139,7 +203,15 @@ class TipDistillTrainer(DistillationTrainer):
 
     def __init__(self, *args, **kwargs):
         check_prompt_column(kwargs.get("train_dataset", args[3] if len(args) > 3 else None), "train_dataset")
-        super().__init__(*args, **kwargs)
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        teacher = kwargs.get("teacher_model", args[1] if len(args) > 1 else None)
+        if getattr(config, "teacher_quantization", "none") != "none" and not isinstance(teacher, str):
+            raise ValueError(
+                "teacher_quantization applies when the teacher is loaded by the trainer: pass `teacher_model` as a "
+                "path or Hub id, or quantise the instance you pass yourself."
+            )
+        with _teacher_init_kwargs(config, teacher):
+            super().__init__(*args, **kwargs)
         if not isinstance(self.args, TipDistillConfig):
             raise TypeError(
                 f"TipDistillTrainer needs a TipDistillConfig as `args`, got {type(self.args).__name__}. "

@@ -1,0 +1,103 @@
+"""
+Train a trl_tip trainer for two steps under `torchrun` on CPU (gloo) and write what the ranks saw to a JSON file.
+
+    torchrun --standalone --nproc_per_node 2 tests/distributed/train_two_steps.py --trainer tip \
+        --models DIR --output result.json
+
+Checked by tests/test_distributed.py: the world size really is 2, losses are finite, parameters changed and are
+identical on every rank afterwards, and no collective ran inside the loss (`_compute_loss` runs inside the DDP
+forward, where a collective can deadlock or reorder against DDP's own).
+"""
+
+import argparse
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor", "barrier",
+               "all_gather_object", "gather", "scatter", "reduce")
+
+
+def _watch_collectives(state):
+    # Count collectives issued while the loss is being computed.
+    for name in COLLECTIVES:
+        original = getattr(dist, name)
+
+        def wrapped(*args, _original=original, _name=name, **kwargs):
+            if state["in_loss"]:
+                state["collectives_in_loss"].append(_name)
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, wrapped)
+
+
+def build_tip(models, dataset, output_dir):
+    from trl_tip import TipDistillConfig, TipDistillTrainer
+
+    args = TipDistillConfig(
+        output_dir=output_dir, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, bf16=False,
+        use_cpu=True, ddp_backend="gloo", report_to="none", logging_steps=1, save_strategy="no",
+        max_completion_length=8, token_selection="soft_or", token_ratio=0.5, seed=0,
+    )
+    return TipDistillTrainer(model=models["student"], teacher_model=models["teacher"], args=args,
+                             train_dataset=dataset)
+
+
+TRAINERS = {"tip": build_tip}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trainer", choices=sorted(TRAINERS), required=True)
+    parser.add_argument("--models", required=True, help="directory holding teacher/ and student/ (save_tiny_models)")
+    parser.add_argument("--output", required=True)
+    cli = parser.parse_args()
+
+    from trl_tip.tasks import build_arithmetic_dataset
+
+    state = {"in_loss": False, "collectives_in_loss": []}
+    _watch_collectives(state)
+    models = {role: os.path.join(cli.models, role) for role in ("teacher", "student")}
+    dataset = build_arithmetic_dataset()["train"].select(range(32))
+    trainer = TRAINERS[cli.trainer](models, dataset, os.path.dirname(os.path.abspath(cli.output)) + "/run")
+
+    compute_loss = trainer._compute_loss
+
+    def watched_compute_loss(*args, **kwargs):
+        state["in_loss"] = True
+        try:
+            return compute_loss(*args, **kwargs)
+        finally:
+            state["in_loss"] = False
+
+    trainer._compute_loss = watched_compute_loss
+    before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+    trainer.train()
+    after = torch.cat([p.detach().flatten() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()])
+
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    gathered = [torch.zeros_like(after) for _ in range(world_size)]
+    if world_size > 1:
+        dist.all_gather(gathered, after)
+    else:
+        gathered = [after]
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    if trainer.accelerator.is_main_process:
+        with open(cli.output, "w") as handle:
+            json.dump(
+                {
+                    "world_size": world_size,
+                    "losses": losses,
+                    "changed": bool(not torch.equal(before, after)),
+                    "identical_across_ranks": all(torch.equal(gathered[0], g) for g in gathered[1:]),
+                    "collectives_in_loss": state["collectives_in_loss"],
+                },
+                handle,
+            )
+
+
+if __name__ == "__main__":
+    main()

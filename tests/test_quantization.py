@@ -1,0 +1,83 @@
+"""QLoRA students and separately quantised teachers, on CPU (bitsandbytes runs 4-bit layers on CPU)."""
+
+import pytest
+import torch
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from trl_tip import TipDistillConfig, TipDistillTrainer
+from trl_tip.tasks import build_arithmetic_dataset
+
+
+pytest.importorskip("bitsandbytes")
+
+
+def _is_4bit(module):
+    return type(module).__name__ == "Linear4bit"
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return build_arithmetic_dataset()["train"].select(range(16))
+
+
+def _args(tmp_path, **overrides):
+    return TipDistillConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, bf16=False,
+                            report_to="none", max_completion_length=8, save_strategy="no", learning_rate=1e-2,
+                            logging_steps=1, **overrides)
+
+
+def _student_4bit():
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+
+def test_qlora_student_trains_adapters_and_leaves_the_4bit_base(tiny_model_paths, prompts, tmp_path):
+    trainer = TipDistillTrainer(
+        model=tiny_model_paths["student"],
+        teacher_model=tiny_model_paths["teacher"],
+        args=_args(tmp_path),
+        train_dataset=prompts,
+        quantization_config=_student_4bit(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    q_proj = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert _is_4bit(q_proj.base_layer)
+    base_before = q_proj.base_layer.weight.detach().clone()
+    adapters_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert adapters_before and all("lora_" in n for n in adapters_before)
+    # The student's 4-bit config did not reach the teacher.
+    assert not any(_is_4bit(m) for m in trainer.teacher_model.modules())
+    trainer.train()
+    assert torch.equal(q_proj.base_layer.weight, base_before)
+    changed = [not torch.equal(p, adapters_before[n]) for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert any(changed)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_teacher_quantization_is_its_own_choice(tiny_model_paths, prompts, tmp_path):
+    trainer = TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model_paths["teacher"],
+                                args=_args(tmp_path, teacher_quantization="4bit"), train_dataset=prompts)
+    assert any(_is_4bit(m) for m in trainer.teacher_model.modules())
+    assert not any(_is_4bit(m) for m in trainer.model.modules())
+    # The lm_head stays in full precision: the chunked divergence reads its weight directly.
+    assert not _is_4bit(trainer.teacher_model.get_output_embeddings())
+    assert trainer.args.teacher_model_init_kwargs is None  # the config object is left as the user built it
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_teacher_quantization_errors():
+    with pytest.raises(ValueError, match="teacher_quantization must be one of"):
+        TipDistillConfig(teacher_quantization="int4", bf16=False)
+    with pytest.raises(ValueError, match="not both"):
+        TipDistillConfig(teacher_quantization="4bit", bf16=False,
+                         teacher_model_init_kwargs={"quantization_config": {"load_in_4bit": True}})
+
+
+def test_teacher_quantization_needs_a_teacher_path(tiny_model_paths, prompts, tmp_path):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_paths["teacher"])
+    with pytest.raises(ValueError, match="pass `teacher_model` as a path"):
+        TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=teacher,
+                          args=_args(tmp_path, teacher_quantization="4bit"), train_dataset=prompts)
