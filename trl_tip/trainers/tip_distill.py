@@ -10,6 +10,7 @@ import torch
 import trl.trainer.distillation_trainer as _trl_distillation
 from trl import DistillationConfig, DistillationTrainer
 
+from ..hub import TrlTipHubMixin
 from ..losses import selective_divergence_loss
 from ..selection import SELECTION_METHODS, quadrant_counts, tokens_per_rollout
 
@@ -165,7 +166,7 @@ def _divergence_loss_replaced_by(loss_fn):
         _trl_distillation._chunked_divergence_loss = original
 
 
-class TipDistillTrainer(DistillationTrainer):
+class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
     """
     On-policy distillation on the tokens that matter (TIP).
 
@@ -200,6 +201,7 @@ class TipDistillTrainer(DistillationTrainer):
     _tag_names = ["trl", "trl-tip", "distillation", "tip"]
     _name = "TIP distillation"
     _paper = {"title": "TIP: Token Importance in On-Policy Distillation"}
+    _card_fields = ("token_selection", "token_ratio", "entropy_clip_quantile", "teacher_quantization")
 
     def __init__(self, *args, **kwargs):
         check_prompt_column(kwargs.get("train_dataset", args[3] if len(args) > 3 else None), "train_dataset")

@@ -1,0 +1,96 @@
+"""Hub publishing, offline: the upload is captured instead of sent."""
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import transformers.trainer
+from huggingface_hub import ModelCard
+from peft import LoraConfig
+
+from trl_tip import TipDistillConfig, TipDistillTrainer
+from trl_tip.hub import final_metrics, render_card_section
+from trl_tip.tasks import build_arithmetic_dataset
+
+
+class CapturingHfApi:
+    def __init__(self):
+        self.repos, self.uploads = [], []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.repos.append(repo_id)
+        return SimpleNamespace(repo_id=f"user/{repo_id.split('/')[-1]}")
+
+    def upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kwargs):
+        files = {}
+        for name in sorted(os.listdir(folder_path)):
+            path = os.path.join(folder_path, name)
+            if os.path.isfile(path) and not name.startswith("_"):
+                files[name] = open(path, "rb").read()
+        self.uploads.append({"repo_id": repo_id, "files": files})
+        return SimpleNamespace(commit_url="captured")
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    api = CapturingHfApi()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: api)
+    return api
+
+
+def _trainer(paths, tmp_path, peft_config=None):
+    args = TipDistillConfig(output_dir=str(tmp_path / "tip-student"), per_device_train_batch_size=4, max_steps=1,
+                            bf16=False, report_to="none", max_completion_length=8, save_strategy="no",
+                            logging_steps=1, token_ratio=0.2, hub_model_id="tip-student")
+    trainer = TipDistillTrainer(model=paths["student"], teacher_model=paths["teacher"], args=args,
+                                train_dataset=build_arithmetic_dataset()["train"].select(range(8)),
+                                peft_config=peft_config)
+    trainer.train()
+    return trainer
+
+
+def test_push_uploads_the_student_and_a_card_naming_the_method(tiny_model_paths, tmp_path, hub):
+    trainer = _trainer(tiny_model_paths, tmp_path)
+    trainer.push_to_hub(dataset_name="builtin/arithmetic", metrics={"test_accuracy": 0.875})
+    assert hub.uploads[0]["repo_id"] == "user/tip-student"
+    files = hub.uploads[0]["files"]
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(files)
+    card = ModelCard(files["README.md"].decode())
+    assert {"trl", "trl-tip", "tip", "distillation"} <= set(card.data.tags)
+    text = card.text
+    assert "TIP distillation" in text and "Token Importance in On-Policy Distillation" in text
+    assert f"| teacher | {tiny_model_paths['teacher']} |" in text
+    assert "| dataset | builtin/arithmetic |" in text
+    assert "| `token_selection` | soft_or |" in text and "| `token_ratio` | 0.2 |" in text
+    assert "| `test_accuracy` | 0.875 |" in text
+    assert "| `loss` |" in text and "| `tip/kept_fraction` |" in text
+
+
+def test_lora_student_pushed_as_adapters_or_merged(tiny_model_paths, tmp_path, hub):
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = _trainer(tiny_model_paths, tmp_path, peft_config=lora)
+    trainer.push_to_hub()
+    adapter_files = set(hub.uploads[-1]["files"])
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= adapter_files
+    assert "model.safetensors" not in adapter_files
+
+    trainer.push_to_hub(merge_adapters=True)
+    merged_files = set(hub.uploads[-1]["files"])
+    assert {"model.safetensors", "config.json", "README.md"} <= merged_files
+    assert not merged_files & {"adapter_model.safetensors", "adapter_config.json"}
+    # The trainer keeps its adapters after a merged push.
+    assert any("lora_" in name for name, _ in trainer.model.named_parameters())
+
+
+def test_merge_adapters_needs_adapters(tiny_model_paths, tmp_path, hub):
+    trainer = _trainer(tiny_model_paths, tmp_path)
+    with pytest.raises(ValueError, match="needs a PEFT"):
+        trainer.push_to_hub(merge_adapters=True)
+
+
+def test_card_helpers():
+    history = [{"loss": 1.0, "epoch": 0.1}, {"loss": 0.5, "tip/kept_fraction": 0.5, "step": 2}, {"train_runtime": 3.0}]
+    assert final_metrics(history) == {"loss": 0.5, "tip/kept_fraction": 0.5}
+    text = render_card_section("M", {"title": "T", "id": "2401.00001"}, "base", None, None, {"x": 0.1}, {})
+    assert "[T](https://huggingface.co/papers/2401.00001)" in text and "| teacher | — |" in text
+    assert "Final metrics" not in text
