@@ -78,3 +78,12 @@ def test_import_needs_no_experimental_trl():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+    # The trainers stand on TRL's stable trainers: TRL's own shims import `trl.experimental.utils`, but no
+    # experimental trainer (GKD) is ever loaded.
+    code = (
+        "import sys, trl_tip;"
+        "[getattr(trl_tip, name) for name in trl_tip.__all__];"
+        "bad = [m for m in sys.modules if m.startswith('trl.experimental.') and m != 'trl.experimental.utils'];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

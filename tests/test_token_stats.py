@@ -9,11 +9,10 @@ from trl.trainer.distillation_trainer import _chunked_divergence_loss
 import importlib
 from trl_tip import selective_divergence_loss, token_stats
 from trl_tip.selection import select_tokens
-from trl_tip.token_stats import divergence_from_stats
+from trl_tip.chunked_stats import divergence_from_stats
 
 
-# `trl_tip.token_stats` is the exported function; the module of the same name is reached through sys.modules.
-token_stats_module = importlib.import_module("trl_tip.token_stats")
+chunked_stats_module = importlib.import_module("trl_tip.chunked_stats")
 
 
 def _logits(hidden, weight, bias=None, scale=1.0, softcap=None, temperature=1.0):
@@ -47,7 +46,7 @@ def _reference(student_logits, teacher_logits, beta):
 @pytest.fixture
 def small_chunks(monkeypatch):
     # Force several token and vocabulary chunks on small tensors, so the chunked loops are really exercised.
-    for module in (token_stats_module, chunked_divergence):
+    for module in (chunked_stats_module, chunked_divergence):
         monkeypatch.setattr(module, "TOKEN_CHUNK_SIZE", 5)
         monkeypatch.setattr(module, "VOCAB_CHUNK_SIZE", 7)
 

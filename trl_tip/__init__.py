@@ -1,23 +1,36 @@
-"""trl_tip: TRL trainers for cheaper, better post-training of language models."""
+"""trl_tip: TRL trainers for cheaper, better post-training of language models.
 
-__version__ = "0.1.0"
+The trainers and the chunked kernels are imported on first use, so `import trl_tip` (and `trl_tip.testing`) stays
+light: it does not import TRL's trainer stack until a trainer, config or kernel is asked for.
+"""
+
+import importlib
 
 from .rewards import extract_answer, grade_answer, math_reward
 from .selection import SELECTION_METHODS, select_tokens
-from .losses import selective_divergence_loss
-from .token_stats import TokenStats, token_stats
-from .trainers import TipDistillConfig, TipDistillTrainer
 
 
-__all__ = [
-    "SELECTION_METHODS",
-    "TipDistillConfig",
-    "TipDistillTrainer",
-    "TokenStats",
-    "extract_answer",
-    "grade_answer",
-    "math_reward",
-    "select_tokens",
-    "selective_divergence_loss",
-    "token_stats",
-]
+__version__ = "0.1.0"
+
+# Public name -> submodule that defines it, imported on first access.
+_LAZY = {
+    "TipDistillConfig": "trl_tip.trainers.tip_distill",
+    "TipDistillTrainer": "trl_tip.trainers.tip_distill",
+    "TokenStats": "trl_tip.chunked_stats",
+    "token_stats": "trl_tip.chunked_stats",
+    "selective_divergence_loss": "trl_tip.losses",
+}
+
+__all__ = ["SELECTION_METHODS", "extract_answer", "grade_answer", "math_reward", "select_tokens", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'trl_tip' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

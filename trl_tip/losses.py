@@ -8,7 +8,7 @@ import torch
 from trl.kernels.chunked_logprob import _use_triton
 
 from .selection import select_tokens
-from .token_stats import divergence_from_stats, token_stats
+from .chunked_stats import divergence_from_stats, token_stats
 
 
 @dataclass
