@@ -154,7 +154,9 @@ def test_trainer_rejects_a_teacher_and_unusable_prompts(tiny_model_paths, prompt
 # ---- Teacher input and loss ----
 
 
-def test_teacher_reads_instruction_and_the_students_completion(tiny_model_paths, prompts_dataset, tmp_path, monkeypatch):
+@pytest.fixture
+def hidden_state_calls(monkeypatch):
+    """Records every (model, input_ids, attention_mask, logits_to_keep) that reaches TRL's backbone call."""
     calls = []
     original = DistillationTrainer._get_last_hidden_state
 
@@ -163,11 +165,21 @@ def test_teacher_reads_instruction_and_the_students_completion(tiny_model_paths,
         return original(self, unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs)
 
     monkeypatch.setattr(DistillationTrainer, "_get_last_hidden_state", recording)
+    return calls
+
+
+def test_teacher_reads_instruction_and_the_students_completion(
+    tiny_model_paths, prompts_dataset, tmp_path, hidden_state_calls
+):
     trainer = make_trainer(tiny_model_paths, prompts_dataset, make_config(tmp_path, max_steps=1))
     trainer.train()
 
-    assert len(calls) == 2  # one micro-batch: the student, then the teacher
-    (student_model, student_ids, student_mask, keep), (teacher_model, teacher_ids, teacher_mask, teacher_keep) = calls
+    assert len(hidden_state_calls) == 2  # one micro-batch: the student, then the teacher
+    student_call, teacher_call = hidden_state_calls
+    (student_model, student_ids, student_mask, keep), (teacher_model, teacher_ids, teacher_mask, teacher_keep) = (
+        student_call,
+        teacher_call,
+    )
     assert student_model is trainer.model and teacher_model is trainer.teacher_model
     assert keep == teacher_keep
     tokenizer = build_tokenizer()
@@ -181,6 +193,20 @@ def test_teacher_reads_instruction_and_the_students_completion(tiny_model_paths,
         problem = student_prompt.removeprefix("user\n").split("assistant")[0].strip()
         assert f"{INSTRUCTION}\n\n{problem}" in teacher_prompt
         assert INSTRUCTION not in student_prompt
+
+
+def test_plain_text_prompts_with_the_instruction_after(tiny_model_paths, tmp_path, hidden_state_calls):
+    dataset = Dataset.from_dict({"prompt": [f"{a}+{a + 7}=" for a in range(10, 18)]})
+    config = make_config(tmp_path, max_steps=1, instruction_position="after")
+    trainer = make_trainer(tiny_model_paths, dataset, config)
+    trainer.train()
+    (_, student_ids, _, keep), (_, teacher_ids, _, _) = hidden_state_calls
+    tokenizer = build_tokenizer()
+    assert torch.equal(teacher_ids[:, -keep:], student_ids[:, -keep:])
+    for row in range(student_ids.size(0)):
+        student_prompt = tokenizer.decode(student_ids[row, :-keep], skip_special_tokens=True)
+        teacher_prompt = tokenizer.decode(teacher_ids[row, :-keep], skip_special_tokens=True)
+        assert teacher_prompt == f"{student_prompt}\n\n{INSTRUCTION}"
 
 
 def test_loss_is_zero_when_teacher_equals_student_on_identical_prompts(tiny_model_paths, prompts_dataset, tmp_path):
@@ -228,9 +254,7 @@ class RecordSteps(TrainerCallback):
         self.trainer, self.records = None, []
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.records.append(
-            (state.global_step, self.trainer.teacher_refreshes, snapshot_equals_student(self.trainer))
-        )
+        self.records.append((state.global_step, self.trainer.teacher_refreshes, snapshot_equals_student(self.trainer)))
 
 
 def test_teacher_refreshes_every_m_steps_and_logs(tiny_model_paths, prompts_dataset, tmp_path):
@@ -252,6 +276,10 @@ def test_teacher_refreshes_every_m_steps_and_logs(tiny_model_paths, prompts_data
         assert entry["completions/mean_length"] > 0
     # The compression baseline is the first logging window (logging_steps=1: the first step).
     assert logs[0]["opsdc/compression"] == 1.0
+
+    metrics = trainer.evaluate(prompts_dataset.select(range(4)))
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"])) and 0.0 <= metrics["eval_opsdc/accuracy"] <= 1.0
+    assert metrics["eval_opsdc/compression"] > 0
 
 
 # ---- LoRA ----
@@ -341,9 +369,8 @@ def test_checkpoint_saves_teacher_and_resume_restores_it(tiny_model_paths, promp
     assert all(torch.equal(t, snapshot[name]) for name, t, _ in trainer._snapshot_pairs())
 
     check = CheckTeacherOnResume(snapshot)
-    resumed = make_trainer(
-        tiny_model_paths, prompts_dataset, make_config(tmp_path, max_steps=4, teacher_refresh_steps=2), callbacks=[check]
-    )
+    config = make_config(tmp_path, max_steps=4, teacher_refresh_steps=2)
+    resumed = make_trainer(tiny_model_paths, prompts_dataset, config, callbacks=[check])
     check.trainer = resumed
     resumed.train(resume_from_checkpoint=str(checkpoint))
     # At the start of the resumed run the teacher is the saved step-2 snapshot, not the step-3 student.

@@ -72,7 +72,11 @@ def resolve_instruction(instruction: str) -> str:
 def _combine(content: Any, instruction: str, before: bool) -> Any:
     # Message content is either a string or a list of content blocks ({"type": "text", "text": ...}).
     if isinstance(content, str):
-        return instruction + INSTRUCTION_SEPARATOR + content if before else content + INSTRUCTION_SEPARATOR + instruction
+        return (
+            f"{instruction}{INSTRUCTION_SEPARATOR}{content}"
+            if before
+            else f"{content}{INSTRUCTION_SEPARATOR}{instruction}"
+        )
     if isinstance(content, list):
         block = {"type": "text", "text": instruction}
         return [block, *content] if before else [*content, block]

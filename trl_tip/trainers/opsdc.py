@@ -49,7 +49,8 @@ class OPSDCConfig(DistillationConfig):
     Configuration class for the [`OPSDCTrainer`].
 
     Extends [`~trl.DistillationConfig`] with the parameters of on-policy self-distillation for concise reasoning. The
-    teacher is the model being trained, so `teacher_model_name_or_path` and `teacher_model_init_kwargs` must stay unset.
+    teacher is the model being trained, so `teacher_model_name_or_path` and `teacher_model_init_kwargs` must stay
+    unset.
     `beta` keeps its default of `1.0` (reverse KL): forward KL collapses in this setting.
 
     Parameters:
@@ -296,8 +297,9 @@ class OPSDCTrainer(DistillationTrainer):
             [`~trl_tip.math_reward`]. They are only logged, never trained on; the first one is read as accuracy.
         callbacks (list of [`~transformers.TrainerCallback`], *optional*):
             Callbacks added to the default ones.
-        optimizers (`tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None]`, *optional*, defaults to `(None, None)`):
-            Optimizer and scheduler. The default AdamW only holds the trainable (student) parameters.
+        optimizers (`tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None]`, *optional*):
+            Optimizer and scheduler, `(None, None)` by default. The default AdamW only holds the trainable (student)
+            parameters.
         quantization_config ([`~transformers.BitsAndBytesConfig`], *optional*):
             Quantization used when loading `model` from a path, combined with `peft_config` for QLoRA.
         peft_config ([`~peft.PeftConfig`], *optional*):
@@ -317,7 +319,8 @@ class OPSDCTrainer(DistillationTrainer):
         "citation": textwrap.dedent("""\
             @article{sang2026crisp,
                 title        = {{CRISP: Compressed Reasoning via Iterative Self-Policy Distillation}},
-                author       = {Hejian Sang and Yuanda Xu and Zhengze Zhou and Ran He and Zhipeng Wang and Jiachen Sun},
+                author       = {Hejian Sang and Yuanda Xu and Zhengze Zhou and Ran He and Zhipeng Wang and
+                                Jiachen Sun},
                 year         = 2026,
                 eprint       = {arXiv:2603.05433},
             }"""),
@@ -341,8 +344,8 @@ class OPSDCTrainer(DistillationTrainer):
         if teacher_model is not None:
             raise ValueError(
                 "OPSDCTrainer got a `teacher_model`, but its teacher is a frozen snapshot of the student itself, "
-                "refreshed every `teacher_refresh_steps` steps. Remove `teacher_model`, or use trl.DistillationTrainer "
-                "to distil from a separate teacher."
+                "refreshed every `teacher_refresh_steps` steps. Remove `teacher_model`, or use "
+                "trl.DistillationTrainer to distil from a separate teacher."
             )
         if args is None:
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
@@ -582,8 +585,11 @@ class OPSDCTrainer(DistillationTrainer):
             for ids, mask in zip(output["completion_ids"], output["completion_mask"], strict=True)
         ]
         texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
-        completions = [[{"role": "assistant", "content": text}] for text in texts] if is_conversational(inputs[0]) else texts
-        columns = {key: [example[key] for example in inputs] for key in inputs[0] if key not in ("prompt", "completion")}
+        completions = texts
+        if is_conversational(inputs[0]):
+            completions = [[{"role": "assistant", "content": text}] for text in texts]
+        # Every other dataset column reaches the reward functions as a keyword argument, as in TRL's GRPO.
+        columns = {key: [row[key] for row in inputs] for key in inputs[0] if key not in ("prompt", "completion")}
         for index, reward_func in enumerate(self.reward_funcs):
             rewards = reward_func(
                 prompts=[example["prompt"] for example in inputs],
@@ -630,7 +636,9 @@ class OPSDCTrainer(DistillationTrainer):
                 return super()._get_last_hidden_state(
                     shared_model, teacher_input_ids, teacher_attention_mask, logits_to_keep
                 )
-        return super()._get_last_hidden_state(unwrapped_model, teacher_input_ids, teacher_attention_mask, logits_to_keep)
+        return super()._get_last_hidden_state(
+            unwrapped_model, teacher_input_ids, teacher_attention_mask, logits_to_keep
+        )
 
 
 def _as_reward_funcs(reward_funcs) -> list[Callable]:
