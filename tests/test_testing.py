@@ -72,9 +72,11 @@ def test_tiny_model_is_reproducible():
 
 
 def test_import_needs_no_experimental_trl():
+    # TRL's stable `trl.models.utils` (imported by every TRL trainer) loads `trl.experimental.utils` for a deprecation
+    # shim, so that one module is expected; no experimental trainer may be.
     code = (
         "import sys, trl_tip, trl_tip.testing, trl_tip.tasks;"
-        "bad = [m for m in sys.modules if m.startswith('trl.experimental')];"
+        "bad = [m for m in sys.modules if m.startswith('trl.experimental.') and m != 'trl.experimental.utils'];"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
