@@ -6,6 +6,7 @@ light: it does not import TRL's trainer stack until a trainer, config or kernel 
 
 import importlib
 
+from .instructions import CONCISE_INSTRUCTIONS, add_instruction, resolve_instruction
 from .rewards import extract_answer, grade_answer, math_reward
 from .selection import SELECTION_METHODS, select_tokens
 
@@ -14,6 +15,8 @@ __version__ = "0.1.0"
 
 # Public name -> submodule that defines it, imported on first access.
 _LAZY = {
+    "OPSDCConfig": "trl_tip.trainers.opsdc",
+    "OPSDCTrainer": "trl_tip.trainers.opsdc",
     "TipDistillConfig": "trl_tip.trainers.tip_distill",
     "TipDistillTrainer": "trl_tip.trainers.tip_distill",
     "TokenStats": "trl_tip.chunked_stats",
@@ -21,7 +24,12 @@ _LAZY = {
     "selective_divergence_loss": "trl_tip.losses",
 }
 
-__all__ = ["SELECTION_METHODS", "extract_answer", "grade_answer", "math_reward", "select_tokens", *_LAZY]
+__all__ = [
+    "CONCISE_INSTRUCTIONS",
+    "SELECTION_METHODS",
+    "add_instruction",
+    "resolve_instruction",
+    "extract_answer", "grade_answer", "math_reward", "select_tokens", *_LAZY]
 
 
 def __getattr__(name):

@@ -1,6 +1,7 @@
-"""One module per trainer: its config dataclass and its trainer class."""
+"""trl_tip's trainers: one module per trainer, each a config dataclass and a subclass of a TRL trainer."""
 
+from .opsdc import OPSDCConfig, OPSDCTrainer
 from .tip_distill import TipDistillConfig, TipDistillTrainer
 
 
-__all__ = ["TipDistillConfig", "TipDistillTrainer"]
+__all__ = ["OPSDCConfig", "OPSDCTrainer", "TipDistillConfig", "TipDistillTrainer"]

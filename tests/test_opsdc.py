@@ -1,0 +1,402 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+from trl import DistillationTrainer
+
+from trl_tip import CONCISE_INSTRUCTIONS, OPSDCConfig, OPSDCTrainer, add_instruction, math_reward, resolve_instruction
+from trl_tip.testing import build_tokenizer
+from trl_tip.trainers.opsdc import OPSDC_STATE_NAME, TEACHER_ADAPTER_NAME, TEACHER_SNAPSHOT_NAME
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+INSTRUCTION = "Be brief please."
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # The tiny models run far faster on one thread than with several threads fighting for shared cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def prompts_dataset():
+    pairs = [(10 + i, 31 + 2 * i) for i in range(16)]
+    return Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": f"{a}+{b}"}] for a, b in pairs],
+            "answer": [str(a + b) for a, b in pairs],
+        }
+    )
+
+
+def make_config(tmp_path, **overrides):
+    fields = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 4,
+        "max_completion_length": 8,
+        "max_steps": 2,
+        "learning_rate": 1e-3,
+        "concise_instruction": INSTRUCTION,
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    fields.update(overrides)
+    return OPSDCConfig(**fields)
+
+
+def make_trainer(tiny_model_paths, dataset, config, **kwargs):
+    return OPSDCTrainer(
+        tiny_model_paths["student"], args=config, train_dataset=dataset, processing_class=build_tokenizer(), **kwargs
+    )
+
+
+def snapshot_equals_student(trainer):
+    return all(torch.equal(teacher, student) for _, teacher, student in trainer._snapshot_pairs())
+
+
+# ---- Instructions ----
+
+
+def test_concise_instructions_are_the_paper_texts():
+    assert set(CONCISE_INSTRUCTIONS) == {"v1", "v2"}
+    assert CONCISE_INSTRUCTIONS["v1"] == (
+        "Solve the following math problem concisely and correctly. Be direct: avoid unnecessary elaboration, "
+        "redundant steps, or restating the problem. Focus only on the key reasoning steps needed to reach the answer."
+    )
+    assert CONCISE_INSTRUCTIONS["v2"] == (
+        "Solve the following math problem concisely and correctly. Prioritize a correct final answer above brevity. "
+        "For straightforward problems, be direct: avoid unnecessary elaboration, redundant steps, or restating the "
+        "problem. For difficult or multi-step problems, do NOT over-compress: keep every reasoning step needed for "
+        "correctness, including case analysis, edge cases, and a brief check of the final answer. Never omit a step "
+        "that the answer depends on."
+    )
+
+
+def test_resolve_instruction_keys_custom_text_and_mistyped_keys():
+    assert resolve_instruction("v1") == CONCISE_INSTRUCTIONS["v1"]
+    assert resolve_instruction("Answer in one line.") == "Answer in one line."
+    with pytest.raises(ValueError, match="Unknown conciseness instruction key 'v3'"):
+        resolve_instruction("v3")
+    with pytest.raises(ValueError, match="empty"):
+        resolve_instruction("  ")
+
+
+def test_add_instruction_positions():
+    conversation = [{"role": "system", "content": "You add."}, {"role": "user", "content": "1+2"}]
+    assert add_instruction(conversation, "Be brief.")[1]["content"] == "Be brief.\n\n1+2"
+    assert add_instruction(conversation, "Be brief.", "after")[1]["content"] == "1+2\n\nBe brief."
+    assert add_instruction(conversation, "Be brief.", "system")[0]["content"] == "Be brief.\n\nYou add."
+    user_only = [{"role": "user", "content": "1+2"}]
+    assert add_instruction(user_only, "Be brief.", "system") == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "1+2"},
+    ]
+    blocks = [{"role": "user", "content": [{"type": "text", "text": "1+2"}]}]
+    assert add_instruction(blocks, "Be brief.")[0]["content"][0] == {"type": "text", "text": "Be brief."}
+    assert add_instruction("1+2", "Be brief.") == "Be brief.\n\n1+2"
+    # The caller's prompt is never modified.
+    assert conversation[1]["content"] == "1+2" and user_only == [{"role": "user", "content": "1+2"}]
+    with pytest.raises(ValueError, match="conversational"):
+        add_instruction("1+2", "Be brief.", "system")
+    with pytest.raises(ValueError, match="no user message"):
+        add_instruction([{"role": "system", "content": "hi"}], "Be brief.")
+
+
+# ---- Configuration and construction ----
+
+
+def test_config_defaults_and_validation(tmp_path):
+    config = OPSDCConfig(str(tmp_path), bf16=False)
+    assert config.concise_instruction == "v2" and config.concise_instruction_text == CONCISE_INSTRUCTIONS["v2"]
+    assert config.teacher_refresh_steps == 50 and config.instruction_position == "before"
+    assert config.beta == 1.0  # reverse KL
+    assert config.lr_scheduler_type == "constant" and config.weight_decay == 0.01
+    with pytest.raises(ValueError, match="teacher_refresh_steps"):
+        OPSDCConfig(str(tmp_path), bf16=False, teacher_refresh_steps=0)
+    with pytest.raises(ValueError, match="'v3'"):
+        OPSDCConfig(str(tmp_path), bf16=False, concise_instruction="v3")
+    with pytest.raises(ValueError, match="instruction_position"):
+        OPSDCConfig(str(tmp_path), bf16=False, instruction_position="middle")
+    with pytest.raises(ValueError, match="snapshot of the student"):
+        OPSDCConfig(str(tmp_path), bf16=False, teacher_model_name_or_path="some/teacher")
+    with pytest.warns(UserWarning, match="forward KL"):
+        OPSDCConfig(str(tmp_path), bf16=False, beta=0.0)
+
+
+def test_trainer_rejects_a_teacher_and_unusable_prompts(tiny_model_paths, prompts_dataset, tmp_path):
+    config = make_config(tmp_path)
+    with pytest.raises(ValueError, match="teacher_model"):
+        make_trainer(tiny_model_paths, prompts_dataset, config, teacher_model=tiny_model_paths["teacher"])
+    text_prompts = Dataset.from_dict({"prompt": ["1+2", "3+4"]})
+    with pytest.raises(ValueError, match="conversational"):
+        make_trainer(tiny_model_paths, text_prompts, make_config(tmp_path, instruction_position="system"))
+    with pytest.raises(TypeError, match="reward_funcs"):
+        make_trainer(tiny_model_paths, prompts_dataset, config, reward_funcs="some/reward-model")
+
+
+# ---- Teacher input and loss ----
+
+
+@pytest.fixture
+def hidden_state_calls(monkeypatch):
+    """Records every (model, input_ids, attention_mask, logits_to_keep) that reaches TRL's backbone call."""
+    calls = []
+    original = DistillationTrainer._get_last_hidden_state
+
+    def recording(self, unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs):
+        calls.append((unwrapped_model, input_ids.clone(), attention_mask.clone(), logits_to_keep))
+        return original(self, unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs)
+
+    monkeypatch.setattr(DistillationTrainer, "_get_last_hidden_state", recording)
+    return calls
+
+
+def test_teacher_reads_instruction_and_the_students_completion(
+    tiny_model_paths, prompts_dataset, tmp_path, hidden_state_calls
+):
+    trainer = make_trainer(tiny_model_paths, prompts_dataset, make_config(tmp_path, max_steps=1))
+    trainer.train()
+
+    assert len(hidden_state_calls) == 2  # one micro-batch: the student, then the teacher
+    student_call, teacher_call = hidden_state_calls
+    (student_model, student_ids, student_mask, keep), (teacher_model, teacher_ids, teacher_mask, teacher_keep) = (
+        student_call,
+        teacher_call,
+    )
+    assert student_model is trainer.model and teacher_model is trainer.teacher_model
+    assert keep == teacher_keep
+    tokenizer = build_tokenizer()
+    # The same completion tokens, at the end of both sequences, under the same mask.
+    assert torch.equal(teacher_ids[:, -keep:], student_ids[:, -keep:])
+    assert torch.equal(teacher_mask[:, -keep:], student_mask[:, -keep:])
+    # Only the teacher's prompt carries the instruction, before the problem.
+    for row in range(student_ids.size(0)):
+        teacher_prompt = tokenizer.decode(teacher_ids[row, :-keep], skip_special_tokens=True)
+        student_prompt = tokenizer.decode(student_ids[row, :-keep], skip_special_tokens=True)
+        problem = student_prompt.removeprefix("user\n").split("assistant")[0].strip()
+        assert f"{INSTRUCTION}\n\n{problem}" in teacher_prompt
+        assert INSTRUCTION not in student_prompt
+
+
+def test_plain_text_prompts_with_the_instruction_after(tiny_model_paths, tmp_path, hidden_state_calls):
+    dataset = Dataset.from_dict({"prompt": [f"{a}+{a + 7}=" for a in range(10, 18)]})
+    config = make_config(tmp_path, max_steps=1, instruction_position="after")
+    trainer = make_trainer(tiny_model_paths, dataset, config)
+    trainer.train()
+    (_, student_ids, _, keep), (_, teacher_ids, _, _) = hidden_state_calls
+    tokenizer = build_tokenizer()
+    assert torch.equal(teacher_ids[:, -keep:], student_ids[:, -keep:])
+    for row in range(student_ids.size(0)):
+        student_prompt = tokenizer.decode(student_ids[row, :-keep], skip_special_tokens=True)
+        teacher_prompt = tokenizer.decode(teacher_ids[row, :-keep], skip_special_tokens=True)
+        assert teacher_prompt == f"{student_prompt}\n\n{INSTRUCTION}"
+
+
+def test_loss_is_zero_when_teacher_equals_student_on_identical_prompts(tiny_model_paths, prompts_dataset, tmp_path):
+    trainer = make_trainer(tiny_model_paths, prompts_dataset, make_config(tmp_path))
+    tokenizer = build_tokenizer()
+    prompts = [tokenizer.apply_chat_template(p, add_generation_prompt=True) for p in prompts_dataset["prompt"][:3]]
+    prompts = [p["input_ids"] if hasattr(p, "keys") else p for p in prompts]
+    width = max(map(len, prompts))
+    prompt_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    completion_ids = torch.randint(0, 256, (3, 6), generator=torch.Generator().manual_seed(0))
+    completion_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 5 + [0]])
+    inputs = {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "teacher_prompt_ids": prompt_ids,
+        "teacher_prompt_mask": prompt_mask,
+    }
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    loss, _, n_valid = trainer._compute_loss(student, inputs, None)
+    assert n_valid.item() == 15
+    assert abs(loss.item()) < 1e-6
+
+    # With the instruction in the teacher's prompt the same completion is scored differently.
+    instructed = [add_instruction(p, INSTRUCTION) for p in prompts_dataset["prompt"][:3]]
+    instructed_ids, _, _ = trainer._tokenize_prompts(instructed)
+    width = max(map(len, instructed_ids))
+    inputs["teacher_prompt_ids"] = torch.tensor(
+        [[tokenizer.pad_token_id] * (width - len(p)) + list(p) for p in instructed_ids]
+    )
+    inputs["teacher_prompt_mask"] = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in instructed_ids])
+    loss, _, _ = trainer._compute_loss(student, inputs, None)
+    assert loss.item() > 1e-6
+
+
+# ---- Refresh schedule ----
+
+
+class RecordSteps(TrainerCallback):
+    """Records, after each optimiser step (and after the teacher refresh), whether the teacher equals the student."""
+
+    def __init__(self):
+        self.trainer, self.records = None, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.records.append((state.global_step, self.trainer.teacher_refreshes, snapshot_equals_student(self.trainer)))
+
+
+def test_teacher_refreshes_every_m_steps_and_logs(tiny_model_paths, prompts_dataset, tmp_path):
+    recorder = RecordSteps()
+    config = make_config(tmp_path, max_steps=5, teacher_refresh_steps=2)
+    trainer = make_trainer(tiny_model_paths, prompts_dataset, config, callbacks=[recorder], reward_funcs=math_reward)
+    recorder.trainer = trainer
+    assert trainer.teacher_refreshes == 1 and snapshot_equals_student(trainer)  # the snapshot at step 0
+    trainer.train()
+    # Refreshed at steps 0, 2, 4: equal to the student right after a refresh, different one update later.
+    assert recorder.records == [(1, 1, False), (2, 2, True), (3, 2, False), (4, 3, True), (5, 3, False)]
+    assert all(not p.requires_grad for p in trainer.teacher_model.parameters())
+
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["opsdc/teacher_refreshes"] for entry in logs] == [1, 2, 2, 3, 3]
+    for entry in logs:
+        assert entry["opsdc/compression"] > 0 and 0.0 <= entry["opsdc/accuracy"] <= 1.0
+        assert entry["rewards/math_reward/mean"] == entry["opsdc/accuracy"]
+        assert entry["completions/mean_length"] > 0
+    # The compression baseline is the first logging window (logging_steps=1: the first step).
+    assert logs[0]["opsdc/compression"] == 1.0
+
+    metrics = trainer.evaluate(prompts_dataset.select(range(4)))
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"])) and 0.0 <= metrics["eval_opsdc/accuracy"] <= 1.0
+    assert metrics["eval_opsdc/compression"] > 0
+
+
+# ---- LoRA ----
+
+
+def test_lora_teacher_is_a_frozen_second_adapter(tiny_model_paths, prompts_dataset, tmp_path):
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    config = make_config(tmp_path, max_steps=2, teacher_refresh_steps=100, learning_rate=1e-2)
+    trainer = make_trainer(tiny_model_paths, prompts_dataset, config, peft_config=lora)
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    assert TEACHER_ADAPTER_NAME in peft_model.peft_config
+
+    # No second base model: all tensors the trainer holds = base weights + two adapters of equal size.
+    def unique_numel(*modules):
+        seen = {}
+        for module in modules:
+            for parameter in module.parameters():
+                seen[parameter.data_ptr()] = parameter.numel()
+        return sum(seen.values())
+
+    adapter_numel = sum(p.numel() for n, p in peft_model.named_parameters() if ".default." in n)
+    teacher_numel = sum(p.numel() for n, p in peft_model.named_parameters() if f".{TEACHER_ADAPTER_NAME}." in n)
+    base_numel = peft_model.get_base_model().num_parameters() - adapter_numel - teacher_numel
+    assert adapter_numel == teacher_numel > 0
+    assert unique_numel(trainer.model, trainer.teacher_model) == base_numel + 2 * adapter_numel
+
+    initial_teacher = {name: t.clone() for name, t, _ in trainer._snapshot_pairs()}
+    trainer.train()
+    student_adapter = {id(p) for n, p in peft_model.named_parameters() if ".default." in n}
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized == student_adapter
+    assert [n for n, p in peft_model.named_parameters() if p.requires_grad] == [
+        n for n, p in peft_model.named_parameters() if ".default." in n
+    ]
+    assert peft_model.active_adapter == "default"
+    # The student adapter moved, the teacher adapter (no refresh within 100 steps) did not.
+    assert not snapshot_equals_student(trainer)
+    assert all(torch.equal(t, initial_teacher[name]) for name, t, _ in trainer._snapshot_pairs())
+    trainer.refresh_teacher()
+    assert snapshot_equals_student(trainer) and trainer.teacher_refreshes == 2
+
+    # The saved model is the student's adapter only.
+    trainer.save_model(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "saved" / TEACHER_ADAPTER_NAME).exists()
+
+
+def test_lora_update_is_the_same_with_gradient_checkpointing(tiny_model_paths, prompts_dataset, tmp_path):
+    # Checkpointing recomputes the student's forward during backward, after the teacher's forward switched adapters:
+    # the update must still be the one computed with the student adapter (dropout on, as in training).
+    updated = []
+    for checkpointing in (False, True):
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1, init_lora_weights=False)
+        config = make_config(tmp_path, max_steps=1, gradient_checkpointing=checkpointing, learning_rate=1e-2)
+        trainer = make_trainer(tiny_model_paths, prompts_dataset, config, peft_config=lora)
+        trainer.train()
+        peft_model = trainer.accelerator.unwrap_model(trainer.model)
+        updated.append({n: p.detach().clone() for n, p in peft_model.named_parameters() if ".default." in n})
+    assert updated[0].keys() == updated[1].keys()
+    assert all(torch.allclose(updated[0][name], updated[1][name], atol=1e-6) for name in updated[0])
+
+
+# ---- Checkpoints ----
+
+
+class CheckTeacherOnResume(TrainerCallback):
+    def __init__(self, snapshot):
+        self.trainer, self.snapshot, self.seen = None, snapshot, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        pairs = self.trainer._snapshot_pairs()
+        self.seen = (
+            all(torch.equal(teacher.cpu(), self.snapshot[name]) for name, teacher, _ in pairs),
+            snapshot_equals_student(self.trainer),
+            self.trainer.teacher_refreshes,
+        )
+
+
+def test_checkpoint_saves_teacher_and_resume_restores_it(tiny_model_paths, prompts_dataset, tmp_path):
+    config = make_config(tmp_path, max_steps=3, teacher_refresh_steps=2, save_strategy="steps", save_steps=3)
+    trainer = make_trainer(tiny_model_paths, prompts_dataset, config)
+    trainer.train()
+    checkpoint = Path(config.output_dir) / "checkpoint-3"
+    snapshot = load_file(checkpoint / TEACHER_SNAPSHOT_NAME)
+    state = json.loads((checkpoint / OPSDC_STATE_NAME).read_text())
+    assert state["teacher_refreshes"] == 2 and state["teacher_refreshed_at_step"] == 2
+    assert all(torch.equal(t, snapshot[name]) for name, t, _ in trainer._snapshot_pairs())
+
+    check = CheckTeacherOnResume(snapshot)
+    config = make_config(tmp_path, max_steps=4, teacher_refresh_steps=2)
+    resumed = make_trainer(tiny_model_paths, prompts_dataset, config, callbacks=[check])
+    check.trainer = resumed
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    # At the start of the resumed run the teacher is the saved step-2 snapshot, not the step-3 student.
+    assert check.seen == (True, False, 2)
+    assert resumed.teacher_refreshes == 3  # the refresh at step 4
+
+
+# ---- Example ----
+
+
+@pytest.mark.slow
+def test_example_runs_on_the_builtin_task(arithmetic_models, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "examples" / "opsdc.py"),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--max_steps",
+        "4",
+        "--num_eval_problems",
+        "40",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "before OPSDC" in result.stdout and "after OPSDC" in result.stdout
+    metrics = json.loads((tmp_path / "run" / "opsdc_builtin_metrics.json").read_text())
+    for stage in ("before", "after"):
+        assert 0.0 <= metrics[stage]["accuracy"] <= 1.0 and metrics[stage]["mean_completion_tokens"] > 0
