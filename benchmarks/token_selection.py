@@ -9,10 +9,11 @@ Variants, each timed on one distillation training step (loss forward + backward 
 - `gkd-full-logits`: full `(tokens × V)` logits for both models and TRL's experimental GKD loss
   (`GKDTrainer.generalized_jsd_loss`), the path that materialises the logits.
 
-Each variant runs in its own process (so peak memory is its own), after one warm-up step. On CUDA, peak memory is
-`torch.cuda.max_memory_allocated`; on CPU it is the rise of the process's peak resident memory (VmHWM) over the step,
-with glibc told to return large blocks to the system (MALLOC_MMAP_THRESHOLD_) so that freed memory is not reused
-unseen.
+Each variant runs in its own process (so peak memory is its own), after one warm-up step. On CUDA, time is wall time
+after synchronisation and peak memory is `torch.cuda.max_memory_allocated`. On CPU, each worker runs on one thread and
+time is the process's CPU time (work done, much less sensitive than wall time to other load on a shared machine; wall
+time is printed too); peak memory is the rise of the process's peak resident memory (VmHWM) over the step, with glibc
+told to return large blocks to the system (MALLOC_MMAP_THRESHOLD_) so that freed memory is not reused unseen.
 
     python benchmarks/token_selection.py                      # both vocabularies, table on stdout
     python benchmarks/token_selection.py --write docs/benchmarks.md
@@ -152,16 +153,19 @@ def run_worker(variant: str, args) -> dict:
     else:
         _reset_peak_rss()
         base = _status_kib("VmRSS") * 1024
-    times = []
+    times, wall_times = [], []
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     for repeat in range(args.repeats):
-        start = time.perf_counter()
+        start, wall_start = clock(), time.perf_counter()
         loss = step()
         synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
+        wall_times.append(time.perf_counter() - wall_start)
         trained.zero_grad(set_to_none=True)
         if repeat == 0:
             peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kib("VmHWM") * 1024) - base
-    return {"variant": variant, "seconds": statistics.median(times), "peak_bytes": max(peak, 0),
+    return {"variant": variant, "seconds": statistics.median(times), "wall_seconds": statistics.median(wall_times),
+            "peak_bytes": max(peak, 0),
             "loss": float(loss.detach().float())}
 
 
@@ -181,13 +185,16 @@ def run_all(args) -> list[dict]:
                        "--student-layers", str(args.student_layers), "--teacher-hidden", str(args.teacher_hidden),
                        "--teacher-layers", str(args.teacher_layers)]
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
+            if not args.cuda:
+                env["OMP_NUM_THREADS"] = "1"
             result = subprocess.run(command, capture_output=True, text=True, env=env)
             if result.returncode != 0:
                 raise RuntimeError(f"{variant} (V={vocab}) failed:\n{result.stderr[-3000:]}")
             row = json.loads(result.stdout.strip().splitlines()[-1])
             row["vocab"] = vocab
             rows.append(row)
-            print(f"  V={vocab:>7} {variant:<16} {row['seconds']:.3f} s  {row['peak_bytes'] / 2**20:9.1f} MiB", flush=True)
+            print(f"  V={vocab:>7} {variant:<16} {row['seconds']:.3f} s (wall {row['wall_seconds']:.3f} s) "
+                  f"{row['peak_bytes'] / 2**20:9.1f} MiB", flush=True)
     return rows
 
 
@@ -207,7 +214,8 @@ def write_section(path: str, name: str, text: str) -> None:
 
 def table(rows, args) -> str:
     lines = [
-        "| vocabulary | variant | step time (s) | time vs TRL | peak memory (MiB) | memory vs TRL |",
+        f"| vocabulary | variant | step {'time' if args.cuda else 'CPU time'} (s) | time vs TRL | peak memory (MiB) "
+        "| memory vs TRL |",
         "|---:|---|---:|---:|---:|---:|",
     ]
     for vocab in args.vocabs:
@@ -241,13 +249,14 @@ def main():
 
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    args.cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name(0) if args.cuda else f"CPU ({os.cpu_count()} cores, one thread per worker)"
     print(f"Token-selection benchmark on {device}, torch {torch.__version__}")
     rows = run_all(args)
     shape = (f"batch {args.batch} × (prompt {args.prompt_length} + completion ≤ {args.completion_length}) tokens; "
              f"student Qwen2 hidden {args.student_hidden} × {args.student_layers} layer(s), teacher hidden "
              f"{args.teacher_hidden} × {args.teacher_layers} layers; "
-             f"{'bf16' if torch.cuda.is_available() else 'fp32'}; median of {args.repeats} steps after a warm-up")
+             f"{'bf16' if args.cuda else 'fp32'}; median of {args.repeats} steps after a warm-up")
     result = table(rows, args)
     print()
     print(shape)
