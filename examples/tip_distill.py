@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from trl_tip import TipDistillConfig, TipDistillTrainer
-from trl_tip.script_utils import evaluate_split, parse_with_builtin_defaults
+from trl_tip.script_utils import as_chat_prompts, evaluate_split, parse_with_builtin_defaults
 
 
 # The built-in run: 600 steps of batch 32 on the toy task, ~3 minutes on 2 CPU cores.
@@ -62,6 +62,13 @@ class TipScriptArguments(ScriptArguments):
     num_eval_problems: int | None = dataclasses.field(
         default=None, metadata={"help": "Evaluate on the first N test problems only (default: all)."}
     )
+    answer_column: str = dataclasses.field(
+        default="answer", metadata={"help": "Column holding the final answer used to grade evaluation (e.g. `solution`)."}
+    )
+    wrap_plain_prompts: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "Turn plain-text prompts into a user message so the model's chat template applies."},
+    )
 
 
 def make_parser():
@@ -84,6 +91,7 @@ def main():
         if script_args.dataset_name is None:
             raise ValueError("Set `--dataset_name` (a dataset with a `prompt` column, and `answer` for evaluation).")
         dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+        dataset = as_chat_prompts(dataset, script_args.answer_column, script_args.wrap_plain_prompts)
 
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
@@ -107,7 +115,8 @@ def main():
     eval_tokens = training_args.max_completion_length or 256
 
     before = None
-    if script_args.evaluate:
+    # The student is loaded for evaluation only when there is something to grade.
+    if script_args.evaluate and test_split is not None and "answer" in test_split.column_names:
         student = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
         before = evaluate_split(student, tokenizer, test_split, eval_tokens)
         del student

@@ -62,3 +62,16 @@ def test_builtin_defaults_apply_only_without_a_model(monkeypatch, tmp_path):
     _, training_args, model_args, builtin = _parse(monkeypatch, ["--model_name_or_path", "some/model"])
     assert not builtin and model_args.model_name_or_path == "some/model"
     assert training_args.max_steps == -1 and training_args.learning_rate == 1e-6
+
+
+def test_as_chat_prompts_wraps_plain_prompts_and_renames_the_answer():
+    from datasets import Dataset, DatasetDict
+
+    from trl_tip.script_utils import as_chat_prompts
+
+    data = DatasetDict({"train": Dataset.from_dict({"prompt": ["1+1?", "2+2?"], "solution": ["2", "4"]})})
+    ready = as_chat_prompts(data, answer_column="solution")
+    assert ready["train"][0]["prompt"] == [{"role": "user", "content": "1+1?"}]
+    assert ready["train"]["answer"] == ["2", "4"]
+    with pytest.raises(ValueError, match="no `prompt` column"):
+        as_chat_prompts(Dataset.from_dict({"question": ["x"]}))

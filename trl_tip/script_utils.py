@@ -47,3 +47,26 @@ def evaluate_split(model, tokenizer, dataset, max_new_tokens: int, batch_size: i
     if dataset is None or "answer" not in dataset.column_names:
         return None
     return evaluate_accuracy(model, tokenizer, dataset, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def as_chat_prompts(dataset, answer_column: str = "answer", wrap_plain_prompts: bool = True):
+    """
+    Ready a prompt dataset (a `Dataset` or `DatasetDict`) for the trainers: rename `answer_column` to `answer`, and,
+    with `wrap_plain_prompts`, turn plain-text prompts into one user message so the model's chat template applies
+    (e.g. `open-r1/DAPO-Math-17k-Processed` stores prompts as plain text).
+    """
+    splits = dataset.values() if hasattr(dataset, "values") else [dataset]
+    columns = next(iter(splits)).column_names
+    if "prompt" not in columns:
+        raise ValueError(f"The dataset has columns {columns} but no `prompt` column; rename the prompt column to `prompt`.")
+    if answer_column != "answer" and answer_column in columns:
+        if "answer" in columns:
+            raise ValueError(f"The dataset has both `answer` and `{answer_column}`; pick one with --answer_column.")
+        dataset = dataset.rename_column(answer_column, "answer")
+    if wrap_plain_prompts:
+        def wrap(row):
+            prompt = row["prompt"]
+            return {"prompt": [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt}
+
+        dataset = dataset.map(wrap)
+    return dataset
