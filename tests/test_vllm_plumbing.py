@@ -1,0 +1,92 @@
+"""
+vLLM paths on a CPU, up to the vLLM call: vLLM itself cannot run here, so `VLLMGeneration` is replaced by a recorder
+that captures how the trainer configures it, that weights are synced before generating, and what it is asked to
+generate, then stops the run. No completion is ever fabricated. `scripts/gpu_smoke.sh` runs the real thing on a GPU.
+"""
+
+import pytest
+import trl.trainer.distillation_trainer as distillation_module
+
+from trl_tip import OPSDCConfig, OPSDCTrainer, TipDistillConfig, TipDistillTrainer
+from trl_tip.tasks import build_arithmetic_dataset
+from trl_tip.testing import build_tokenizer
+
+
+class ReachedVLLM(Exception):
+    """Raised where vLLM would generate."""
+
+
+class RecordingVLLMGeneration:
+    instances = []
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.calls = []
+        RecordingVLLMGeneration.instances.append(self)
+
+    def sync_weights(self):
+        self.calls.append(("sync_weights",))
+
+    def generate(self, prompts, num_generations, **kwargs):
+        self.calls.append(("generate", prompts, num_generations))
+        raise ReachedVLLM
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    RecordingVLLMGeneration.instances = []
+    monkeypatch.setattr(distillation_module, "is_vllm_available", lambda: True)
+    monkeypatch.setattr(distillation_module, "VLLMGeneration", RecordingVLLMGeneration)
+    return RecordingVLLMGeneration
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return build_arithmetic_dataset()["train"].select(range(8))
+
+
+def _vllm_settings(tmp_path, mode):
+    return {
+        "output_dir": str(tmp_path), "per_device_train_batch_size": 4, "max_steps": 1, "bf16": False,
+        "report_to": "none", "save_strategy": "no", "max_completion_length": 24, "temperature": 0.9,
+        "use_vllm": True, "vllm_mode": mode, "vllm_server_host": "127.0.0.1", "vllm_server_port": 8123,
+        "vllm_gpu_memory_utilization": 0.3, "shuffle_dataset": False,
+    }
+
+
+def _expected_prompt_ids(rows):
+    tokenizer = build_tokenizer()
+    ids = tokenizer.apply_chat_template([row["prompt"] for row in rows], add_generation_prompt=True)
+    return [list(x) for x in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
+
+
+def _check_reached_vllm(recorder, mode, prompts):
+    (engine,) = recorder.instances
+    assert engine.kwargs["mode"] == mode
+    assert engine.kwargs["server_host"] == "127.0.0.1" and engine.kwargs["server_port"] == 8123
+    assert engine.kwargs["gpu_memory_utilization"] == 0.3
+    assert engine.kwargs["max_completion_length"] == 24 and engine.kwargs["temperature"] == 0.9
+    # Weights are pushed to the engine before it generates, one completion per prompt, from the student's prompts.
+    assert [call[0] for call in engine.calls] == ["sync_weights", "generate"]
+    _, generated_prompts, num_generations = engine.calls[1]
+    assert num_generations == 1
+    assert sorted(map(tuple, generated_prompts)) == sorted(map(tuple, _expected_prompt_ids(prompts.select(range(4)))))
+
+
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_tip_distill_vllm_plumbing(recorder, tiny_model_paths, prompts, tmp_path, mode):
+    trainer = TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model_paths["teacher"],
+                                args=TipDistillConfig(**_vllm_settings(tmp_path, mode)), train_dataset=prompts)
+    with pytest.raises(ReachedVLLM):
+        trainer.train()
+    _check_reached_vllm(recorder, mode, prompts)
+
+
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_opsdc_vllm_plumbing(recorder, tiny_model_paths, prompts, tmp_path, mode):
+    # The student generates from its plain prompt; only the teacher sees the instruction.
+    trainer = OPSDCTrainer(model=tiny_model_paths["student"], args=OPSDCConfig(**_vllm_settings(tmp_path, mode)),
+                           train_dataset=prompts)
+    with pytest.raises(ReachedVLLM):
+        trainer.train()
+    _check_reached_vllm(recorder, mode, prompts)
