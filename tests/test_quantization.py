@@ -3,10 +3,11 @@
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
 
-from trl_tip import TipDistillConfig, TipDistillTrainer
+from trl_tip import OPSDCConfig, OPSDCTrainer, TipDistillConfig, TipDistillTrainer
 from trl_tip.tasks import build_arithmetic_dataset
+from trl_tip.trainers.opsdc import TEACHER_ADAPTER_NAME, _AdapterSnapshot
 
 
 pytest.importorskip("bitsandbytes")
@@ -81,3 +82,68 @@ def test_teacher_quantization_needs_a_teacher_path(tiny_model_paths, prompts, tm
     with pytest.raises(ValueError, match="pass `teacher_model` as a path"):
         TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=teacher,
                           args=_args(tmp_path, teacher_quantization="4bit"), train_dataset=prompts)
+
+
+class _RecordTeacher(TrainerCallback):
+    """After each step (and after the trainer's refresh): is the teacher adapter the initial one, the student's?"""
+
+    def __init__(self, trainer, initial):
+        self.trainer, self.initial, self.seen = trainer, initial, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        pairs = self.trainer._snapshot_pairs()
+        self.seen.append((
+            all(torch.equal(teacher, self.initial[name]) for name, teacher, _ in pairs),
+            all(torch.equal(teacher, student) for _, teacher, student in pairs),
+        ))
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [True, False], ids=["checkpointing", "no-checkpointing"])
+def test_qlora_opsdc_student_trains_its_adapter_against_a_frozen_teacher_adapter(
+    tiny_model_paths, prompts, tmp_path, gradient_checkpointing
+):
+    # The teacher's forward runs the shared 4-bit base with gradients off. On a CPU with AVX512-BF16, bitsandbytes
+    # repacks eval-mode 4-bit weights for inference there, after which the student's next forward with gradients (the
+    # checkpointed recomputation, or the next step) fails in `matmul_4bit`; on other CPUs this passes either way.
+    overrides = {} if gradient_checkpointing else {"gradient_checkpointing": False}
+    args = OPSDCConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, bf16=False,
+                       report_to="none", max_completion_length=8, save_strategy="no", learning_rate=1e-2,
+                       logging_steps=1, teacher_refresh_steps=2, **overrides)
+    assert args.gradient_checkpointing is gradient_checkpointing  # on by default
+    trainer = OPSDCTrainer(
+        model=tiny_model_paths["student"],
+        args=args,
+        train_dataset=prompts,
+        quantization_config=_student_4bit(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    layers_4bit = [m for m in peft_model.modules() if _is_4bit(m)]
+    assert layers_4bit
+    # The teacher is the second adapter on the same (4-bit) base: it holds no weights of its own.
+    assert isinstance(trainer.teacher_model, _AdapterSnapshot) and trainer.teacher_model.peft_model is peft_model
+    assert list(trainer.teacher_model.parameters()) == []
+    assert TEACHER_ADAPTER_NAME in peft_model.peft_config
+
+    def is_adapter(name):
+        return ".lora_" in name
+
+    base_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not is_adapter(n)}
+    student_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert student_before and all(".default." in n for n in student_before)
+    teacher_before = {name: teacher.detach().clone() for name, teacher, _ in trainer._snapshot_pairs()}
+    recorder = _RecordTeacher(trainer, teacher_before)
+    trainer.add_callback(recorder)
+    trainer.train()
+
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(p, student_before[n]) for n, p in peft_model.named_parameters() if n in student_before)
+    # The 4-bit base (weights, quantisation state, biases) and the other frozen weights are untouched.
+    assert all(torch.equal(p, base_before[n]) for n, p in peft_model.named_parameters() if not is_adapter(n))
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers_4bit)
+    # Only the student adapter trains; the teacher adapter moved only at the refresh after step 2.
+    assert [n for n, p in peft_model.named_parameters() if p.requires_grad] == list(student_before)
+    assert peft_model.active_adapter == "default"
+    assert recorder.seen == [(True, False), (False, True)]
+    assert trainer.teacher_refreshes == 2

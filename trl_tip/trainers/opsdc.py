@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import textwrap
 import warnings
 import weakref
@@ -197,6 +198,15 @@ def copy_snapshot_(pairs: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
         target.copy_(source)
 
 
+def _bnb_4bit_layers(model: nn.Module) -> list[nn.Module]:
+    """The bitsandbytes 4-bit linear layers of `model` (none when bitsandbytes was never imported)."""
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    linear_4bit = getattr(bnb_nn, "Linear4bit", None)
+    if linear_4bit is None:
+        return []
+    return [module for module in model.modules() if isinstance(module, linear_4bit)]
+
+
 class _AdapterSnapshot(nn.Module):
     """
     The teacher of a PEFT student: a frozen adapter on the student's own base model, seen by TRL as a model.
@@ -208,6 +218,7 @@ class _AdapterSnapshot(nn.Module):
     def __init__(self, peft_model: nn.Module, adapter_name: str):
         super().__init__()
         self.__dict__["peft_model"] = peft_model
+        self.__dict__["quantized_layers"] = _bnb_4bit_layers(peft_model)
         self.adapter_name = adapter_name
 
     @property
@@ -224,6 +235,13 @@ class _AdapterSnapshot(nn.Module):
         previous_adapter, was_training = model.active_adapter, model.training
         model.set_adapter(self.adapter_name, inference_mode=True)
         model.eval()
+        # The 4-bit base layers are the student's too: they stay in training mode. In eval mode, on a CPU with
+        # AVX512-BF16, bitsandbytes takes a no-grad forward for inference and repacks the weights in place into a
+        # layout whose kernel has no backward, so the student's next forward with gradients (the checkpointed
+        # recomputation in this step's backward, or the next step) fails. Their mode selects a kernel only (they have
+        # no dropout), and in training mode the teacher computes with the same kernel as the student.
+        for layer in self.quantized_layers:
+            layer.train()
         try:
             yield model
         finally:
