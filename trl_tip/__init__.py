@@ -7,9 +7,14 @@ from .selection import SELECTION_METHODS, select_tokens
 from .losses import selective_divergence_loss
 from .token_stats import TokenStats, token_stats
 from .trainers import TipDistillConfig, TipDistillTrainer
+from .trainers import PacedConfig, PacedTrainer, PassRateTable
+from .weighting import paced_weight
 
 
 __all__ = [
+    "PacedConfig",
+    "PacedTrainer",
+    "PassRateTable",
     "SELECTION_METHODS",
     "TipDistillConfig",
     "TipDistillTrainer",
@@ -17,6 +22,7 @@ __all__ = [
     "extract_answer",
     "grade_answer",
     "math_reward",
+    "paced_weight",
     "select_tokens",
     "selective_divergence_loss",
     "token_stats",
