@@ -14,8 +14,8 @@ def paced_weight(
     PACED problem weight `w(p) = p^α (1 − p)^β`, elementwise.
 
     The weight peaks at the frontier of the student's competence, `p* = α / (α + β)` (`0.5` for the default
-    `α = β = 1`, where `w = p(1 − p)`), and vanishes at `p = 0` (never solved: the teacher's signal is out of reach) and
-    `p = 1` (always solved: nothing left to learn) whenever `α, β > 0`. With `α = β = 0` every weight is `1`
+    `α = β = 1`, where `w = p(1 − p)`), and vanishes at `p = 0` (never solved: the teacher's signal is out of reach)
+    and `p = 1` (always solved: nothing left to learn) whenever `α, β > 0`. With `α = β = 0` every weight is `1`
     (`0^0 = 1`), i.e. no weighting.
 
     Args:

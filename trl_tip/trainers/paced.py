@@ -98,9 +98,10 @@ class PacedConfig(TipDistillConfig):
         self_distillation (`bool`, *optional*, defaults to `False`):
             Use a frozen copy of the initial student as the teacher, reading the problem with its ground-truth answer
             (`privileged_prompt_template`); no teacher model is given.
-        privileged_prompt_template (`str`, *optional*, defaults to `"{problem}\n\nThe correct final answer is {answer}."`):
-            The self-distillation teacher's version of the last user turn, with `{problem}` (the original text) and
-            `{answer}` (the dataset's `answer`).
+        privileged_prompt_template (`str`, *optional*):
+            Defaults to `"{problem}\n\nThe correct final answer is {answer}."`. The self-distillation teacher's
+            version of the last user turn, with `{problem}` (the original text) and `{answer}` (the dataset's
+            `answer`).
 
     > [!NOTE]
     > `token_selection` defaults to `"all"` here (plain PACED); any TIP rule can be combined with the weighting. `beta`
@@ -115,7 +116,8 @@ class PacedConfig(TipDistillConfig):
         },
     )
     paced_alpha: float = field(
-        default=1.0, metadata={"help": "Exponent alpha >= 0 of the pass rate p in the problem weight p^alpha (1-p)^beta."}
+        default=1.0,
+        metadata={"help": "Exponent alpha >= 0 of the pass rate p in the problem weight p^alpha (1-p)^beta."},
     )
     paced_beta: float = field(
         default=1.0,
@@ -199,7 +201,9 @@ class PacedConfig(TipDistillConfig):
         if self.pass_rate_rollouts < 1:
             raise ValueError(f"pass_rate_rollouts must be >= 1, got {self.pass_rate_rollouts}.")
         if self.pass_rate_mode not in PASS_RATE_MODES:
-            raise ValueError(f"pass_rate_mode must be one of {', '.join(PASS_RATE_MODES)}, got {self.pass_rate_mode!r}.")
+            raise ValueError(
+                f"pass_rate_mode must be one of {', '.join(PASS_RATE_MODES)}, got {self.pass_rate_mode!r}."
+            )
         if self.pass_rate_mode == "refresh":
             if self.pass_rate_refresh_steps is None or self.pass_rate_refresh_steps < 1:
                 raise ValueError(
@@ -216,7 +220,9 @@ class PacedConfig(TipDistillConfig):
         if self.pass_rate_batch_size is not None and self.pass_rate_batch_size < 1:
             raise ValueError(f"pass_rate_batch_size must be >= 1 or None, got {self.pass_rate_batch_size}.")
         if self.rollout_source not in ROLLOUT_SOURCES:
-            raise ValueError(f"rollout_source must be one of {', '.join(ROLLOUT_SOURCES)}, got {self.rollout_source!r}.")
+            raise ValueError(
+                f"rollout_source must be one of {', '.join(ROLLOUT_SOURCES)}, got {self.rollout_source!r}."
+            )
         if self.teacher_completions not in TEACHER_COMPLETION_SOURCES:
             raise ValueError(
                 f"teacher_completions must be one of {', '.join(TEACHER_COMPLETION_SOURCES)}, got "
@@ -353,8 +359,8 @@ def add_privileged_context(prompt: str | list[dict], answer: Any, template: str)
         if message.get("role") == "user":
             if not isinstance(message.get("content"), str):
                 raise ValueError(
-                    "Self-distillation adds the answer to the last user turn, which must be plain text; got content of "
-                    f"type {type(message.get('content')).__name__}."
+                    "Self-distillation adds the answer to the last user turn, which must be plain text; got "
+                    f"content of type {type(message.get('content')).__name__}."
                 )
             message["content"] = template.format(problem=message["content"], answer=answer)
             return messages
@@ -436,7 +442,7 @@ class PassRateTable:
         return torch.where(known, paced_weight(rates.nan_to_num(0.0), alpha, beta), torch.zeros_like(rates))
 
     def histogram(self) -> dict[str, float]:
-        """Shares of problems with `p = 0`, `p` in `(0, .25]`, `(.25, .5]`, `(.5, .75]`, `(.75, 1)`, `p = 1`, unknown."""
+        """Shares of problems with p = 0, p in (0, .25], (.25, .5], (.5, .75], (.75, 1), p = 1, and unknown p."""
         rates = self.pass_rates
         total = max(len(self), 1)
         known = ~torch.isnan(rates)
@@ -462,13 +468,15 @@ class PassRateTable:
             f"pass rates of {len(self)} problems (mean {self.pass_rates[known].mean().item():.3f}):"
             if known.any()
             else f"pass rates of {len(self)} problems: none known",
-            "  " + "  ".join(f"{label}: {shares[name]:.1%}" for label, name in zip(labels, _HISTOGRAM_BINS, strict=True)),
+            "  "
+            + "  ".join(f"{label}: {shares[name]:.1%}" for label, name in zip(labels, _HISTOGRAM_BINS, strict=True)),
         ]
         if shares["unknown"]:
             lines[-1] += f"  unknown: {shares['unknown']:.1%}"
         positive = weights[weights > 0]
         lines.append(
-            f"weights p^{alpha:g}(1-p)^{beta:g}: mean {weights.mean().item():.4f}, zero for {(weights == 0).float().mean().item():.1%}"
+            f"weights p^{alpha:g}(1-p)^{beta:g}: mean {weights.mean().item():.4f}, "
+            f"zero for {(weights == 0).float().mean().item():.1%}"
             + (
                 f"; non-zero ones from {positive.min().item():.4f} to {positive.max().item():.4f}"
                 f" (median {positive.median().item():.4f})"
@@ -502,7 +510,8 @@ class PassRateTable:
                 f"The saved pass-rate table covers {state['num_problems']} problems but the training set has "
                 f"{len(self)}; resume with the training set the table was estimated on."
             )
-        self.pass_rates = torch.tensor([math.nan if p is None else p for p in state["pass_rates"]], dtype=torch.float32)
+        rates = [math.nan if p is None else p for p in state["pass_rates"]]
+        self.pass_rates = torch.tensor(rates, dtype=torch.float32)
         self.num_graded = torch.tensor(state["num_graded"], dtype=torch.long)
         self.estimates = state["estimates"]
         self.estimated_at_step = state["estimated_at_step"]
@@ -560,10 +569,10 @@ class PacedTrainer(TipDistillTrainer):
     Distillation weighted by the student's pass rate: PACED (distillation at the frontier of student competence).
 
     Before training, the student writes `K` rollouts for every training problem, the reward functions grade them, and
-    each problem gets the weight `w = p^α (1 − p)^β` of its pass rate `p`. Training is TRL's distillation (the teacher's
-    full next-token distribution, chunked, never materialising logits) with the batch loss `Σ_i w_i ℓ_i / Σ_i w_i`,
-    `ℓ_i` being the token-mean divergence of problem `i`'s completion and `Σ w` taken over the whole global batch. A
-    batch in which every weight is zero gives an exact zero loss and zero gradients.
+    each problem gets the weight `w = p^α (1 − p)^β` of its pass rate `p`. Training is TRL's distillation (the
+    teacher's full next-token distribution, chunked, never materialising logits) with the batch loss
+    `Σ_i w_i ℓ_i / Σ_i w_i`, `ℓ_i` being the token-mean divergence of problem `i`'s completion and `Σ w` taken over
+    the whole global batch. A batch in which every weight is zero gives an exact zero loss and zero gradients.
 
     Tracks (see [`PacedConfig`]): on-policy reverse KL on student rollouts (default); forward KL on teacher-written
     completions (`rollout_source="teacher"`, `kl_schedule="forward"`); both in sequence (`"forward_then_reverse"`); and
@@ -644,6 +653,15 @@ class PacedTrainer(TipDistillTrainer):
             )
         self.reward_funcs = resolve_reward_funcs(reward_funcs)
         train_dataset = self._check_train_dataset(train_dataset, args)
+        if args.self_distillation and eval_dataset is not None:
+            named = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval_dataset", eval_dataset)]
+            for name, dataset in named:
+                columns = getattr(dataset, "column_names", None)
+                if columns is not None and "answer" not in columns:
+                    raise ValueError(
+                        f"`{name}` has no `answer` column, which the self-distillation teacher reads in its prompt "
+                        "during evaluation too."
+                    )
         teacher_model = self._resolve_teacher(model, teacher_model, args)
 
         super().__init__(
@@ -698,7 +716,8 @@ class PacedTrainer(TipDistillTrainer):
         if teacher_track and args.teacher_completions == "dataset" and "completion" not in columns:
             raise ValueError(
                 "teacher_completions='dataset' trains on the dataset's `completion` column, which `train_dataset` "
-                f"lacks (columns: {columns}). Add it, or set teacher_completions='generate' to sample from the teacher."
+                f"lacks (columns: {columns}). Add it, or set teacher_completions='generate' to sample from the "
+                "teacher."
             )
         self._teacher_completion_source = (
             ("dataset" if "completion" in columns else "generate")
@@ -717,7 +736,8 @@ class PacedTrainer(TipDistillTrainer):
         if args.self_distillation:
             if teacher_model is not None:
                 raise ValueError(
-                    "self_distillation=True makes the teacher a frozen copy of the student; do not pass `teacher_model`."
+                    "self_distillation=True makes the teacher a frozen copy of the student; do not pass "
+                    "`teacher_model`."
                 )
             if isinstance(model, str):
                 # A second load of the student's weights: the frozen copy. The student's quantisation does not apply.
@@ -800,8 +820,8 @@ class PacedTrainer(TipDistillTrainer):
         unknown = table.histogram()["unknown"]
         if unknown:
             logger.warning(
-                f"{unknown:.1%} of the training problems have no graded rollout (every reward function returned None), "
-                "so their pass rate is unknown and their weight is 0. Check the `answer` column."
+                f"{unknown:.1%} of the training problems have no graded rollout (every reward function returned "
+                "None), so their pass rate is unknown and their weight is 0. Check the `answer` column."
             )
         logger.info(
             f"Pass rates estimated at step {self.state.global_step}:\n"
@@ -841,7 +861,10 @@ class PacedTrainer(TipDistillTrainer):
                 **columns,
             )
             if len(rewards) != len(rows):
-                raise ValueError(f"Reward function {_reward_name(func)} returned {len(rewards)} rewards for {len(rows)} completions.")
+                raise ValueError(
+                    f"Reward function {_reward_name(func)} returned {len(rewards)} rewards for {len(rows)} "
+                    "completions."
+                )
             values = torch.tensor([math.nan if r is None else float(r) for r in rewards])
             total += values.nan_to_num(0.0)
             graded |= ~torch.isnan(values)
@@ -849,7 +872,8 @@ class PacedTrainer(TipDistillTrainer):
             bad = total[(total < 0) | (total > 1)][0].item()
             raise ValueError(
                 f"The rewards of a rollout summed to {bad}; PACED reads the summed reward of a rollout as its pass "
-                f"score, which must lie in [0, 1]. Reward functions: {', '.join(map(_reward_name, self.reward_funcs))}."
+                f"score, which must lie in [0, 1]. Reward functions: "
+                f"{', '.join(map(_reward_name, self.reward_funcs))}."
             )
         return torch.where(graded, total, torch.full_like(total, math.nan))
 
@@ -884,7 +908,7 @@ class PacedTrainer(TipDistillTrainer):
         self.pass_rate_table.load_state_dict(state)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        # Every resume path (DeepSpeed included) comes through here, before `on_train_begin` decides whether to estimate.
+        # Every resume path (DeepSpeed included) comes through here, before `on_train_begin` decides to estimate.
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
@@ -992,7 +1016,8 @@ class PacedTrainer(TipDistillTrainer):
             # Weights above come from the table before these rollouts: a rollout never sets its own weight.
             self.pass_rate_table.update_online(all_indices, all_rewards, self.args.pass_rate_ema)
             graded = ~torch.isnan(all_rewards)
-            metrics["paced/rollout_reward_mean"].append(all_rewards[graded].mean().item() if graded.any() else math.nan)
+            mean_reward = all_rewards[graded].mean().item() if graded.any() else math.nan
+            metrics["paced/rollout_reward_mean"].append(mean_reward)
 
     def _privileged_prompt_ids(self, rows: list[dict[str, Any]]) -> list[torch.Tensor]:
         prompts = [
@@ -1012,7 +1037,7 @@ class PacedTrainer(TipDistillTrainer):
         return self._generate_with_teacher(prompt_ids)
 
     def _reference_completion_ids(self, row: dict[str, Any]) -> list[int]:
-        """The dataset's `completion` as the tokens a model would write after the prompt: up to its first end of turn."""
+        """The dataset's `completion` as the tokens a model writes after the prompt, up to its first end of turn."""
         completion = row["completion"]
         if is_conversational(row):
             kwargs = {"tokenize": True, **self.chat_template_kwargs}
@@ -1038,7 +1063,8 @@ class PacedTrainer(TipDistillTrainer):
         device = self.accelerator.device
         prompts = [torch.tensor(ids) for ids in prompt_ids]
         input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
-        attention_mask = pad([torch.ones_like(ids) for ids in prompts], padding_value=0, padding_side="left").to(device)
+        attention_mask = pad([torch.ones_like(ids) for ids in prompts], padding_value=0, padding_side="left")
+        attention_mask = attention_mask.to(device)
         with unwrap_model_for_generation(
             self.teacher_model,
             self.accelerator,
