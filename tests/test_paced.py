@@ -554,3 +554,43 @@ def test_refresh_mode_re_estimates_on_schedule(arithmetic_models, problems, tmp_
     assert trainer.pass_rate_table.estimates == 2 and trainer.pass_rate_table.estimated_at_step == 2
     assert sum(reward.seen.values()) == 2 * 24 * 4
     assert _logged(trainer, "paced/pass_rate_estimates") == [1.0, 1.0, 2.0, 2.0]
+
+
+# ---- The example script ----
+
+
+def _run_example(*args, timeout=600):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    return subprocess.run([sys.executable, str(root / "examples" / "paced_distill.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=timeout, cwd=root)
+
+
+def test_example_help_lists_paced_flags():
+    result = _run_example("--help", timeout=120)
+    assert result.returncode == 0, result.stderr
+    flags = ("--paced_alpha", "--paced_beta", "--pass_rate_rollouts", "--pass_rate_mode", "--pass_rate_refresh_steps",
+             "--rollout_source", "--teacher_completions", "--kl_schedule", "--schedule_switch_fraction",
+             "--self_distillation", "--reward_funcs", "--num_train_problems", "--teacher_model_name_or_path",
+             "--model_name_or_path", "--dataset_name", "--token_selection")
+    for flag in flags:
+        assert flag in result.stdout, flag
+
+
+@pytest.mark.slow
+def test_example_runs_on_the_builtin_task(arithmetic_models, tmp_path):
+    output_dir = tmp_path / "out"
+    result = _run_example("--max_steps", "10", "--num_train_problems", "96", "--num_eval_problems", "50",
+                          "--output_dir", str(output_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in ("Student pass rates (8 rollouts per problem, once)", "weights p^1(1-p)^1: mean",
+                 "student accuracy before:", "student accuracy after:"):
+        assert line in result.stdout, line
+    assert (output_dir / "model.safetensors").exists()
+    assert json.loads((output_dir / PASS_RATE_FILE).read_text())["num_problems"] == 96
+    assert len((output_dir / "pass_rates.jsonl").read_text().splitlines()) == 96
