@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from trl import DistillationConfig
 
 from trl_tip import PacedConfig, PacedTrainer, PassRateTable, math_reward, paced_weight, selective_divergence_loss
+import trl_tip.losses as losses_module
 from trl_tip.losses import rollout_token_coefficients
 from trl_tip.tasks import build_arithmetic_dataset
 from trl_tip.tasks.arithmetic import generate_completions
@@ -139,9 +140,13 @@ def _divergence_reference(h_s, w_s, h_t, w_t, beta):
     return (log_t.exp() * (log_t - log_s)).sum(-1)
 
 
+@pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("method", ["all", "divergence_topk"])
 @pytest.mark.parametrize("beta", [1.0, 0.0])
-def test_weighted_loss_is_the_weighted_mean_of_rollout_means(method, beta):
+def test_weighted_loss_is_the_weighted_mean_of_rollout_means(method, beta, compact, monkeypatch):
+    # `compact`: score completion rows only, as on GPUs with Triton (the row bookkeeping is what differs; the tiles
+    # still run on CPU).
+    monkeypatch.setattr(losses_module, "_use_triton", lambda device: compact)
     generator = torch.Generator().manual_seed(0)
     batch, length, hidden, vocab = 4, 6, 8, 23
     h_s = torch.randn(batch, length, hidden, generator=generator, requires_grad=True)
