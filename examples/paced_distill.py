@@ -10,13 +10,13 @@ python examples/paced_distill.py
 ```
 
 On real models and data, the TRL way (any `PacedConfig`, `ModelConfig` or script flag; or `--config x.yaml`). The
-dataset needs `prompt` and `answer` columns:
+dataset needs a `prompt` column (plain-text prompts become one user turn) and the answers (`--answer_column`):
 
 ```bash
 accelerate launch examples/paced_distill.py \
     --model_name_or_path Qwen/Qwen3-1.7B \
     --teacher_model_name_or_path Qwen/Qwen3-8B \
-    --dataset_name open-r1/DAPO-Math-17k-Processed --dataset_config en \
+    --dataset_name open-r1/DAPO-Math-17k-Processed --dataset_config all --answer_column solution \
     --pass_rate_rollouts 8 --paced_alpha 1 --paced_beta 1 \
     --learning_rate 1e-6 --lr_scheduler_type cosine \
     --max_completion_length 8192 --use_vllm --vllm_mode colocate \
@@ -70,6 +70,9 @@ class PacedScriptArguments(ScriptArguments):
             "or dotted paths to TRL-style reward functions, e.g. 'my_module.my_reward'."
         },
     )
+    answer_column: str = dataclasses.field(
+        default="answer", metadata={"help": "Dataset column with the ground-truth answers (renamed to `answer`)."}
+    )
     num_train_problems: int | None = dataclasses.field(
         default=None, metadata={"help": "Train on the first N problems of the train split only (default: all)."}
     )
@@ -98,6 +101,24 @@ def resolve_reward(name: str):
     return getattr(importlib.import_module(module_name), function_name)
 
 
+def prepare_dataset(dataset, answer_column: str):
+    """Rename `answer_column` to `answer` and turn plain-text prompts into one user turn, so the chat template applies."""
+    columns = next(iter(dataset.values())).column_names
+    if answer_column != "answer":
+        if answer_column not in columns:
+            raise ValueError(f"--answer_column {answer_column!r} is not a column of the dataset ({columns}).")
+        if "answer" in columns:
+            raise ValueError(f"The dataset has both `answer` and `{answer_column}`; drop one or keep the default.")
+        dataset = dataset.rename_column(answer_column, "answer")
+    if "prompt" in columns:
+        dataset = dataset.map(
+            lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]}
+            if isinstance(row["prompt"], str)
+            else {}
+        )
+    return dataset
+
+
 def main():
     script_args, training_args, model_args, builtin = parse_with_builtin_defaults(make_parser, BUILTIN_DEFAULTS)
 
@@ -114,7 +135,9 @@ def main():
             raise ValueError("PACED needs a teacher: set `--teacher_model_name_or_path`, or `--self_distillation`.")
         if script_args.dataset_name is None:
             raise ValueError("Set `--dataset_name` (a dataset with `prompt` and `answer` columns).")
-        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+        dataset = prepare_dataset(
+            load_dataset(script_args.dataset_name, name=script_args.dataset_config), script_args.answer_column
+        )
 
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,

@@ -599,3 +599,22 @@ def test_example_runs_on_the_builtin_task(arithmetic_models, tmp_path):
     assert (output_dir / "model.safetensors").exists()
     assert json.loads((output_dir / PASS_RATE_FILE).read_text())["num_problems"] == 96
     assert len((output_dir / "pass_rates.jsonl").read_text().splitlines()) == 96
+
+
+def test_example_prepares_real_datasets():
+    import sys
+    from pathlib import Path
+
+    from datasets import DatasetDict
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    try:
+        import paced_distill
+    finally:
+        sys.path.pop(0)
+    data = DatasetDict({"train": Dataset.from_dict({"prompt": ["1+1?", "2+2?"], "solution": ["2", "4"]})})
+    ready = paced_distill.prepare_dataset(data, "solution")
+    assert ready["train"][0]["prompt"] == [{"role": "user", "content": "1+1?"}]
+    assert ready["train"]["answer"] == ["2", "4"]
+    with pytest.raises(ValueError, match="not a column"):
+        paced_distill.prepare_dataset(data, "gold")

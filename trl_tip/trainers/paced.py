@@ -803,14 +803,11 @@ class PacedTrainer(TipDistillTrainer):
             rewards = self._grade(repeated_rows, completion_ids).view(len(rows), rollouts)
             pass_rates, num_graded = pass_rates_from_rewards(rewards)
             local = torch.tensor([index if ok else -1 for index, ok in zip(indices, valid, strict=True)])
-            gathered = self.accelerator.gather(
-                torch.cat([local.float().unsqueeze(1), pass_rates.unsqueeze(1), num_graded.float().unsqueeze(1)], 1)
-                .to(device)
-            ).cpu()
-            keep = gathered[:, 0] >= 0
-            self.pass_rate_table.set_estimate(
-                gathered[keep, 0].long(), gathered[keep, 1], gathered[keep, 2].long()
-            )
+            all_indices = self.accelerator.gather(local.to(device)).cpu()
+            all_rates = self.accelerator.gather(pass_rates.to(device)).cpu()
+            all_graded = self.accelerator.gather(num_graded.to(device)).cpu()
+            keep = all_indices >= 0
+            self.pass_rate_table.set_estimate(all_indices[keep], all_rates[keep], all_graded[keep])
             progress.update(int(keep.sum().item()))
         progress.close()
         table = self.pass_rate_table
