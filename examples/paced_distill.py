@@ -102,7 +102,7 @@ def resolve_reward(name: str):
 
 
 def prepare_dataset(dataset, answer_column: str):
-    """Rename `answer_column` to `answer` and turn plain-text prompts into one user turn, so the chat template applies."""
+    """Rename `answer_column` to `answer`; plain-text prompts become one user turn, so the chat template applies."""
     columns = next(iter(dataset.values())).column_names
     if answer_column != "answer":
         if answer_column not in columns:
