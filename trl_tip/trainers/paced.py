@@ -28,6 +28,7 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import get_config_model_id, pad
 
 from ..rewards import math_reward
+from ..selection import SELECTION_METHODS
 from ..weighting import paced_weight
 from .tip_distill import TipDistillConfig, TipDistillTrainer, check_prompt_column
 
@@ -112,7 +113,8 @@ class PacedConfig(TipDistillConfig):
         default="all",
         metadata={
             "help": "Which completion tokens the loss is computed on (TIP rules): 'all' (plain PACED), 'random', "
-            "'entropy_sample', 'entropy_topk', 'divergence_topk', 'soft_or' or 'overconfident'."
+            "'entropy_sample', 'entropy_topk', 'divergence_topk', 'soft_or' or 'overconfident'.",
+            "choices": list(SELECTION_METHODS),
         },
     )
     paced_alpha: float = field(
