@@ -34,6 +34,7 @@ ROOT = DOCS.parent
 CONFIG_PAGES = {
     "TipDistillConfig": "tip_distill.md",
     "OPSDCConfig": "opsdc.md",
+    "PacedConfig": "paced.md",
 }
 
 API_PAGE = "api.md"

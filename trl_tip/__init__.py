@@ -9,6 +9,7 @@ import importlib
 from .instructions import CONCISE_INSTRUCTIONS, add_instruction, resolve_instruction
 from .rewards import extract_answer, grade_answer, math_reward
 from .selection import SELECTION_METHODS, select_tokens
+from .weighting import paced_weight
 
 
 __version__ = "0.1.0"
@@ -17,6 +18,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "OPSDCConfig": "trl_tip.trainers.opsdc",
     "OPSDCTrainer": "trl_tip.trainers.opsdc",
+    "PacedConfig": "trl_tip.trainers.paced",
+    "PacedTrainer": "trl_tip.trainers.paced",
+    "PassRateTable": "trl_tip.trainers.paced",
     "TipDistillConfig": "trl_tip.trainers.tip_distill",
     "TipDistillTrainer": "trl_tip.trainers.tip_distill",
     "TokenStats": "trl_tip.chunked_stats",
@@ -28,8 +32,14 @@ __all__ = [
     "CONCISE_INSTRUCTIONS",
     "SELECTION_METHODS",
     "add_instruction",
+    "extract_answer",
+    "grade_answer",
+    "math_reward",
+    "paced_weight",
     "resolve_instruction",
-    "extract_answer", "grade_answer", "math_reward", "select_tokens", *_LAZY]
+    "select_tokens",
+    *_LAZY,
+]
 
 
 def __getattr__(name):

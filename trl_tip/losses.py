@@ -35,6 +35,42 @@ class SelectiveLossOutput:
     reverse_kl: torch.Tensor
 
 
+def rollout_token_coefficients(
+    keep: torch.Tensor, rollout_weights: torch.Tensor, weight_sum: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """
+    Per-token loss coefficients that turn a sum over kept tokens into a weighted mean over rollouts.
+
+    Token `t` of rollout `i` gets `c_{i,t} = w_i / (k_i · W)` when kept (`k_i` = rollout `i`'s kept tokens), `0`
+    otherwise, so that `Σ_{i,t} c_{i,t} d_{i,t} = Σ_i w_i ℓ_i / W` with `ℓ_i` the mean of `d` over rollout `i`'s kept
+    tokens. A rollout without kept tokens contributes nothing (its weight still counts in `W`), and `W = 0` gives all
+    zeros, never a division by zero.
+
+    Args:
+        keep (`torch.Tensor`): `(B, T)` kept tokens (bool or 0/1).
+        rollout_weights (`torch.Tensor`): `(B,)` non-negative weights `w_i`.
+        weight_sum (`torch.Tensor` or `float`, *optional*):
+            The normaliser `W`; the sum of `rollout_weights` when `None`. Pass the sum over the whole (global,
+            all-accumulation-steps) batch when the loss is accumulated over several micro-batches.
+
+    Returns:
+        `torch.Tensor`: `(B, T)` float32 coefficients.
+    """
+    keep = keep != 0
+    weights = rollout_weights.to(device=keep.device, dtype=torch.float32).reshape(-1)
+    if weights.numel() != keep.shape[0]:
+        raise ValueError(f"Got {weights.numel()} rollout weights for a batch of {keep.shape[0]} rollouts.")
+    if (weights < 0).any() or not torch.isfinite(weights).all():
+        raise ValueError("Rollout weights must be finite and non-negative.")
+    total = weights.sum() if weight_sum is None else torch.as_tensor(weight_sum, dtype=torch.float32)
+    total = total.to(keep.device)
+    kept = keep.sum(dim=-1)
+    usable = (kept > 0) & (total > 0)
+    denominator = torch.where(usable, kept.clamp(min=1).float() * total, torch.ones_like(weights))
+    per_rollout = torch.where(usable, weights / denominator, torch.zeros_like(weights))
+    return keep.float() * per_rollout.unsqueeze(-1)
+
+
 def selective_divergence_loss(
     student_hidden_states: torch.Tensor,
     teacher_hidden_states: torch.Tensor,
@@ -55,6 +91,8 @@ def selective_divergence_loss(
     ratio: float = 0.5,
     entropy_clip_quantile: float = 0.98,
     generator: torch.Generator | None = None,
+    rollout_weights: torch.Tensor | None = None,
+    weight_sum: torch.Tensor | float | None = None,
 ) -> SelectiveLossOutput:
     """
     TRL's generalised-JSD distillation loss (`trl.trainer.distillation_trainer._chunked_divergence_loss`, same
@@ -69,6 +107,12 @@ def selective_divergence_loss(
     The loss is `Σ_kept divergence / num_items_in_batch` (the kept-token count of the global batch, for
     gradient-accumulation- and multi-process-correct normalisation), or the mean over kept tokens when
     `num_items_in_batch` is `None`. With `method="all"` it equals TRL's loss bit for bit, gradients included.
+
+    With `rollout_weights` `w` (one per rollout, PACED), the loss is instead `Σ_i w_i ℓ_i / weight_sum`, where `ℓ_i` is
+    the mean divergence over rollout `i`'s kept tokens and `weight_sum` is `Σ w` over the global batch (the local
+    `Σ_i w_i` when `None`); `num_items_in_batch` is then unused. Only kept tokens of rollouts with `w_i > 0` pay the
+    backward pass. When every weight is zero the loss is an exact zero whose gradient is zero (one token stays in the
+    graph so that every parameter still receives a gradient, as distributed training expects).
 
     Batch statistics of the rules are local to the tensors passed in: no cross-process communication happens here,
     so it is safe inside a DDP/FSDP-wrapped forward.
@@ -125,7 +169,16 @@ def selective_divergence_loss(
         generator=generator,
     )
 
-    if method == "all":
+    coefficients = None
+    if rollout_weights is not None:
+        coefficients = rollout_token_coefficients(keep, rollout_weights, weight_sum).reshape(-1)
+        loss_rows = coefficients.nonzero().squeeze(-1)
+        if loss_rows.numel() == 0:
+            # A batch without weight: keep one token in the graph with coefficient 0, so that the loss is an exact zero
+            # with zero gradients rather than a constant that cannot be backpropagated.
+            loss_rows = keep.reshape(-1).nonzero().squeeze(-1)[:1]
+        stat_index = torch.searchsorted(scored_rows, loss_rows) if compact else loss_rows
+    elif method == "all":
         loss_rows = scored_rows
         stat_index = torch.arange(scored_rows.numel(), device=scored_rows.device)
     else:
@@ -142,16 +195,20 @@ def selective_divergence_loss(
         beta,
         **logits_kwargs,
     )
-    if method == "all" and not compact:
-        divergence = divergence.masked_fill(~valid, 0)
-    loss = divergence.sum()
-    if num_items_in_batch is None:
-        # Clamped so a batch without completion tokens reduces to a finite zero rather than 0 / 0.
-        loss = loss / keep.sum().clamp(min=1)
+    if coefficients is not None:
+        # Σ_i w_i ℓ_i / W as one weighted sum over tokens: the coefficients already hold w_i / (k_i · W).
+        loss = (divergence * coefficients[loss_rows].to(divergence.dtype)).sum()
     else:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
+        if method == "all" and not compact:
+            divergence = divergence.masked_fill(~valid, 0)
+        loss = divergence.sum()
+        if num_items_in_batch is None:
+            # Clamped so a batch without completion tokens reduces to a finite zero rather than 0 / 0.
+            loss = loss / keep.sum().clamp(min=1)
+        else:
+            if isinstance(num_items_in_batch, torch.Tensor):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
 
     entropy_sum = per_position(stats.entropy_nats).masked_fill(~mask, 0).sum()
     return SelectiveLossOutput(

@@ -1,7 +1,16 @@
 """trl_tip's trainers: one module per trainer, each a config dataclass and a subclass of a TRL trainer."""
 
 from .opsdc import OPSDCConfig, OPSDCTrainer
+from .paced import PacedConfig, PacedTrainer, PassRateTable
 from .tip_distill import TipDistillConfig, TipDistillTrainer
 
 
-__all__ = ["OPSDCConfig", "OPSDCTrainer", "TipDistillConfig", "TipDistillTrainer"]
+__all__ = [
+    "OPSDCConfig",
+    "OPSDCTrainer",
+    "PacedConfig",
+    "PacedTrainer",
+    "PassRateTable",
+    "TipDistillConfig",
+    "TipDistillTrainer",
+]

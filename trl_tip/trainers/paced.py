@@ -1,0 +1,1121 @@
+"""PACED: distillation weighted towards the frontier of the student's competence.
+
+Each training problem `i` gets the weight `w_i = p_i^α (1 − p_i)^β` from the student's pass rate `p_i` (estimated from
+`K` graded student rollouts), and a batch's loss is `Σ_i w_i ℓ_i / Σ_i w_i` with `ℓ_i` the token-mean divergence of
+problem `i`'s completion. Problems the student always or never solves weigh nothing; the ones it sometimes solves carry
+the update. See SPEC §2.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate.logging import get_logger
+from datasets import Dataset, IterableDataset
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+from trl.data_utils import is_conversational
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import get_config_model_id, pad
+
+from ..rewards import math_reward
+from ..selection import SELECTION_METHODS
+from ..weighting import paced_weight
+from .tip_distill import TipDistillConfig, TipDistillTrainer, check_prompt_column
+
+
+logger = get_logger(__name__)
+
+PASS_RATE_FILE = "paced_pass_rates.json"
+INDEX_COLUMN = "paced_index"
+PASS_RATE_MODES = ("once", "refresh", "online")
+ROLLOUT_SOURCES = ("student", "teacher")
+KL_SCHEDULES = ("reverse", "forward", "forward_then_reverse")
+TEACHER_COMPLETION_SOURCES = ("auto", "dataset", "generate")
+# Names under which `reward_funcs` may name the built-in verifiable math reward.
+BUILTIN_REWARDS = {"math": math_reward, "math_reward": math_reward}
+# Pass-rate histogram bins logged as `paced/pass_rate_share_<name>`: exact 0 and 1, and four bins between.
+_HISTOGRAM_BINS = ("0", "0_25", "25_50", "50_75", "75_100", "1")
+
+
+@dataclass
+class PacedConfig(TipDistillConfig):
+    r"""
+    Configuration class for the [`PacedTrainer`].
+
+    Extends [`TipDistillConfig`] (so TIP's token selection composes with PACED's problem weighting) with the parameters
+    of PACED. Each problem is weighted by `p^α (1 − p)^β`, `p` being the student's pass rate on it.
+
+    Parameters:
+        > Problem weighting
+
+        paced_alpha (`float`, *optional*, defaults to `1.0`):
+            Exponent α ≥ 0 of the pass rate `p` in the weight.
+        paced_beta (`float`, *optional*, defaults to `1.0`):
+            Exponent β ≥ 0 of `1 − p` in the weight. `paced_alpha = paced_beta = 0` weighs every problem equally.
+
+        > Pass-rate estimation
+
+        pass_rate_rollouts (`int`, *optional*, defaults to `8`):
+            K: student rollouts per problem, graded by the reward functions, from which a pass rate is estimated.
+        pass_rate_mode (`str`, *optional*, defaults to `"once"`):
+            `"once"`: estimated before training with the initial student and kept fixed. `"refresh"`: re-estimated with
+            the current student every `pass_rate_refresh_steps` optimiser steps. `"online"`: estimated once, then
+            updated from the student rollouts training draws, as an exponential moving average with rate
+            `pass_rate_ema`.
+        pass_rate_refresh_steps (`int` or `None`, *optional*, defaults to `None`):
+            Optimiser steps between two re-estimations; required by, and only used with, `pass_rate_mode="refresh"`.
+        pass_rate_ema (`float`, *optional*, defaults to `0.1`):
+            Weight of a new observation in the online moving average, in (0, 1] (`pass_rate_mode="online"`).
+        pass_rate_batch_size (`int` or `None`, *optional*, defaults to `None`):
+            Problems per process per generation call of the estimation (each gives K rollouts). Defaults to
+            `per_device_train_batch_size × gradient_accumulation_steps`.
+
+        > Tracks and schedule
+
+        rollout_source (`str`, *optional*, defaults to `"student"`):
+            Who writes the completions trained on: `"student"` (on-policy rollouts) or `"teacher"` (off-policy: the
+            teacher's completions, on which the student is scored; the forward-KL track of PACED).
+        teacher_completions (`str`, *optional*, defaults to `"auto"`):
+            Where teacher completions come from: `"dataset"` (the dataset's `completion` column, e.g. reference
+            solutions), `"generate"` (sampled from the teacher with transformers' `generate`, same sampling settings
+            as the student), or `"auto"` (`"dataset"` when the column exists, else `"generate"`).
+        kl_schedule (`str`, *optional*, defaults to `"reverse"`):
+            `"reverse"`: reverse KL throughout (`beta=1`). `"forward"`: forward KL throughout (`beta=0`).
+            `"forward_then_reverse"`: forward KL on teacher completions, then, from the switch step on, reverse KL on
+            student rollouts.
+        schedule_switch_fraction (`float`, *optional*, defaults to `0.5`):
+            Fraction of the training steps after which `"forward_then_reverse"` switches: the switch step is
+            `⌊fraction × max_steps⌋`.
+        self_distillation (`bool`, *optional*, defaults to `False`):
+            Use a frozen copy of the initial student as the teacher, reading the problem with its ground-truth answer
+            (`privileged_prompt_template`); no teacher model is given.
+        privileged_prompt_template (`str`, *optional*):
+            Defaults to `"{problem}\n\nThe correct final answer is {answer}."`. The self-distillation teacher's
+            version of the last user turn, with `{problem}` (the original text) and `{answer}` (the dataset's
+            `answer`).
+
+    > [!NOTE]
+    > `token_selection` defaults to `"all"` here (plain PACED); any TIP rule can be combined with the weighting. `beta`
+    > is set by `kl_schedule` and must be left at its default.
+    """
+
+    token_selection: str = field(
+        default="all",
+        metadata={
+            "help": "Which completion tokens the loss is computed on (TIP rules): 'all' (plain PACED), 'random', "
+            "'entropy_sample', 'entropy_topk', 'divergence_topk', 'soft_or' or 'overconfident'.",
+            "choices": list(SELECTION_METHODS),
+        },
+    )
+    paced_alpha: float = field(
+        default=1.0,
+        metadata={"help": "Exponent alpha >= 0 of the pass rate p in the problem weight p^alpha (1-p)^beta."},
+    )
+    paced_beta: float = field(
+        default=1.0,
+        metadata={"help": "Exponent beta >= 0 of (1-p) in the problem weight; alpha = beta = 0 weighs all equally."},
+    )
+    pass_rate_rollouts: int = field(
+        default=8, metadata={"help": "K: graded student rollouts per problem from which its pass rate is estimated."}
+    )
+    pass_rate_mode: str = field(
+        default="once",
+        metadata={
+            "help": "'once' (estimated before training, fixed), 'refresh' (re-estimated every "
+            "pass_rate_refresh_steps) or 'online' (then updated from training's own student rollouts, as a moving "
+            "average).",
+            "choices": list(PASS_RATE_MODES),
+        },
+    )
+    pass_rate_refresh_steps: int | None = field(
+        default=None,
+        metadata={"help": "Optimiser steps between re-estimations; required by pass_rate_mode='refresh' only."},
+    )
+    pass_rate_ema: float = field(
+        default=0.1,
+        metadata={"help": "Weight of a new observation in the online moving average of pass rates, in (0, 1]."},
+    )
+    pass_rate_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Problems per process per generation call when estimating pass rates (each gives K rollouts). "
+            "Defaults to per_device_train_batch_size * gradient_accumulation_steps."
+        },
+    )
+    rollout_source: str = field(
+        default="student",
+        metadata={
+            "help": "Who writes the completions trained on: 'student' (on-policy) or 'teacher' (off-policy teacher "
+            "completions, the forward-KL track).",
+            "choices": list(ROLLOUT_SOURCES),
+        },
+    )
+    teacher_completions: str = field(
+        default="auto",
+        metadata={
+            "help": "Source of teacher completions: 'dataset' (the `completion` column), 'generate' (sampled from the "
+            "teacher) or 'auto' ('dataset' when the column exists).",
+            "choices": list(TEACHER_COMPLETION_SOURCES),
+        },
+    )
+    kl_schedule: str = field(
+        default="reverse",
+        metadata={
+            "help": "'reverse' (reverse KL throughout), 'forward' (forward KL throughout) or 'forward_then_reverse' "
+            "(forward KL on teacher completions, then reverse KL on student rollouts).",
+            "choices": list(KL_SCHEDULES),
+        },
+    )
+    schedule_switch_fraction: float = field(
+        default=0.5,
+        metadata={"help": "Fraction of max_steps after which 'forward_then_reverse' switches, in (0, 1)."},
+    )
+    self_distillation: bool = field(
+        default=False,
+        metadata={
+            "help": "Teacher = frozen copy of the initial student that reads the ground-truth answer in its prompt."
+        },
+    )
+    privileged_prompt_template: str = field(
+        default="{problem}\n\nThe correct final answer is {answer}.",
+        metadata={
+            "help": "The self-distillation teacher's last user turn, with placeholders {problem} and {answer}."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.paced_alpha < 0 or self.paced_beta < 0:
+            raise ValueError(
+                f"paced_alpha and paced_beta must be >= 0, got {self.paced_alpha} and {self.paced_beta}. The weight "
+                "p^alpha (1-p)^beta peaks at p = alpha / (alpha + beta)."
+            )
+        if self.pass_rate_rollouts < 1:
+            raise ValueError(f"pass_rate_rollouts must be >= 1, got {self.pass_rate_rollouts}.")
+        if self.pass_rate_mode not in PASS_RATE_MODES:
+            raise ValueError(
+                f"pass_rate_mode must be one of {', '.join(PASS_RATE_MODES)}, got {self.pass_rate_mode!r}."
+            )
+        if self.pass_rate_mode == "refresh":
+            if self.pass_rate_refresh_steps is None or self.pass_rate_refresh_steps < 1:
+                raise ValueError(
+                    "pass_rate_mode='refresh' needs pass_rate_refresh_steps >= 1 (optimiser steps between "
+                    f"re-estimations), got {self.pass_rate_refresh_steps}."
+                )
+        elif self.pass_rate_refresh_steps is not None:
+            raise ValueError(
+                f"pass_rate_refresh_steps is only used with pass_rate_mode='refresh', but pass_rate_mode is "
+                f"{self.pass_rate_mode!r}; unset it or set pass_rate_mode='refresh'."
+            )
+        if not 0.0 < self.pass_rate_ema <= 1.0:
+            raise ValueError(f"pass_rate_ema must be in (0, 1], got {self.pass_rate_ema}.")
+        if self.pass_rate_batch_size is not None and self.pass_rate_batch_size < 1:
+            raise ValueError(f"pass_rate_batch_size must be >= 1 or None, got {self.pass_rate_batch_size}.")
+        if self.rollout_source not in ROLLOUT_SOURCES:
+            raise ValueError(
+                f"rollout_source must be one of {', '.join(ROLLOUT_SOURCES)}, got {self.rollout_source!r}."
+            )
+        if self.teacher_completions not in TEACHER_COMPLETION_SOURCES:
+            raise ValueError(
+                f"teacher_completions must be one of {', '.join(TEACHER_COMPLETION_SOURCES)}, got "
+                f"{self.teacher_completions!r}."
+            )
+        if self.kl_schedule not in KL_SCHEDULES:
+            raise ValueError(f"kl_schedule must be one of {', '.join(KL_SCHEDULES)}, got {self.kl_schedule!r}.")
+        if not 0.0 < self.schedule_switch_fraction < 1.0:
+            raise ValueError(f"schedule_switch_fraction must be in (0, 1), got {self.schedule_switch_fraction}.")
+        # The divergence is PACED's kl_schedule; TRL's `beta` follows it. 1.0 is DistillationConfig's default.
+        if self.kl_schedule == "forward" and self.beta in (0.0, 1.0):
+            self.beta = 0.0
+        elif self.beta != 1.0:
+            raise ValueError(
+                f"beta={self.beta} conflicts with kl_schedule={self.kl_schedule!r}: PacedConfig sets the divergence "
+                "through kl_schedule ('reverse': beta=1, 'forward': beta=0, 'forward_then_reverse': 0 then 1). Leave "
+                "beta at its default."
+            )
+        if self.kl_schedule == "forward_then_reverse" and self.rollout_source != "student":
+            raise ValueError(
+                "kl_schedule='forward_then_reverse' trains on teacher completions before the switch and on student "
+                "rollouts after it, so rollout_source must stay 'student'."
+            )
+        if self.pass_rate_mode == "online" and self.rollout_source == "teacher":
+            raise ValueError(
+                "pass_rate_mode='online' updates pass rates from the student rollouts training draws, but "
+                "rollout_source='teacher' draws none. Use pass_rate_mode='once' or 'refresh'."
+            )
+        if self.self_distillation and self.teacher_model_name_or_path is not None:
+            raise ValueError(
+                "self_distillation=True uses a frozen copy of the student as the teacher; unset "
+                f"teacher_model_name_or_path (got {self.teacher_model_name_or_path!r})."
+            )
+        try:
+            rendered = self.privileged_prompt_template.format(problem="\0problem\0", answer="\0answer\0")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(
+                f"privileged_prompt_template may only use the placeholders {{problem}} and {{answer}} (double other "
+                f"braces): {error!r} in {self.privileged_prompt_template!r}."
+            ) from None
+        if "\0problem\0" not in rendered or "\0answer\0" not in rendered:
+            raise ValueError(
+                "privileged_prompt_template must contain both {problem} and {answer}, got "
+                f"{self.privileged_prompt_template!r}."
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pure functions
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def pass_rates_from_rewards(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Pass rate of each problem from the rewards of its rollouts.
+
+    Args:
+        rewards (`torch.Tensor`): `(N, K)` reward in `[0, 1]` of each of the K rollouts of N problems; `NaN` for a
+            rollout that could not be graded.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: `(N,)` float32 pass rates (the mean over graded rollouts; `NaN` when none
+        was graded) and `(N,)` the number of graded rollouts.
+    """
+    graded = ~torch.isnan(rewards)
+    counts = graded.sum(dim=-1)
+    totals = torch.where(graded, rewards, torch.zeros_like(rewards)).sum(dim=-1)
+    rates = torch.where(counts > 0, totals / counts.clamp(min=1), torch.full_like(totals, math.nan))
+    return rates.float(), counts
+
+
+def ema_update(
+    pass_rates: torch.Tensor, indices: torch.Tensor, rewards: torch.Tensor, rate: float
+) -> torch.Tensor:
+    """
+    Online pass-rate update: `p_i ← (1 − rate) p_i + rate · r̄_i` for each problem `i` in `indices`, `r̄_i` being the
+    mean reward of its rollouts here (a problem drawn several times is updated once). Ungraded rollouts (`NaN`) are
+    ignored; an unknown pass rate (`NaN`) is replaced by `r̄_i`.
+
+    Returns:
+        `torch.Tensor`: the updated copy of `pass_rates`.
+    """
+    updated = pass_rates.clone()
+    graded = ~torch.isnan(rewards)
+    indices, rewards = indices[graded].long(), rewards[graded].float()
+    if indices.numel() == 0:
+        return updated
+    unique, inverse = torch.unique(indices, return_inverse=True)
+    sums = torch.zeros(unique.numel(), dtype=torch.float32).index_add_(0, inverse, rewards)
+    counts = torch.zeros(unique.numel(), dtype=torch.float32).index_add_(0, inverse, torch.ones_like(rewards))
+    observed = sums / counts
+    previous = updated[unique]
+    updated[unique] = torch.where(torch.isnan(previous), observed, (1 - rate) * previous + rate * observed)
+    return updated
+
+
+def schedule_switch_step(max_steps: int, fraction: float) -> int:
+    """The first optimiser step of the reverse-KL phase of `"forward_then_reverse"`: `⌊fraction × max_steps⌋`."""
+    return math.floor(fraction * max_steps)
+
+
+def paced_phase(step: int, max_steps: int, kl_schedule: str, switch_fraction: float, rollout_source: str) -> tuple:
+    """
+    Divergence and rollout source at optimiser step `step` (0-based).
+
+    Returns:
+        `tuple[float, str]`: TRL's `beta` (`0.0` forward KL, `1.0` reverse KL) and `"student"` or `"teacher"`.
+    """
+    if kl_schedule == "reverse":
+        return 1.0, rollout_source
+    if kl_schedule == "forward":
+        return 0.0, rollout_source
+    if kl_schedule == "forward_then_reverse":
+        return (0.0, "teacher") if step < schedule_switch_step(max_steps, switch_fraction) else (1.0, "student")
+    raise ValueError(f"kl_schedule must be one of {', '.join(KL_SCHEDULES)}, got {kl_schedule!r}.")
+
+
+def completion_ids_until_eos(completion_ids: torch.Tensor, eos_token_ids: Sequence[int]) -> list[list[int]]:
+    """Each row of `(B, T)` generated ids up to and including its first end-of-sequence token (all of it if none)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(list(eos_token_ids), device=completion_ids.device))
+    lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, completion_ids.size(1))
+    return [row[:length].tolist() for row, length in zip(completion_ids.cpu(), lengths.cpu().tolist(), strict=True)]
+
+
+def add_privileged_context(prompt: str | list[dict], answer: Any, template: str) -> str | list[dict]:
+    """
+    The self-distillation teacher's prompt: the last user turn (or a plain-text prompt) rewritten with `template`,
+    e.g. `"{problem}\\n\\nThe correct final answer is {answer}."`. The input is not modified.
+    """
+    if isinstance(prompt, str):
+        return template.format(problem=prompt, answer=answer)
+    messages = copy.deepcopy(list(prompt))
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            if not isinstance(message.get("content"), str):
+                raise ValueError(
+                    "Self-distillation adds the answer to the last user turn, which must be plain text; got "
+                    f"content of type {type(message.get('content')).__name__}."
+                )
+            message["content"] = template.format(problem=message["content"], answer=answer)
+            return messages
+    raise ValueError("Self-distillation adds the answer to the last user turn, but the prompt has no user message.")
+
+
+def resolve_reward_funcs(reward_funcs) -> list[Callable]:
+    """Reward functions as a list of callables; `"math"` names [`~trl_tip.math_reward`]. Fails clearly otherwise."""
+    if reward_funcs is None:
+        raise ValueError(
+            "PacedTrainer needs `reward_funcs` to grade the student's rollouts into pass rates: pass "
+            "trl_tip.math_reward (or 'math') for math answers, or your own TRL-style reward functions."
+        )
+    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if not funcs:
+        raise ValueError("`reward_funcs` is empty; PacedTrainer needs at least one reward function to grade rollouts.")
+    resolved = []
+    for func in funcs:
+        if isinstance(func, str):
+            if func not in BUILTIN_REWARDS:
+                raise ValueError(
+                    f"Unknown reward {func!r}: PacedTrainer accepts callables with TRL's reward signature or the name "
+                    f"of a built-in reward ({', '.join(BUILTIN_REWARDS)}). Reward models are not supported."
+                )
+            func = BUILTIN_REWARDS[func]
+        elif not callable(func):
+            raise TypeError(f"reward_funcs must be callables or built-in reward names, got {type(func).__name__}.")
+        resolved.append(func)
+    return resolved
+
+
+def _reward_name(func: Callable) -> str:
+    return getattr(func, "__name__", type(func).__name__)
+
+
+def _prompts_digest(dataset: Dataset) -> str:
+    # Identifies the training problems a pass-rate table belongs to, independently of how the dataset was built.
+    digest = hashlib.sha256()
+    for prompt in dataset["prompt"]:
+        digest.update(json.dumps(prompt, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pass-rate table
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class PassRateTable:
+    """
+    The student's pass rate on each training problem, indexed by the problem's row in the training set.
+
+    Attributes:
+        pass_rates (`torch.Tensor`): `(N,)` float32; `NaN` where unknown (not estimated yet, or no rollout graded).
+        num_graded (`torch.Tensor`): `(N,)` graded rollouts behind the last estimate of each problem.
+        estimates (`int`): full estimations done so far (1 after the initial one; more with refreshes).
+        estimated_at_step (`int` or `None`): optimiser step of the last full estimation.
+        online_updates (`int`): online moving-average updates applied since.
+    """
+
+    def __init__(self, num_problems: int):
+        self.pass_rates = torch.full((num_problems,), math.nan, dtype=torch.float32)
+        self.num_graded = torch.zeros(num_problems, dtype=torch.long)
+        self.estimates = 0
+        self.estimated_at_step: int | None = None
+        self.online_updates = 0
+
+    def __len__(self) -> int:
+        return self.pass_rates.numel()
+
+    @property
+    def is_estimated(self) -> bool:
+        return self.estimates > 0
+
+    def weights(self, alpha: float, beta: float, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """PACED weights of the problems at `indices` (all when `None`); `0` where the pass rate is unknown."""
+        rates = self.pass_rates if indices is None else self.pass_rates[indices.long().cpu()]
+        known = ~torch.isnan(rates)
+        return torch.where(known, paced_weight(rates.nan_to_num(0.0), alpha, beta), torch.zeros_like(rates))
+
+    def histogram(self) -> dict[str, float]:
+        """Shares of problems with p = 0, p in (0, .25], (.25, .5], (.5, .75], (.75, 1), p = 1, and unknown p."""
+        rates = self.pass_rates
+        total = max(len(self), 1)
+        known = ~torch.isnan(rates)
+        masks = (
+            rates == 0,
+            (rates > 0) & (rates <= 0.25),
+            (rates > 0.25) & (rates <= 0.5),
+            (rates > 0.5) & (rates <= 0.75),
+            (rates > 0.75) & (rates < 1),
+            rates == 1,
+        )
+        shares = {name: (mask & known).sum().item() / total for name, mask in zip(_HISTOGRAM_BINS, masks, strict=True)}
+        shares["unknown"] = (~known).sum().item() / total
+        return shares
+
+    def summary(self, alpha: float = 1.0, beta: float = 1.0) -> str:
+        """A few lines for humans: the pass-rate histogram and the weight distribution."""
+        shares = self.histogram()
+        labels = ("p=0", "0<p<=.25", ".25<p<=.5", ".5<p<=.75", ".75<p<1", "p=1")
+        weights = self.weights(alpha, beta)
+        known = ~torch.isnan(self.pass_rates)
+        lines = [
+            f"pass rates of {len(self)} problems (mean {self.pass_rates[known].mean().item():.3f}):"
+            if known.any()
+            else f"pass rates of {len(self)} problems: none known",
+            "  "
+            + "  ".join(f"{label}: {shares[name]:.1%}" for label, name in zip(labels, _HISTOGRAM_BINS, strict=True)),
+        ]
+        if shares["unknown"]:
+            lines[-1] += f"  unknown: {shares['unknown']:.1%}"
+        positive = weights[weights > 0]
+        lines.append(
+            f"weights p^{alpha:g}(1-p)^{beta:g}: mean {weights.mean().item():.4f}, "
+            f"zero for {(weights == 0).float().mean().item():.1%}"
+            + (
+                f"; non-zero ones from {positive.min().item():.4f} to {positive.max().item():.4f}"
+                f" (median {positive.median().item():.4f})"
+                if positive.numel()
+                else ""
+            )
+        )
+        return "\n".join(lines)
+
+    def set_estimate(self, indices: torch.Tensor, pass_rates: torch.Tensor, num_graded: torch.Tensor) -> None:
+        self.pass_rates[indices.long()] = pass_rates.float()
+        self.num_graded[indices.long()] = num_graded.long()
+
+    def update_online(self, indices: torch.Tensor, rewards: torch.Tensor, rate: float) -> None:
+        self.pass_rates = ema_update(self.pass_rates, indices.cpu(), rewards.cpu(), rate)
+        self.online_updates += 1
+
+    def state_dict(self) -> dict:
+        return {
+            "num_problems": len(self),
+            "pass_rates": [None if math.isnan(p) else p for p in self.pass_rates.tolist()],
+            "num_graded": self.num_graded.tolist(),
+            "estimates": self.estimates,
+            "estimated_at_step": self.estimated_at_step,
+            "online_updates": self.online_updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_problems"] != len(self):
+            raise ValueError(
+                f"The saved pass-rate table covers {state['num_problems']} problems but the training set has "
+                f"{len(self)}; resume with the training set the table was estimated on."
+            )
+        rates = [math.nan if p is None else p for p in state["pass_rates"]]
+        self.pass_rates = torch.tensor(rates, dtype=torch.float32)
+        self.num_graded = torch.tensor(state["num_graded"], dtype=torch.long)
+        self.estimates = state["estimates"]
+        self.estimated_at_step = state["estimated_at_step"]
+        self.online_updates = state["online_updates"]
+
+    def to_dataset(self, dataset: Dataset | None = None, alpha: float = 1.0, beta: float = 1.0) -> Dataset:
+        """
+        The table as a [`~datasets.Dataset`]: `index`, `pass_rate` (`None` if unknown), `num_graded_rollouts`,
+        `weight`, and, when the training `dataset` is given, its columns (`prompt`, `answer`, ...) alongside.
+        """
+        columns = {}
+        if dataset is not None:
+            if len(dataset) != len(self):
+                raise ValueError(f"The table covers {len(self)} problems but the dataset has {len(dataset)} rows.")
+            columns = {name: dataset[name] for name in dataset.column_names if name != INDEX_COLUMN}
+        columns.update(
+            {
+                "index": list(range(len(self))),
+                "pass_rate": [None if math.isnan(p) else p for p in self.pass_rates.tolist()],
+                "num_graded_rollouts": self.num_graded.tolist(),
+                "weight": self.weights(alpha, beta).tolist(),
+            }
+        )
+        return Dataset.from_dict(columns)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _PassRateCallback(TrainerCallback):
+    """Estimates pass rates when training starts (unless restored from a checkpoint) and refreshes them on schedule."""
+
+    def __init__(self, trainer: PacedTrainer):
+        self._trainer = weakref.ref(trainer)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if not trainer.pass_rate_table.is_estimated:
+            trainer.estimate_pass_rates()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if (
+            args.pass_rate_mode == "refresh"
+            and state.global_step % args.pass_rate_refresh_steps == 0
+            and state.global_step < state.max_steps
+        ):
+            trainer.estimate_pass_rates()
+
+
+class PacedTrainer(TipDistillTrainer):
+    """
+    Distillation weighted by the student's pass rate: PACED (distillation at the frontier of student competence).
+
+    Before training, the student writes `K` rollouts for every training problem, the reward functions grade them, and
+    each problem gets the weight `w = p^α (1 − p)^β` of its pass rate `p`. Training is TRL's distillation (the
+    teacher's full next-token distribution, chunked, never materialising logits) with the batch loss
+    `Σ_i w_i ℓ_i / Σ_i w_i`, `ℓ_i` being the token-mean divergence of problem `i`'s completion and `Σ w` taken over
+    the whole global batch. A batch in which every weight is zero gives an exact zero loss and zero gradients.
+
+    Tracks (see [`PacedConfig`]): on-policy reverse KL on student rollouts (default); forward KL on teacher-written
+    completions (`rollout_source="teacher"`, `kl_schedule="forward"`); both in sequence (`"forward_then_reverse"`); and
+    self-distillation (`self_distillation=True`, no teacher: a frozen copy of the student that sees the answer).
+    TIP token selection (`token_selection`) composes: `ℓ_i` is then the mean over the kept tokens.
+
+    The pass-rate table is saved next to every checkpoint (`paced_pass_rates.json`), restored by
+    `train(resume_from_checkpoint=...)` and exportable with [`~PacedTrainer.export_pass_rates`]. The evaluation loss is
+    the unweighted divergence on student rollouts (pass rates exist for training problems only).
+
+    Args:
+        model (`str` or [`~transformers.PreTrainedModel`]): the student, as in [`~trl.DistillationTrainer`].
+        teacher_model (`str` or [`~transformers.PreTrainedModel`], *optional*):
+            The teacher; defaults to `args.teacher_model_name_or_path`. Must be unset with `self_distillation=True`.
+        args ([`PacedConfig`], *optional*): configuration.
+        train_dataset ([`~datasets.Dataset`]):
+            Map-style, text-only dataset with a `prompt` column, an `answer` column (for the built-in math reward and
+            self-distillation; every column is passed to reward functions) and, for teacher completions from the
+            dataset, a `completion` column. A `paced_index` column is added (the row of each problem in the table).
+        reward_funcs (`Callable`, `str` or a list of them):
+            TRL-style reward functions `f(prompts, completions, completion_ids, **columns) -> list[float | None]`,
+            or `"math"` for [`~trl_tip.math_reward`]. A rollout passes with the sum of its rewards, which must lie in
+            `[0, 1]`; a rollout no function grades (all `None`) is left out of its problem's pass rate.
+        eval_dataset, processing_class, callbacks, optimizers, quantization_config, peft_config:
+            As in [`~trl.DistillationTrainer`]. Tool calling is not supported.
+
+    Logged: `paced/weight_mean`, `paced/weight_max`, `paced/zero_weight_share` (share of the batch's problems with
+    weight 0), `paced/zero_weight_batches` (running count of optimiser steps whose whole batch weighed 0),
+    `paced/pass_rate_mean`, `paced/beta`, `paced/teacher_rollouts`, the training set's pass-rate histogram
+    `paced/pass_rate_share_{0,0_25,25_50,50_75,75_100,1}`, `paced/table_weight_mean`, `paced/pass_rate_estimates`,
+    and, in online mode, `paced/rollout_reward_mean`.
+
+    Example:
+
+    ```python
+    >>> from trl_tip import PacedConfig, PacedTrainer, math_reward
+    >>> from trl_tip.tasks import prepare_arithmetic_models
+
+    >>> built = prepare_arithmetic_models()
+    >>> trainer = PacedTrainer(
+    ...     model=built["student"],
+    ...     teacher_model=built["teacher"],
+    ...     reward_funcs=math_reward,
+    ...     args=PacedConfig("paced-out", max_completion_length=32, bf16=False),
+    ...     train_dataset=built["dataset"]["train"],
+    ... )
+    >>> trainer.train()
+    >>> trainer.export_pass_rates("pass_rates.jsonl")
+    ```
+    """
+
+    _tag_names = ["trl", "trl-tip", "distillation", "paced"]
+    _name = "PACED distillation"
+    _card_fields = (
+        "paced_alpha",
+        "paced_beta",
+        "pass_rate_rollouts",
+        "pass_rate_mode",
+        "rollout_source",
+        "kl_schedule",
+        "schedule_switch_fraction",
+        "self_distillation",
+        "token_selection",
+        "token_ratio",
+    )
+    _paper = {"title": "PACED: Distillation at the Frontier of Student Competence"}
+
+    def __init__(
+        self,
+        model,
+        teacher_model=None,
+        args: PacedConfig | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        *,
+        reward_funcs=None,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = PacedConfig(f"{model_name.split('/')[-1]}-PACED")
+        if not isinstance(args, PacedConfig):
+            raise TypeError(
+                f"PacedTrainer needs a PacedConfig as `args`, got {type(args).__name__}. PacedConfig accepts every "
+                "DistillationConfig field."
+            )
+        self.reward_funcs = resolve_reward_funcs(reward_funcs)
+        train_dataset = self._check_train_dataset(train_dataset, args)
+        if args.self_distillation and eval_dataset is not None:
+            named = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval_dataset", eval_dataset)]
+            for name, dataset in named:
+                columns = getattr(dataset, "column_names", None)
+                if columns is not None and "answer" not in columns:
+                    raise ValueError(
+                        f"`{name}` has no `answer` column, which the self-distillation teacher reads in its prompt "
+                        "during evaluation too."
+                    )
+        teacher_model = self._resolve_teacher(model, teacher_model, args)
+
+        super().__init__(
+            model=model,
+            teacher_model=teacher_model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        if self.args.self_distillation:
+            self.teacher_model.requires_grad_(False)
+        self.pass_rate_table = PassRateTable(len(self.train_dataset))
+        self._zero_weight_batches = 0
+        self._rollout_source = self.args.rollout_source
+        self._teacher_writes_completions = False
+        self._generation_rows: list[dict] | None = None
+        self._loss_weights: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._teacher_sequence: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.add_callback(_PassRateCallback(self))
+
+    # ---- Construction checks ----
+
+    def _check_train_dataset(self, train_dataset, args: PacedConfig) -> Dataset:
+        if train_dataset is None:
+            raise ValueError("PacedTrainer needs a `train_dataset`: pass rates are estimated on its problems.")
+        if isinstance(train_dataset, IterableDataset) or not hasattr(train_dataset, "__len__"):
+            raise ValueError(
+                "PacedTrainer needs a map-style `train_dataset` (a datasets.Dataset): every problem's pass rate is "
+                "estimated before training. Load the dataset without `streaming=True`."
+            )
+        check_prompt_column(train_dataset, "train_dataset")
+        columns = train_dataset.column_names
+        if len(train_dataset) == 0:
+            raise ValueError("`train_dataset` is empty.")
+        if "image" in columns or "images" in columns:
+            raise ValueError("PacedTrainer supports text-only datasets; remove the `image`/`images` column.")
+        needs_answer = [reason for reason, needed in (
+            ("the built-in math reward grades against it", math_reward in self.reward_funcs),
+            ("self-distillation shows it to the teacher", args.self_distillation),
+        ) if needed]
+        if needs_answer and "answer" not in columns:
+            raise ValueError(
+                f"`train_dataset` has columns {columns} but no `answer` column, which PACED needs: "
+                f"{' and '.join(needs_answer)}. Add the ground-truth answers as an `answer` column."
+            )
+        teacher_track = args.rollout_source == "teacher" or args.kl_schedule == "forward_then_reverse"
+        if teacher_track and args.teacher_completions == "dataset" and "completion" not in columns:
+            raise ValueError(
+                "teacher_completions='dataset' trains on the dataset's `completion` column, which `train_dataset` "
+                f"lacks (columns: {columns}). Add it, or set teacher_completions='generate' to sample from the "
+                "teacher."
+            )
+        self._teacher_completion_source = (
+            ("dataset" if "completion" in columns else "generate")
+            if args.teacher_completions == "auto"
+            else args.teacher_completions
+        )
+        if INDEX_COLUMN in columns:
+            raise ValueError(
+                f"`train_dataset` already has a `{INDEX_COLUMN}` column, which PacedTrainer adds to index the "
+                "pass-rate table; rename or remove it."
+            )
+        return train_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset))))
+
+    @staticmethod
+    def _resolve_teacher(model, teacher_model, args: PacedConfig):
+        if args.self_distillation:
+            if teacher_model is not None:
+                raise ValueError(
+                    "self_distillation=True makes the teacher a frozen copy of the student; do not pass "
+                    "`teacher_model`."
+                )
+            if isinstance(model, str):
+                # A second load of the student's weights: the frozen copy. The student's quantisation does not apply.
+                if args.teacher_model_init_kwargs is None:
+                    args.teacher_model_init_kwargs = {
+                        key: value
+                        for key, value in (args.model_init_kwargs or {}).items()
+                        if key not in ("quantization_config", "device_map")
+                    } or None
+                return model
+            return copy.deepcopy(model).eval()
+        if teacher_model is None:
+            teacher_model = args.teacher_model_name_or_path
+        if teacher_model is None:
+            raise ValueError(
+                "PacedTrainer needs a teacher: pass `teacher_model` (or set `teacher_model_name_or_path`), or set "
+                "self_distillation=True to distil from a frozen copy of the student that sees the answer."
+            )
+        return teacher_model
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        # With `remove_unused_columns=True`, keep what grading, self-distillation and teacher completions read.
+        for name in ("answer", "completion", INDEX_COLUMN):
+            if name not in self._signature_columns:
+                self._signature_columns.append(name)
+
+    # ---- Pass rates ----
+
+    @torch.no_grad()
+    def estimate_pass_rates(self) -> PassRateTable:
+        """
+        Estimate every training problem's pass rate with the current student: `pass_rate_rollouts` sampled rollouts
+        per problem (vLLM when `use_vllm=True`), graded by the reward functions. Work is split over processes in
+        batches of `pass_rate_batch_size` problems; every process ends with the whole table. Called when training
+        starts (unless a checkpoint's table was restored) and, with `pass_rate_mode="refresh"`, on schedule.
+        """
+        dataset = self.train_dataset
+        num_problems = len(dataset)
+        rollouts = self.args.pass_rate_rollouts
+        per_process = self.args.pass_rate_batch_size or (
+            self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        )
+        num_processes, rank = self.accelerator.num_processes, self.accelerator.process_index
+        per_call = per_process * num_processes
+        device = self.accelerator.device
+        progress = tqdm(
+            total=num_problems,
+            desc=f"Estimating pass rates ({rollouts} rollouts per problem)",
+            disable=not self.accelerator.is_local_main_process or self.args.disable_tqdm,
+        )
+        for start in range(0, num_problems, per_call):
+            # Every process takes a slice of the same size (padded with problem 0, discarded below), so that the
+            # collective generation backends (vLLM server, DeepSpeed ZeRO-3) see the same calls on every process.
+            indices = [start + rank * per_process + offset for offset in range(per_process)]
+            valid = [index < num_problems for index in indices]
+            indices = [index if ok else 0 for index, ok in zip(indices, valid, strict=True)]
+            batch = dataset[indices]
+            rows = [{key: batch[key][i] for key in batch} for i in range(len(indices))]
+            prompt_ids, _, _ = self._tokenize_prompts([row["prompt"] for row in rows])
+            completion_ids = self._sample_student_completions(prompt_ids, rollouts)
+            repeated_rows = [row for row in rows for _ in range(rollouts)]
+            rewards = self._grade(repeated_rows, completion_ids).view(len(rows), rollouts)
+            pass_rates, num_graded = pass_rates_from_rewards(rewards)
+            local = torch.tensor([index if ok else -1 for index, ok in zip(indices, valid, strict=True)])
+            all_indices = self.accelerator.gather(local.to(device)).cpu()
+            all_rates = self.accelerator.gather(pass_rates.to(device)).cpu()
+            all_graded = self.accelerator.gather(num_graded.to(device)).cpu()
+            keep = all_indices >= 0
+            self.pass_rate_table.set_estimate(all_indices[keep], all_rates[keep], all_graded[keep])
+            progress.update(int(keep.sum().item()))
+        progress.close()
+        table = self.pass_rate_table
+        table.estimates += 1
+        table.estimated_at_step = self.state.global_step
+        table.online_updates = 0
+        unknown = table.histogram()["unknown"]
+        if unknown:
+            logger.warning(
+                f"{unknown:.1%} of the training problems have no graded rollout (every reward function returned "
+                "None), so their pass rate is unknown and their weight is 0. Check the `answer` column."
+            )
+        logger.info(
+            f"Pass rates estimated at step {self.state.global_step}:\n"
+            + table.summary(self.args.paced_alpha, self.args.paced_beta),
+            main_process_only=True,
+        )
+        return table
+
+    def _sample_student_completions(self, prompt_ids: list[list[int]], num_generations: int) -> list[list[int]]:
+        repeated = [ids for ids in prompt_ids for _ in range(num_generations)]
+        if self.use_vllm:
+            if self.state.global_step != self._last_loaded_step:
+                self.vllm_generation.sync_weights()
+                self._last_loaded_step = self.state.global_step
+            _, completion_ids, _, _ = self.vllm_generation.generate(
+                prompts=repeated, images=None, num_generations=num_generations
+            )
+            return completion_ids
+        # TRL's own sampling path (bypassing this class's teacher-completion switch).
+        return super()._generate_single_turn(repeated, None, {})
+
+    def _grade(self, rows: list[dict], completion_ids: list[list[int]]) -> torch.Tensor:
+        """Sum of the rewards of each completion: `(n,)` float32 in [0, 1], `NaN` where no function graded it."""
+        texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        completions = (
+            [[{"role": "assistant", "content": text}] for text in texts] if is_conversational(rows[0]) else texts
+        )
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
+        total = torch.zeros(len(rows))
+        graded = torch.zeros(len(rows), dtype=torch.bool)
+        for func in self.reward_funcs:
+            rewards = func(
+                prompts=[row["prompt"] for row in rows],
+                completions=completions,
+                completion_ids=completion_ids,
+                trainer_state=self.state,
+                **columns,
+            )
+            if len(rewards) != len(rows):
+                raise ValueError(
+                    f"Reward function {_reward_name(func)} returned {len(rewards)} rewards for {len(rows)} "
+                    "completions."
+                )
+            values = torch.tensor([math.nan if r is None else float(r) for r in rewards])
+            total += values.nan_to_num(0.0)
+            graded |= ~torch.isnan(values)
+        if ((total < 0) | (total > 1)).any():
+            bad = total[(total < 0) | (total > 1)][0].item()
+            raise ValueError(
+                f"The rewards of a rollout summed to {bad}; PACED reads the summed reward of a rollout as its pass "
+                f"score, which must lie in [0, 1]. Reward functions: "
+                f"{', '.join(map(_reward_name, self.reward_funcs))}."
+            )
+        return torch.where(graded, total, torch.full_like(total, math.nan))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        # Checkpoints save the model through here too, so the table lands in every checkpoint and in the final output.
+        super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save and self.pass_rate_table.is_estimated:
+            os.makedirs(output_dir, exist_ok=True)
+            self.save_pass_rates(os.path.join(output_dir, PASS_RATE_FILE))
+
+    def save_pass_rates(self, path: str) -> None:
+        """Write the pass-rate table (what a resumed run restores) to `path` as JSON."""
+        state = {
+            "format": "trl_tip.paced.pass_rates/1",
+            "prompts_sha256": _prompts_digest(self.train_dataset),
+            "pass_rate_rollouts": self.args.pass_rate_rollouts,
+            **self.pass_rate_table.state_dict(),
+        }
+        with open(path, "w") as file:
+            json.dump(state, file)
+
+    def load_pass_rates(self, path: str) -> None:
+        """Restore a table written by [`~PacedTrainer.save_pass_rates`]; training then skips the initial estimation."""
+        with open(path) as file:
+            state = json.load(file)
+        if state.get("prompts_sha256") != _prompts_digest(self.train_dataset):
+            raise ValueError(
+                f"The pass-rate table in {path} was estimated on other training prompts than `train_dataset`; resume "
+                "with the same training set (same rows, same order)."
+            )
+        self.pass_rate_table.load_state_dict(state)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # Every resume path (DeepSpeed included) comes through here, before `on_train_begin` decides to estimate.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, PASS_RATE_FILE)
+        if os.path.exists(path):
+            self.load_pass_rates(path)
+        else:
+            logger.warning(f"{checkpoint} has no {PASS_RATE_FILE}; pass rates are estimated again.")
+
+    def export_pass_rates(self, path: str | None = None) -> Dataset:
+        """
+        The pass-rate table joined with the training set (prompt, answer, ..., `pass_rate`, `num_graded_rollouts`,
+        `weight`), as a [`~datasets.Dataset`]; also written to `path` when given (`.json`: one JSON list, `.jsonl`: one
+        record per line).
+        """
+        exported = self.pass_rate_table.to_dataset(self.train_dataset, self.args.paced_alpha, self.args.paced_beta)
+        if path is not None:
+            if path.endswith(".jsonl"):
+                exported.to_json(path, lines=True)
+            elif path.endswith(".json"):
+                with open(path, "w") as file:
+                    json.dump(exported.to_list(), file, default=str)
+            else:
+                raise ValueError(f"export_pass_rates writes `.json` or `.jsonl` files, got {path!r}.")
+        return exported
+
+    # ---- Generation ----
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        training = self.model.training
+        if training:
+            self.beta, self._rollout_source = paced_phase(
+                self.state.global_step,
+                self.state.max_steps,
+                self.args.kl_schedule,
+                self.args.schedule_switch_fraction,
+                self.args.rollout_source,
+            )
+        self._teacher_writes_completions = training and self._rollout_source == "teacher"
+        self._generation_rows = inputs
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._teacher_writes_completions = False
+            self._generation_rows = None
+        device = output["prompt_ids"].device
+        if self.args.self_distillation:
+            teacher_prompt_ids = self._privileged_prompt_ids(inputs)
+            output["teacher_prompt_ids"] = pad(
+                teacher_prompt_ids,
+                padding_value=self._tokenizer.pad_token_id,
+                padding_side="left",
+                pad_to_multiple_of=self.pad_to_multiple_of,
+            ).to(device)
+            output["teacher_prompt_mask"] = pad(
+                [torch.ones_like(ids) for ids in teacher_prompt_ids],
+                padding_value=0,
+                padding_side="left",
+                pad_to_multiple_of=self.pad_to_multiple_of,
+            ).to(device)
+        if training:
+            self._add_problem_weights(inputs, output)
+        return output
+
+    def _add_problem_weights(self, inputs: list[dict[str, Any]], output: dict[str, Any]) -> None:
+        device = output["prompt_ids"].device
+        indices = torch.tensor([row[INDEX_COLUMN] for row in inputs])
+        weights = self.pass_rate_table.weights(self.args.paced_alpha, self.args.paced_beta, indices)
+        pass_rates = self.pass_rate_table.pass_rates[indices]
+        # Per-rollout weights travel with the batch (split with it over accumulation steps); their sum over the whole
+        # generation batch of every process is the loss normaliser, like TRL's `num_items_in_batch`.
+        output["paced_weights"] = weights.to(device)
+        all_weights = self.accelerator.gather(weights.to(device)).cpu()
+        all_rates = self.accelerator.gather(pass_rates.to(device)).cpu()
+        weight_sum = all_weights.sum()
+        output["paced_weight_sum"] = weight_sum.to(device)
+        if weight_sum == 0:
+            self._zero_weight_batches += 1
+
+        metrics = self._metrics["train"]
+        metrics["paced/weight_mean"].append(all_weights.mean().item())
+        metrics["paced/weight_max"].append(all_weights.max().item())
+        metrics["paced/zero_weight_share"].append((all_weights == 0).float().mean().item())
+        metrics["paced/zero_weight_batches"] = [float(self._zero_weight_batches)]
+        known = ~torch.isnan(all_rates)
+        metrics["paced/pass_rate_mean"].append(all_rates[known].mean().item() if known.any() else math.nan)
+        metrics["paced/beta"].append(float(self.beta))
+        metrics["paced/teacher_rollouts"].append(float(self._rollout_source == "teacher"))
+        for name, share in self.pass_rate_table.histogram().items():
+            if name != "unknown" or share:
+                metrics[f"paced/pass_rate_share_{name}"].append(share)
+        metrics["paced/table_weight_mean"].append(
+            self.pass_rate_table.weights(self.args.paced_alpha, self.args.paced_beta).mean().item()
+        )
+        metrics["paced/pass_rate_estimates"] = [float(self.pass_rate_table.estimates)]
+
+        if self.args.pass_rate_mode == "online" and self._rollout_source == "student":
+            completion_ids = [
+                ids[mask.bool()].tolist()
+                for ids, mask in zip(output["completion_ids"].cpu(), output["completion_mask"].cpu(), strict=True)
+            ]
+            rewards = self._grade(inputs, completion_ids)
+            all_indices = self.accelerator.gather(indices.to(device)).cpu()
+            all_rewards = self.accelerator.gather(rewards.to(device)).cpu()
+            # Weights above come from the table before these rollouts: a rollout never sets its own weight.
+            self.pass_rate_table.update_online(all_indices, all_rewards, self.args.pass_rate_ema)
+            graded = ~torch.isnan(all_rewards)
+            mean_reward = all_rewards[graded].mean().item() if graded.any() else math.nan
+            metrics["paced/rollout_reward_mean"].append(mean_reward)
+
+    def _privileged_prompt_ids(self, rows: list[dict[str, Any]]) -> list[torch.Tensor]:
+        prompts = [
+            add_privileged_context(row["prompt"], row["answer"], self.args.privileged_prompt_template) for row in rows
+        ]
+        prompt_ids, _, _ = self._tokenize_prompts(prompts)
+        return [torch.tensor(ids) for ids in prompt_ids]
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+        if not self._teacher_writes_completions:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        rows = self._generation_rows
+        if self._teacher_completion_source == "dataset":
+            return [self._reference_completion_ids(row) for row in rows]
+        if self.args.self_distillation:
+            prompt_ids = [ids.tolist() for ids in self._privileged_prompt_ids(rows)]
+        return self._generate_with_teacher(prompt_ids)
+
+    def _reference_completion_ids(self, row: dict[str, Any]) -> list[int]:
+        """The dataset's `completion` as the tokens a model writes after the prompt, up to its first end of turn."""
+        completion = row["completion"]
+        if is_conversational(row):
+            kwargs = {"tokenize": True, **self.chat_template_kwargs}
+            prefix = self.processing_class.apply_chat_template(row["prompt"], add_generation_prompt=True, **kwargs)
+            full = self.processing_class.apply_chat_template(row["prompt"] + completion, **kwargs)
+            prefix = list(prefix["input_ids"] if hasattr(prefix, "keys") else prefix)
+            full = list(full["input_ids"] if hasattr(full, "keys") else full)
+            if full[: len(prefix)] != prefix:
+                raise ValueError(
+                    "The chat template renders the prompt differently with and without the reference completion, so "
+                    "the completion's tokens cannot be isolated; set teacher_completions='generate'."
+                )
+            ids = full[len(prefix) :]
+            ends = [position for position, token in enumerate(ids) if token in self.eos_token_ids]
+            ids = ids[: ends[0] + 1] if ends else ids
+        else:
+            ids = self._tokenizer(completion, add_special_tokens=False)["input_ids"] + [self._tokenizer.eos_token_id]
+        # Like a student rollout, a reference longer than max_completion_length is clipped.
+        return ids[: self.max_completion_length] if self.max_completion_length else ids
+
+    @torch.no_grad()
+    def _generate_with_teacher(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        device = self.accelerator.device
+        prompts = [torch.tensor(ids) for ids in prompt_ids]
+        input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
+        attention_mask = pad([torch.ones_like(ids) for ids in prompts], padding_value=0, padding_side="left")
+        attention_mask = attention_mask.to(device)
+        with unwrap_model_for_generation(
+            self.teacher_model,
+            self.accelerator,
+            gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+            generation_kwargs=self.generation_kwargs,
+        ) as teacher:
+            generated = teacher.generate(
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config
+            )
+        return completion_ids_until_eos(generated[:, input_ids.size(1) :], self.eos_token_ids)
+
+    # ---- Loss ----
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        if self.model.training and "paced_weights" in inputs:
+            # The per-process share of the global weight sum: DDP averages gradients over processes, as TRL's
+            # `num_items_in_batch` is divided by the process count.
+            self._loss_weights = (
+                inputs["paced_weights"],
+                inputs["paced_weight_sum"] / self.accelerator.num_processes,
+            )
+        if "teacher_prompt_ids" in inputs:
+            # The teacher reads its own prompt followed by the same completion; TRL keeps the last
+            # `completion length` positions of both, which aligns them on the completion tokens.
+            self._teacher_sequence = (
+                torch.cat([inputs["teacher_prompt_ids"], inputs["completion_ids"]], dim=1),
+                torch.cat([inputs["teacher_prompt_mask"], inputs["completion_mask"]], dim=1),
+            )
+        try:
+            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+        finally:
+            self._loss_weights = None
+            self._teacher_sequence = None
+
+    def _selective_divergence_loss(self, *args, **kwargs):
+        if self._loss_weights is not None:
+            kwargs["rollout_weights"], kwargs["weight_sum"] = self._loss_weights
+        return super()._selective_divergence_loss(*args, **kwargs)
+
+    def _get_last_hidden_state(self, unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs):
+        if self._teacher_sequence is not None and unwrapped_model is self.accelerator.unwrap_model(self.teacher_model):
+            input_ids, attention_mask = self._teacher_sequence
+        return super()._get_last_hidden_state(unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs)
