@@ -640,7 +640,7 @@ class PacedTrainer(TipDistillTrainer):
         "token_selection",
         "token_ratio",
     )
-    _paper = {"title": "PACED: Distillation at the Frontier of Student Competence"}
+    _paper = {"title": "PACED: Distillation at the Frontier of Student Competence", "id": "2603.11178"}
 
     def __init__(
         self,

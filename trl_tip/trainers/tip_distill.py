@@ -200,7 +200,7 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
 
     _tag_names = ["trl", "trl-tip", "distillation", "tip"]
     _name = "TIP distillation"
-    _paper = {"title": "TIP: Token Importance in On-Policy Distillation"}
+    _paper = {"title": "TIP: Token Importance in On-Policy Distillation", "id": "2604.14084"}
     _card_fields = ("token_selection", "token_ratio", "entropy_clip_quantile", "teacher_quantization")
 
     def __init__(self, *args, **kwargs):
