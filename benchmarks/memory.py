@@ -1,0 +1,173 @@
+"""
+Peak memory of a TIP distillation training step under three precision set-ups, same shapes, in one run:
+
+- `bf16 student + bf16 teacher` (full fine-tuning);
+- `QLoRA student + 4-bit teacher` (nf4 base + LoRA adapters; teacher loaded with `teacher_quantization="4bit"`);
+- `QLoRA student + bf16 teacher`.
+
+Each set-up runs in its own process: it loads the student and the teacher from disk the way users do (by path,
+through the trainer), then trains one step (generation, loss, backward, optimiser step). Reported, relative to the
+process before loading: the memory held once both models are loaded, and the peak during the training step. On CUDA
+these are `torch.cuda.memory_allocated` / `max_memory_allocated`; on CPU, resident memory (VmRSS) and its peak
+(VmHWM, reset after loading), with glibc returning large blocks to the system so freed memory shows.
+
+    python benchmarks/memory.py
+    python benchmarks/memory.py --write docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+
+SETUPS = {
+    "bf16 student + bf16 teacher": {"student": "bf16", "teacher": "none"},
+    "QLoRA student + 4-bit teacher": {"student": "qlora", "teacher": "4bit"},
+    "QLoRA student + bf16 teacher": {"student": "qlora", "teacher": "none"},
+}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found")
+
+
+def save_models(directory: str, args) -> dict[str, str]:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from trl_tip.testing import build_tokenizer, save_pretrained_pair
+
+    tokenizer = build_tokenizer()
+    paths = {}
+    for role, hidden, layers in (("student", args.student_hidden, args.student_layers),
+                                 ("teacher", args.teacher_hidden, args.teacher_layers)):
+        torch.manual_seed(0)
+        config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
+                             max_position_embeddings=256, tie_word_embeddings=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+        paths[role] = save_pretrained_pair(model, tokenizer, os.path.join(directory, role))
+    return paths
+
+
+def run_worker(setup: str, paths: dict[str, str]) -> dict:
+    import torch
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    from trl_tip import TipDistillConfig, TipDistillTrainer
+    from trl_tip.tasks import build_arithmetic_dataset
+
+    cuda = torch.cuda.is_available()
+    dataset = build_arithmetic_dataset()["train"].select(range(4))
+    choice = SETUPS[setup]
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _status_kib("VmRSS") * 1024
+    kwargs = {}
+    if choice["student"] == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["peft_config"] = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    config = TipDistillConfig(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, max_steps=1, learning_rate=1e-5,
+        max_completion_length=32, report_to="none", save_strategy="no", bf16=cuda, use_cpu=not cuda,
+        model_init_kwargs={"dtype": "bfloat16"}, teacher_model_init_kwargs={"dtype": "bfloat16"},
+        teacher_quantization=choice["teacher"], token_selection="soft_or", token_ratio=0.5,
+    )
+    started = time.perf_counter()
+    trainer = TipDistillTrainer(model=paths["student"], teacher_model=paths["teacher"], args=config,
+                                train_dataset=dataset, **kwargs)
+    if cuda:
+        loaded = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        loaded = _status_kib("VmRSS") * 1024
+        with open("/proc/self/clear_refs", "w") as handle:  # reset VmHWM to the current resident memory
+            handle.write("5")
+    trainer.train()
+    seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return {"setup": setup, "loaded_bytes": loaded - base, "peak_bytes": peak - base, "seconds": seconds,
+            "trainable": trainable}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--student-hidden", type=int, default=1024)
+    parser.add_argument("--student-layers", type=int, default=8)
+    parser.add_argument("--teacher-hidden", type=int, default=1536)
+    parser.add_argument("--teacher-layers", type=int, default=12)
+    parser.add_argument("--write", default=None, help="markdown file whose memory section is (re)written")
+    parser.add_argument("--worker", choices=sorted(SETUPS), help=argparse.SUPPRESS)
+    parser.add_argument("--paths", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(run_worker(args.worker, json.loads(args.paths))))
+        return
+
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(f"Memory benchmark on {device}, torch {torch.__version__}")
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        paths = save_models(directory, args)
+        for setup in SETUPS:
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
+            result = subprocess.run([sys.executable, __file__, "--worker", setup, "--paths", json.dumps(paths)],
+                                    capture_output=True, text=True, env=env)
+            if result.returncode != 0:
+                raise RuntimeError(f"{setup} failed:\n{result.stderr[-3000:]}")
+            row = json.loads(result.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"  {setup:<32} loaded {row['loaded_bytes'] / 2**20:9.1f} MiB, step peak "
+                  f"{row['peak_bytes'] / 2**20:9.1f} MiB  ({row['seconds']:.0f} s)", flush=True)
+    baseline = rows[0]["peak_bytes"]
+    shape = (f"student Qwen2 hidden {args.student_hidden} × {args.student_layers} layers, teacher hidden "
+             f"{args.teacher_hidden} × {args.teacher_layers} layers, vocabulary 259; one TIP step (soft-OR 50 %) of "
+             "4 prompts × ≤ 32 completion tokens, AdamW; LoRA r=16 on all linear layers")
+    loaded_baseline = rows[0]["loaded_bytes"]
+    lines = [
+        "| set-up | models loaded (MiB) | vs bf16 + bf16 | step peak (MiB) | vs bf16 + bf16 | trainable parameters |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['setup']} | {r['loaded_bytes'] / 2**20:.1f} | {r['loaded_bytes'] / loaded_baseline:.2f}x "
+        f"| {r['peak_bytes'] / 2**20:.1f} | {r['peak_bytes'] / baseline:.2f}x | {r['trainable']:,} |"
+        for r in rows
+    ]
+    table = "\n".join(lines)
+    print()
+    print(shape)
+    print(table)
+    if args.write:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from token_selection import write_section
+
+        command = "python " + " ".join(sys.argv)
+        write_section(args.write, "memory", (
+            f"## Memory: QLoRA students and quantised teachers ({device})\n\n"
+            f"Measured {time.strftime('%Y-%m-%d')} with `{command}` (torch {torch.__version__}).\n{shape}.\n\n"
+            f"{table}\n"
+        ))
+
+
+if __name__ == "__main__":
+    main()
