@@ -1,0 +1,858 @@
+"""
+Every method of trl_tip against its baseline on the built-in task, several seeds, in one script.
+
+Each run (one method variant, one seed) trains in a fresh process and writes one JSON file under the output directory
+(`outputs/reproduce/<method>/<variant>/seed<k>.json`): test accuracy, mean completion tokens, training wall time,
+peak resident memory during training, and the curves the plots need. A run whose JSON already exists with the same
+settings is skipped, so an interrupted or partial reproduction resumes where it stopped. `render` turns the JSON files
+into the generated sections of `docs/results.md` and the figures under `docs/results/`.
+
+    python benchmarks/reproduce.py all                       # every missing run, then render
+    python benchmarks/reproduce.py tip --seeds 0 1 2         # one method (renders afterwards)
+    python benchmarks/reproduce.py tip --variants soft_or_50 --seeds 0
+    python benchmarks/reproduce.py render                    # only rewrite docs/results.md and the figures
+
+The teacher and the student are the built-in ones (`trl_tip.tasks.prepare_arithmetic_models()`, task seed 0) for
+every run; `--seeds` sets the training seed (sampling, data order, token sampling of the random selections).
+Runs use one thread each (`OMP_NUM_THREADS=1`) and `--jobs` of them run at once (default 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "outputs" / "reproduce"
+DEFAULT_DOC = ROOT / "docs" / "results.md"
+DEFAULT_FIGURES = ROOT / "docs" / "results"
+SCRIPT = "benchmarks/reproduce.py"
+
+# --- what is run --------------------------------------------------------------------------------------------------
+
+# Fixed before any test result was looked at (see docs/results.md, "Budgets"): the same optimiser steps, batch and
+# learning-rate schedule for every variant of a method.
+TIP_SETTINGS = {
+    "max_steps": 100,
+    "per_device_train_batch_size": 32,
+    "learning_rate": 5e-4,
+    "lr_scheduler_type": "linear",
+    "warmup_steps": 20,
+    "max_completion_length": 32,
+    "temperature": 1.0,
+}
+PACED_SETTINGS = {
+    **TIP_SETTINGS,
+    "num_train_problems": 1000,
+    "pass_rate_rollouts": 8,
+}
+OPSDC_SETTINGS = {
+    "max_steps": 100,
+    "per_device_train_batch_size": 16,
+    "learning_rate": 1e-4,
+    "max_completion_length": 32,
+    "temperature": 1.0,
+    # Greedy accuracy and length on the first problems of the validation split, every `curve_every` steps.
+    "curve_every": 10,
+    "curve_problems": 100,
+}
+
+METHODS = {
+    "tip": {
+        "title": "TIP: token selection in on-policy distillation",
+        "baseline": "all",
+        "settings": TIP_SETTINGS,
+        "variants": {
+            "all": {"label": "all tokens (plain OPD)", "token_selection": "all", "token_ratio": 1.0},
+            "soft_or_50": {"label": "soft-OR 50 %", "token_selection": "soft_or", "token_ratio": 0.5},
+            "soft_or_20": {"label": "soft-OR 20 %", "token_selection": "soft_or", "token_ratio": 0.2},
+            "entropy_sample_50": {"label": "entropy sample 50 %", "token_selection": "entropy_sample",
+                                  "token_ratio": 0.5},
+            "overconfident_10": {"label": "overconfident (Q3) 10 %", "token_selection": "overconfident",
+                                 "token_ratio": 0.1},
+            "random_50": {"label": "random 50 %", "token_selection": "random", "token_ratio": 0.5},
+        },
+    },
+    "paced": {
+        "title": "PACED: pass-rate-weighted distillation",
+        "baseline": "unweighted",
+        "settings": PACED_SETTINGS,
+        "variants": {
+            "unweighted": {"label": "unweighted, reverse KL", "paced_alpha": 0.0, "paced_beta": 0.0,
+                           "kl_schedule": "reverse"},
+            "paced": {"label": "PACED p(1-p), reverse KL", "paced_alpha": 1.0, "paced_beta": 1.0,
+                      "kl_schedule": "reverse"},
+            "paced_forward_then_reverse": {"label": "PACED p(1-p), forward then reverse KL", "paced_alpha": 1.0,
+                                           "paced_beta": 1.0, "kl_schedule": "forward_then_reverse"},
+        },
+    },
+    "opsdc": {
+        "title": "OPSDC: self-distillation for concise reasoning",
+        "baseline": None,
+        "settings": OPSDC_SETTINGS,
+        "variants": {
+            "v2_m50": {"label": "v2 instruction, M = 50", "concise_instruction": "v2", "teacher_refresh_steps": 50},
+            "v1_m50": {"label": "v1 instruction, M = 50", "concise_instruction": "v1", "teacher_refresh_steps": 50},
+            "v2_m10": {"label": "v2 instruction, M = 10", "concise_instruction": "v2", "teacher_refresh_steps": 10},
+            "v2_m1": {"label": "v2 instruction, M = 1", "concise_instruction": "v2", "teacher_refresh_steps": 1},
+        },
+    },
+    "taxonomy": {
+        "title": "TIP's taxonomy: tokens on the entropy x divergence plane",
+        "baseline": None,
+        "settings": {"rollouts": 64, "temperature": 1.0, "max_completion_length": 32, "tip_run": "soft_or_50"},
+        "variants": {"soft_or_50": {"label": "student before and after TIP soft-OR 50 %"}},
+    },
+}
+RUN_METHODS = ("tip", "paced", "opsdc", "taxonomy")
+
+
+def run_settings(method: str, variant: str, seed: int, eval_split: str, max_steps: int | None = None) -> dict:
+    """Everything that determines a run's result: a stored result is reused only when these are equal."""
+    spec = METHODS[method]
+    values = {key: value for key, value in spec["variants"][variant].items() if key != "label"}
+    settings = {"method": method, "variant": variant, "seed": seed, "eval_split": eval_split, **spec["settings"],
+                **values}
+    if max_steps is not None and "max_steps" in settings:
+        settings["max_steps"] = max_steps
+    return settings
+
+
+def run_path(out: Path, method: str, variant: str, seed: int) -> Path:
+    return out / method / variant / f"seed{seed}.json"
+
+
+def run_dir(out: Path, method: str, variant: str, seed: int) -> Path:
+    """Where a run keeps files besides its JSON (the TIP run the taxonomy pictures saves its student there)."""
+    return run_path(out, method, variant, seed).with_suffix("")
+
+
+def row_command(method: str, variant: str, seeds: list[int], settings: dict | None = None) -> str:
+    """The command that reproduces a row; `settings` (of one of its runs) adds the options that differ from defaults."""
+    command = f"python {SCRIPT} {method} --variants {variant} --seeds {' '.join(map(str, seeds))}"
+    if settings is not None:
+        if settings.get("eval_split", "test") != "test":
+            command += f" --eval-split {settings['eval_split']}"
+        default_steps = METHODS[method]["settings"].get("max_steps")
+        if settings.get("max_steps", default_steps) != default_steps:
+            command += f" --max-steps {settings['max_steps']}"
+    return command
+
+
+# --- measurement helpers (worker side) -----------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    # Writing 5 to clear_refs resets VmHWM (the peak) to the current resident memory.
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def _train_measured(trainer) -> dict:
+    """Train; return the wall time and the peak resident memory of training (absolute and above the loaded state)."""
+    loaded = _status_kib("VmRSS") / 1024
+    _reset_peak_rss()
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    peak = _status_kib("VmHWM") / 1024
+    return {"train_seconds": seconds, "loaded_rss_mib": loaded, "peak_rss_mib": peak, "peak_above_loaded_mib": peak - loaded}
+
+
+def _log_series(trainer, keys: tuple[str, ...]) -> dict:
+    series = defaultdict(list)
+    for entry in trainer.state.log_history:
+        if "step" in entry:
+            for key in keys:
+                if key in entry:
+                    series[key].append([entry["step"], entry[key]])
+    return dict(series)
+
+
+def _common_config(settings: dict, seed: int, output_dir: str) -> dict:
+    keys = ("max_steps", "per_device_train_batch_size", "learning_rate", "max_completion_length", "temperature")
+    config = {key: settings[key] for key in keys}
+    for key in ("lr_scheduler_type", "warmup_steps"):
+        if key in settings:
+            config[key] = settings[key]
+    return {**config, "output_dir": output_dir, "seed": seed, "logging_steps": 10, "save_strategy": "no",
+            "report_to": "none", "bf16": False, "gradient_checkpointing": False, "disable_tqdm": True}
+
+
+def _worker_tip(settings: dict, prepared: dict, tokenizer, output_dir: str, directory: Path) -> dict:
+    from trl_tip import TipDistillConfig, TipDistillTrainer
+
+    config = TipDistillConfig(**_common_config(settings, settings["seed"], output_dir),
+                              token_selection=settings["token_selection"], token_ratio=settings["token_ratio"])
+    trainer = TipDistillTrainer(model=prepared["student"], teacher_model=prepared["teacher"], args=config,
+                                train_dataset=prepared["dataset"]["train"], processing_class=tokenizer)
+    result = _train_measured(trainer)
+    keys = ("loss", "tip/kept_fraction", "tip/q1_share", "tip/q2_share", "tip/q3_share", "tip/q4_share")
+    result["history"] = _log_series(trainer, keys)
+    result["model"] = trainer.model
+    if settings["variant"] == METHODS["taxonomy"]["settings"]["tip_run"] and settings["seed"] == 0:
+        # The taxonomy figure reads the student after this run.
+        trainer.model.save_pretrained(directory / "model")
+        tokenizer.save_pretrained(directory / "model")
+    return result
+
+
+def _worker_paced(settings: dict, prepared: dict, tokenizer, output_dir: str, directory: Path) -> dict:
+    from trl_tip import PacedConfig, PacedTrainer
+
+    train = prepared["dataset"]["train"].select(range(settings["num_train_problems"]))
+    config = PacedConfig(**_common_config(settings, settings["seed"], output_dir),
+                         paced_alpha=settings["paced_alpha"], paced_beta=settings["paced_beta"],
+                         kl_schedule=settings["kl_schedule"], pass_rate_rollouts=settings["pass_rate_rollouts"])
+    trainer = PacedTrainer(model=prepared["student"], teacher_model=prepared["teacher"], args=config,
+                           train_dataset=train, processing_class=tokenizer, reward_funcs=["math"])
+    estimate, spent = trainer.estimate_pass_rates, []
+
+    def timed_estimate():
+        started = time.perf_counter()
+        try:
+            return estimate()
+        finally:
+            spent.append(time.perf_counter() - started)
+
+    trainer.estimate_pass_rates = timed_estimate
+    result = _train_measured(trainer)
+    result["estimation_seconds"] = sum(spent)
+    result["pass_rate_histogram"] = trainer.pass_rate_table.histogram()
+    result["history"] = _log_series(trainer, ("loss", "paced/weight_mean", "paced/zero_weight_share"))
+    result["model"] = trainer.model
+    return result
+
+
+def _worker_opsdc(settings: dict, prepared: dict, tokenizer, output_dir: str, directory: Path) -> dict:
+    from transformers import TrainerCallback
+
+    from trl_tip import OPSDCConfig, OPSDCTrainer, add_instruction, math_reward
+    from trl_tip.tasks import evaluate_accuracy
+
+    curve_set = prepared["dataset"]["validation"].select(range(settings["curve_problems"]))
+    curve, spent = [], []
+
+    class Curve(TrainerCallback):
+        def _measure(self, model, step):
+            started = time.perf_counter()
+            measured = evaluate_accuracy(model, tokenizer, curve_set, max_new_tokens=settings["max_completion_length"])
+            curve.append([step, measured["accuracy"], measured["mean_completion_tokens"]])
+            spent.append(time.perf_counter() - started)
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self._measure(model, 0)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % settings["curve_every"] == 0:
+                self._measure(model, state.global_step)
+
+    config = OPSDCConfig(**_common_config(settings, settings["seed"], output_dir),
+                         concise_instruction=settings["concise_instruction"],
+                         teacher_refresh_steps=settings["teacher_refresh_steps"])
+    # The competent built-in model (the teacher of the other methods) is the one whose reasoning could be compressed.
+    trainer = OPSDCTrainer(model=prepared["teacher"], args=config, train_dataset=prepared["dataset"]["train"],
+                           processing_class=tokenizer, reward_funcs=[math_reward], callbacks=[Curve()])
+    test = prepared["dataset"][settings["eval_split"]]
+    instructed = test.map(lambda row: {"prompt": add_instruction(row["prompt"], trainer.concise_instruction)})
+    before = evaluate_accuracy(trainer.model, tokenizer, test)
+    teachers_view = evaluate_accuracy(trainer.model, tokenizer, instructed)
+    result = _train_measured(trainer)
+    # Curve evaluations ran inside `train`; they are not training.
+    result["train_seconds"] -= sum(spent)
+    result["before"] = before
+    result["teachers_view"] = teachers_view
+    result["curve"] = curve
+    result["history"] = _log_series(trainer, ("loss", "completions/mean_length", "opsdc/accuracy",
+                                              "opsdc/compression", "opsdc/teacher_refreshes"))
+    result["model"] = trainer.model
+    return result
+
+
+def _worker_taxonomy(settings: dict, prepared: dict, tokenizer, output_dir: str, directory: Path, out: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trl_tip import select_tokens, token_stats
+    from trl_tip.selection import quadrant_counts, quantile
+
+    trained = run_dir(out, "tip", settings["tip_run"], 0) / "model"
+    if not trained.exists():
+        raise FileNotFoundError(f"{trained} is missing: run `python {SCRIPT} tip --variants {settings['tip_run']} "
+                                "--seeds 0` first (its student after training is saved there).")
+    teacher = AutoModelForCausalLM.from_pretrained(prepared["teacher"]).eval()
+    prompts = list(prepared["dataset"]["train"]["prompt"][: settings["rollouts"]])
+    panels = {}
+    for name, path in (("before", prepared["student"]), ("after", str(trained))):
+        student = AutoModelForCausalLM.from_pretrained(path).eval()
+        torch.manual_seed(settings["seed"])
+        batch = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                              padding=True, return_tensors="pt")
+        with torch.no_grad():
+            sequences = student.generate(**batch, max_new_tokens=settings["max_completion_length"], do_sample=True,
+                                         temperature=settings["temperature"], top_p=None, top_k=None,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            prompt_width = batch["input_ids"].shape[1]
+            completion = sequences[:, prompt_width:]
+            # Completion tokens up to and including the first end of turn, as the trainers mask them.
+            is_eos = completion == tokenizer.eos_token_id
+            after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+            mask = ~after_eos
+            attention = torch.cat([batch["attention_mask"], mask.long()], dim=1)
+            # The hidden state at position t - 1 predicts completion token t.
+            positions = slice(prompt_width - 1, sequences.shape[1] - 1)
+            h_s = student.model(input_ids=sequences, attention_mask=attention).last_hidden_state[:, positions]
+            h_t = teacher.model(input_ids=sequences, attention_mask=attention).last_hidden_state[:, positions]
+            stats = token_stats(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight,
+                                temperature=settings["temperature"])
+            kept = select_tokens(stats.entropy, stats.reverse_kl, mask, method="soft_or", ratio=0.5)
+        h, d = stats.entropy[mask], stats.reverse_kl[mask]
+        counts = quadrant_counts(stats.entropy, stats.reverse_kl, mask)
+        kept_counts = torch.zeros(4)
+        high_h, high_d = h > quantile(h, 0.5), d > quantile(d, 0.5)
+        quadrant = torch.where(high_h & high_d, 1, torch.where(high_h, 2, torch.where(high_d, 3, 4)))
+        kept_flat = kept[mask]
+        for q in range(4):
+            kept_counts[q] = (kept_flat & (quadrant == q + 1)).sum()
+        panels[name] = {
+            "entropy": [round(x, 6) for x in h.tolist()],
+            "reverse_kl": [round(x, 6) for x in d.tolist()],
+            "quadrant": quadrant.tolist(),
+            "soft_or_kept": kept_flat.int().tolist(),
+            "quadrant_shares": (counts / counts.sum()).tolist(),
+            "soft_or_kept_by_quadrant": (kept_counts / counts.clamp(min=1)).tolist(),
+            "median_entropy": quantile(h, 0.5).item(),
+            "median_reverse_kl": quantile(d, 0.5).item(),
+            "tokens": int(mask.sum()),
+        }
+    return {"panels": panels}
+
+
+def worker(args) -> None:
+    import resource
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from trl_tip.tasks import evaluate_accuracy, prepare_arithmetic_models
+
+    started_wall, started_cpu = time.perf_counter(), time.process_time()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    settings = run_settings(args.method, args.variant, args.seed, args.eval_split, args.max_steps)
+    path = run_path(out, args.method, args.variant, args.seed)
+    directory = run_dir(out, args.method, args.variant, args.seed)
+    prepared = prepare_arithmetic_models(verbose=False)
+    tokenizer = AutoTokenizer.from_pretrained(prepared["student"], padding_side="left")
+    with tempfile.TemporaryDirectory() as output_dir:
+        if args.method == "taxonomy":
+            result = _worker_taxonomy(settings, prepared, tokenizer, output_dir, directory, out)
+        else:
+            work = {"tip": _worker_tip, "paced": _worker_paced, "opsdc": _worker_opsdc}[args.method]
+            result = work(settings, prepared, tokenizer, output_dir, directory)
+            model = result.pop("model")
+            result["eval"] = evaluate_accuracy(model, tokenizer, prepared["dataset"][args.eval_split],
+                                               max_new_tokens=settings["max_completion_length"])
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    record = {
+        "settings": settings,
+        "command": row_command(args.method, args.variant, [args.seed], settings),
+        "student_before": prepared["metrics"]["student_test_accuracy"],
+        "teacher": prepared["metrics"]["teacher_test_accuracy"],
+        **result,
+        "process_wall_seconds": time.perf_counter() - started_wall,
+        "process_cpu_seconds": time.process_time() - started_cpu,
+        "process_max_rss_mib": usage.ru_maxrss / 1024,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+
+
+# --- running (driver side) -----------------------------------------------------------------------------------------
+
+
+def _is_current(path: Path, settings: dict) -> bool:
+    if not path.exists():
+        return False
+    try:
+        return json.loads(path.read_text())["settings"] == settings
+    except (json.JSONDecodeError, KeyError):
+        return False
+
+
+def pending_runs(method: str, variants: list[str], seeds: list[int], out: Path, eval_split: str, force: bool,
+                 max_steps: int | None = None):
+    if method == "taxonomy":
+        seeds = [0]
+    runs = []
+    for variant in variants:
+        for seed in seeds:
+            path = run_path(out, method, variant, seed)
+            if force or not _is_current(path, run_settings(method, variant, seed, eval_split, max_steps)):
+                runs.append((method, variant, seed))
+    return runs
+
+
+def execute(runs: list[tuple[str, str, int]], out: Path, eval_split: str, jobs: int, max_steps: int | None = None
+            ) -> float:
+    """Run each (method, variant, seed) in its own process, `jobs` at a time; return the wall time."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    started = time.perf_counter()
+    queue, running, failed = list(runs), [], []
+    while queue or running:
+        while queue and len(running) < jobs:
+            method, variant, seed = queue.pop(0)
+            log = run_path(out, method, variant, seed).with_suffix(".log")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, str(Path(__file__).resolve()), "_worker", "--method", method, "--variant",
+                       variant, "--seed", str(seed), "--out", str(out), "--eval-split", eval_split]
+            if max_steps is not None:
+                command += ["--max-steps", str(max_steps)]
+            handle = open(log, "w")
+            running.append(((method, variant, seed), subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
+                                                                      env=env, cwd=ROOT), handle, time.perf_counter()))
+            print(f"[{time.perf_counter() - started:6.0f} s] start {method}/{variant}/seed{seed}", flush=True)
+        time.sleep(0.5)
+        for entry in list(running):
+            run, process, handle, run_started = entry
+            if process.poll() is None:
+                continue
+            handle.close()
+            running.remove(entry)
+            state = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
+            print(f"[{time.perf_counter() - started:6.0f} s] {state} {'/'.join(map(str, run))} "
+                  f"({time.perf_counter() - run_started:.0f} s)", flush=True)
+            if process.returncode != 0:
+                failed.append(run)
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed: {failed}; see the .log files next to their results in {out}.")
+    return time.perf_counter() - started
+
+
+# --- rendering -----------------------------------------------------------------------------------------------------
+
+
+def load_results(out: Path) -> dict:
+    """{method: {variant: [record, ...] sorted by seed}} for every JSON under `out`."""
+    results = defaultdict(lambda: defaultdict(list))
+    for path in sorted(Path(out).glob("*/*/seed*.json")):
+        record = json.loads(path.read_text())
+        settings = record["settings"]
+        results[settings["method"]][settings["variant"]].append(record)
+    for variants in results.values():
+        for records in variants.values():
+            records.sort(key=lambda record: record["settings"]["seed"])
+    return results
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n − 1); the deviation is 0 for a single value."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _pm(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    mean, std = mean_std([value * scale for value in values])
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _seeds(records) -> list[int]:
+    return [record["settings"]["seed"] for record in records]
+
+
+def _ordered(method: str, variants: dict) -> list[str]:
+    return [name for name in METHODS[method]["variants"] if name in variants]
+
+
+def _accuracy_table(method: str, variants: dict) -> str:
+    lines = [
+        "| variant | test accuracy (%) | per seed (%) | mean completion tokens | train time (s) | peak RSS in "
+        "training (MiB) | peak above loaded models (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in _ordered(method, variants):
+        records = variants[name]
+        label = METHODS[method]["variants"][name]["label"]
+        accuracies = [r["eval"]["accuracy"] for r in records]
+        lines.append(
+            f"| {label} | {_pm(accuracies, 100)} | {' / '.join(f'{100 * a:.1f}' for a in accuracies)} "
+            f"| {_pm([r['eval']['mean_completion_tokens'] for r in records])} "
+            f"| {_pm([r['train_seconds'] for r in records], digits=0)} "
+            f"| {_pm([r['peak_rss_mib'] for r in records], digits=0)} "
+            f"| {_pm([r['peak_above_loaded_mib'] for r in records], digits=0)} |"
+        )
+    return "\n".join(lines)
+
+
+def _differences(method: str, variants: dict) -> str:
+    """Each variant minus the baseline, seed by seed (paired: same seed, same data order), mean ± std."""
+    baseline = METHODS[method]["baseline"]
+    if baseline not in variants:
+        return ""
+    base = {r["settings"]["seed"]: r["eval"]["accuracy"] for r in variants[baseline]}
+    lines = ["| variant | accuracy − baseline, paired by seed (points) | seeds better / equal / worse |",
+             "|---|---:|---:|"]
+    for name in _ordered(method, variants):
+        if name == baseline:
+            continue
+        pairs = [(r["eval"]["accuracy"], base[r["settings"]["seed"]]) for r in variants[name]
+                 if r["settings"]["seed"] in base]
+        if not pairs:
+            continue
+        deltas = [100 * (a - b) for a, b in pairs]
+        better = sum(d > 1e-9 for d in deltas)
+        worse = sum(d < -1e-9 for d in deltas)
+        lines.append(f"| {METHODS[method]['variants'][name]['label']} | {_pm(deltas, digits=1)} "
+                     f"| {better} / {len(deltas) - better - worse} / {worse} |")
+    return "\n".join(lines)
+
+
+def _commands(method: str, variants: dict) -> str:
+    lines = [row_command(method, name, sorted(set(_seeds(variants[name]))), variants[name][0]["settings"])
+             for name in _ordered(method, variants)]
+    return "```bash\n" + "\n".join(lines) + "\n```"
+
+
+def _run_totals(records: list[dict]) -> str:
+    wall = sum(r["process_wall_seconds"] for r in records)
+    cpu = sum(r["process_cpu_seconds"] for r in records)
+    return f"{len(records)} runs, {wall / 60:.1f} min of process wall time, {cpu / 60:.1f} min of CPU time"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_bars(method: str, variants: dict, path: Path) -> None:
+    plt = _plt()
+    names = _ordered(method, variants)
+    labels = [METHODS[method]["variants"][n]["label"].replace(", ", ",\n") for n in names]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    for axis, key, scale, title in ((left, "accuracy", 100, "test accuracy (%)"),
+                                    (right, "train_seconds", 1, "training wall time (s)")):
+        means, stds = [], []
+        for index, name in enumerate(names):
+            records = variants[name]
+            values = [scale * (r["eval"]["accuracy"] if key == "accuracy" else r[key]) for r in records]
+            mean, std = mean_std(values)
+            means.append(mean)
+            stds.append(std)
+            axis.scatter([index] * len(values), values, color="black", s=10, zorder=3)
+        colors = ["#888888" if n == METHODS[method]["baseline"] else "#3a76af" for n in names]
+        axis.bar(range(len(names)), means, yerr=stds, capsize=4, color=colors)
+        axis.set_xticks(range(len(names)), labels, rotation=35, ha="right", fontsize=8)
+        axis.set_title(title, fontsize=10)
+    first = variants[names[0]][0]
+    left.axhline(100 * first["student_before"], color="#c44e52", linestyle="--", linewidth=1)
+    left.axhline(100 * first["teacher"], color="#55a868", linestyle=":", linewidth=1)
+    left.set_title(f"test accuracy (%); dashed: student before ({100 * first['student_before']:.1f} %), "
+                   f"dotted: teacher ({100 * first['teacher']:.1f} %)", fontsize=10)
+    left.set_ylim(0, 105)
+    seeds = len(variants[names[0]])
+    fig.suptitle(f"{METHODS[method]['title']} (mean ± std over {seeds} seeds; dots: seeds; grey: baseline)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_opsdc(variants: dict, path: Path) -> None:
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in _ordered("opsdc", variants):
+        records = variants[name]
+        steps = [point[0] for point in records[0]["curve"]]
+        label = METHODS["opsdc"]["variants"][name]["label"]
+        for axis, column, scale in ((left, 1, 100), (right, 2, 1)):
+            rows = [[scale * point[column] for point in r["curve"]] for r in records]
+            stats = [mean_std(list(values)) for values in zip(*rows)]
+            means = [m for m, _ in stats]
+            stds = [s for _, s in stats]
+            line = axis.plot(steps, means, marker="o", markersize=3, label=label)[0]
+            axis.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                              color=line.get_color(), alpha=0.15)
+    cap = next(iter(variants.values()))[0]["settings"]["max_completion_length"]
+    right.axhline(cap + 1, color="black", linestyle=":", linewidth=1)
+    right.text(0, cap + 0.6, f"generation limit ({cap} tokens + end of turn)", fontsize=8, va="top")
+    left.set_title("greedy accuracy, 100 validation problems (%)", fontsize=10)
+    right.set_title("mean completion tokens (greedy, same problems)", fontsize=10)
+    for axis in (left, right):
+        axis.set_xlabel("optimiser step")
+    left.set_ylim(-3, 103)
+    left.legend(fontsize=8)
+    seeds = len(next(iter(variants.values())))
+    fig.suptitle(f"{METHODS['opsdc']['title']} (mean ± std over {seeds} seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+QUADRANT_COLORS = {1: "#c44e52", 2: "#dd8452", 3: "#8172b3", 4: "#9a9a9a"}
+QUADRANT_NAMES = {1: "Q1 high h, high δ", 2: "Q2 high h, low δ", 3: "Q3 low h, high δ (overconfident)",
+                  4: "Q4 low h, low δ"}
+
+
+def plot_taxonomy(record: dict, path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    titles = {"before": "student before distillation", "after": "student after TIP soft-OR 50 % (seed 0)"}
+    for axis, (name, panel) in zip(axes, record["panels"].items()):
+        for q in (4, 2, 3, 1):
+            xs = [h for h, quadrant in zip(panel["entropy"], panel["quadrant"]) if quadrant == q]
+            ys = [d for d, quadrant in zip(panel["reverse_kl"], panel["quadrant"]) if quadrant == q]
+            share = 100 * panel["quadrant_shares"][q - 1]
+            axis.scatter(xs, [max(y, 1e-6) for y in ys], s=6, alpha=0.6, color=QUADRANT_COLORS[q],
+                         label=f"{QUADRANT_NAMES[q]}: {share:.0f} %")
+        axis.axvline(panel["median_entropy"], color="black", linewidth=0.7, linestyle="--")
+        axis.axhline(max(panel["median_reverse_kl"], 1e-6), color="black", linewidth=0.7, linestyle="--")
+        axis.set_yscale("log")
+        axis.set_xlabel("normalised student entropy h = H(S) / ln|V|")
+        axis.set_ylabel("reverse KL δ = KL(S || T) (nats, log scale)")
+        axis.set_title(f"{titles[name]}: {panel['tokens']} tokens", fontsize=10)
+        axis.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Completion tokens of 64 sampled student rollouts (T = 1), split at the batch medians (dashed)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _tip_section(variants: dict, figures: str) -> str:
+    records = [r for records in variants.values() for r in records]
+    settings = records[0]["settings"]
+    return "\n\n".join([
+        f"Settings: {settings['max_steps']} optimiser steps × {settings['per_device_train_batch_size']} student "
+        f"rollouts, lr {settings['learning_rate']:g} ({settings['lr_scheduler_type']} decay, "
+        f"{settings['warmup_steps']} warm-up steps), T = {settings['temperature']:g}, reverse KL; greedy accuracy on "
+        f"the {records[0]['eval']['num_problems']} {records[0]['settings']['eval_split']} problems. "
+        f"Student before: {100 * records[0]['student_before']:.1f} %, teacher: {100 * records[0]['teacher']:.1f} %.",
+        _accuracy_table("tip", variants),
+        _differences("tip", variants),
+        f"![TIP variants against all-token OPD]({figures}/tip.png)",
+        _commands("tip", variants),
+        f"Cost: {_run_totals(records)}.",
+    ])
+
+
+PASS_RATE_BINS = {"0": "p = 0", "0_25": "0 < p ≤ ¼", "25_50": "¼ < p ≤ ½", "50_75": "½ < p ≤ ¾",
+                  "75_100": "¾ < p < 1", "1": "p = 1", "unknown": "unknown"}
+
+
+def _paced_section(variants: dict, figures: str) -> str:
+    records = [r for records in variants.values() for r in records]
+    settings = records[0]["settings"]
+    estimation = [r["estimation_seconds"] for r in records]
+    histogram = records[0]["pass_rate_histogram"]
+    shares = ", ".join(f"{PASS_RATE_BINS[key]}: {100 * value:.1f} %" for key, value in histogram.items()
+                       if key in PASS_RATE_BINS and value > 0)
+    return "\n\n".join([
+        f"Settings: the first {settings['num_train_problems']} training problems, pass rates from "
+        f"K = {settings['pass_rate_rollouts']} student rollouts each (estimated once, before training), then "
+        f"{settings['max_steps']} optimiser steps × {settings['per_device_train_batch_size']} rollouts, "
+        f"lr {settings['learning_rate']:g} ({settings['lr_scheduler_type']} decay, {settings['warmup_steps']} "
+        f"warm-up steps), T = {settings['temperature']:g}. `forward_then_reverse` trains on the dataset's reference "
+        "completions with forward KL for the first half, then on student rollouts with reverse KL. The unweighted "
+        "baseline is the same trainer with α = β = 0. Train time includes the pass-rate estimation "
+        f"({_pm(estimation, digits=0)} s of it); the estimation is needed by PACED only, the unweighted run pays "
+        f"it because the same trainer does the work. Estimated pass rates (seed {records[0]['settings']['seed']}): "
+        f"{shares}.",
+        _accuracy_table("paced", variants),
+        _differences("paced", variants),
+        f"![PACED against unweighted distillation]({figures}/paced.png)",
+        _commands("paced", variants),
+        f"Cost: {_run_totals(records)}.",
+    ])
+
+
+def _opsdc_section(variants: dict, figures: str) -> str:
+    records = [r for records in variants.values() for r in records]
+    settings = records[0]["settings"]
+    lines = [
+        "| variant | test accuracy before (%) | the teacher's view: with the instruction (%) | test accuracy after (%) "
+        "| completion tokens before | with the instruction | after | train time (s) | peak RSS in training (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in _ordered("opsdc", variants):
+        rs = variants[name]
+        lines.append(
+            f"| {METHODS['opsdc']['variants'][name]['label']} "
+            f"| {_pm([r['before']['accuracy'] for r in rs], 100)} "
+            f"| {_pm([r['teachers_view']['accuracy'] for r in rs], 100)} "
+            f"| {_pm([r['eval']['accuracy'] for r in rs], 100)} "
+            f"| {_pm([r['before']['mean_completion_tokens'] for r in rs])} "
+            f"| {_pm([r['teachers_view']['mean_completion_tokens'] for r in rs])} "
+            f"| {_pm([r['eval']['mean_completion_tokens'] for r in rs])} "
+            f"| {_pm([r['train_seconds'] for r in rs], digits=0)} "
+            f"| {_pm([r['peak_rss_mib'] for r in rs], digits=0)} |"
+        )
+    return "\n\n".join([
+        f"Settings: the built-in *teacher* (100 % test accuracy) self-distils: {settings['max_steps']} optimiser "
+        f"steps × {settings['per_device_train_batch_size']} prompts (one rollout each, T = "
+        f"{settings['temperature']:g}), lr {settings['learning_rate']:g} constant, weight decay 0.01, reverse KL, "
+        f"instruction before the problem. The curves are greedy accuracy and length on the first "
+        f"{settings['curve_problems']} validation problems every {settings['curve_every']} steps (their time is "
+        "excluded from the train time); the table is on the test split.",
+        "\n".join(lines),
+        f"![OPSDC: accuracy and length over training]({figures}/opsdc.png)",
+        _commands("opsdc", variants),
+        f"Cost: {_run_totals(records)}.",
+    ])
+
+
+def _taxonomy_section(variants: dict, figures: str) -> str:
+    record = variants["soft_or_50"][0]
+    lines = ["| rollouts of | tokens | Q1 high h, high δ | Q2 high h, low δ | Q3 low h, high δ | Q4 low h, low δ |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, panel in record["panels"].items():
+        shares = " | ".join(f"{100 * s:.1f} % (soft-OR 50 % keeps {100 * k:.0f} %)"
+                            for s, k in zip(panel["quadrant_shares"], panel["soft_or_kept_by_quadrant"]))
+        lines.append(f"| student {name} TIP soft-OR 50 % | {panel['tokens']} | {shares} |")
+    return "\n\n".join([
+        "\n".join(lines),
+        f"![Student tokens on the entropy x divergence plane]({figures}/taxonomy.png)",
+        _commands("taxonomy", variants),
+    ])
+
+
+SECTIONS = {"tip": _tip_section, "paced": _paced_section, "opsdc": _opsdc_section, "taxonomy": _taxonomy_section}
+PLOTS = {"tip": lambda v, p: plot_bars("tip", v, p), "paced": lambda v, p: plot_bars("paced", v, p),
+         "opsdc": plot_opsdc, "taxonomy": lambda v, p: plot_taxonomy(v["soft_or_50"][0], p)}
+
+
+def _marker(method: str, end: str) -> str:
+    return f"<!-- reproduce:{method}:{end} -->"
+
+
+def render(out: Path = DEFAULT_OUT, doc: Path = DEFAULT_DOC, figures: Path = DEFAULT_FIGURES) -> list[Path]:
+    """
+    Write each method's generated section of `doc` (between its `<!-- reproduce:<method>:start/end -->` markers) and
+    its figure under `figures`, from the results under `out`. A doc without a method's markers gets the section
+    appended; methods without results keep their section as it is. Returns the figures written.
+    """
+    results = load_results(out)
+    doc, figures = Path(doc), Path(figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    text = doc.read_text() if doc.exists() else "# Results on the built-in task\n"
+    relative = os.path.relpath(figures, doc.parent)
+    written = []
+    all_records = []
+    for method in SECTIONS:
+        if method not in results:
+            continue
+        variants = results[method]
+        all_records += [r for records in variants.values() for r in records]
+        figure = figures / f"{method}.png"
+        PLOTS[method](variants, figure)
+        written.append(figure)
+        body = f"{_marker(method, 'start')}\n\n{SECTIONS[method](variants, relative)}\n\n{_marker(method, 'end')}"
+        pattern = re.compile(re.escape(_marker(method, "start")) + ".*?" + re.escape(_marker(method, "end")), re.DOTALL)
+        if pattern.search(text):
+            text = pattern.sub(lambda _: body, text)
+        else:
+            text = text.rstrip("\n") + f"\n\n## {METHODS[method]['title']}\n\n{body}\n"
+    if all_records:
+        body = (f"{_marker('total', 'start')}\n\nAll results above: {_run_totals(all_records)} (sums over the runs; "
+                f"torch {all_records[0]['torch']}).\n\n{_marker('total', 'end')}")
+        pattern = re.compile(re.escape(_marker("total", "start")) + ".*?" + re.escape(_marker("total", "end")), re.DOTALL)
+        text = pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip("\n") + f"\n\n{body}\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+    return written
+
+
+# --- command line --------------------------------------------------------------------------------------------------
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for method in (*RUN_METHODS, "all"):
+        sub = commands.add_parser(method, help=f"run {'every method' if method == 'all' else method}, then render")
+        if method != "all":
+            sub.add_argument("--variants", nargs="+", choices=list(METHODS[method]["variants"]),
+                             default=list(METHODS[method]["variants"]))
+        sub.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+        sub.add_argument("--out", default=str(DEFAULT_OUT), help="directory of the per-run JSON results")
+        sub.add_argument("--eval-split", choices=["test", "validation"], default="test",
+                         help="split the final accuracy is measured on ('validation' to set budgets)")
+        sub.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
+        sub.add_argument("--max-steps", type=int, default=None,
+                         help="override the method's optimiser steps (to set budgets on the validation split)")
+        sub.add_argument("--force", action="store_true", help="rerun even when a current result exists")
+        sub.add_argument("--no-render", action="store_true", help="do not rewrite docs/results.md and the figures")
+    sub = commands.add_parser("render", help="rewrite docs/results.md and docs/results/*.png from the results")
+    sub.add_argument("--out", default=str(DEFAULT_OUT))
+    sub.add_argument("--doc", default=str(DEFAULT_DOC))
+    sub.add_argument("--figures", default=str(DEFAULT_FIGURES))
+    sub = commands.add_parser("_worker")  # one run, in a fresh process
+    sub.add_argument("--method", choices=RUN_METHODS, required=True)
+    sub.add_argument("--variant", required=True)
+    sub.add_argument("--seed", type=int, required=True)
+    sub.add_argument("--out", required=True)
+    sub.add_argument("--eval-split", default="test")
+    sub.add_argument("--max-steps", type=int, default=None)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = make_parser().parse_args(argv)
+    if args.command == "_worker":
+        worker(args)
+        return
+    if args.command == "render":
+        for figure in render(Path(args.out), Path(args.doc), Path(args.figures)):
+            print(f"wrote {figure}")
+        return
+    out = Path(args.out)
+    methods = RUN_METHODS if args.command == "all" else (args.command,)
+    runs = []
+    for method in methods:
+        variants = args.variants if args.command != "all" else list(METHODS[method]["variants"])
+        if method == "taxonomy":
+            # It reads the student after the TIP run it pictures.
+            runs += pending_runs("tip", [METHODS["taxonomy"]["settings"]["tip_run"]], [0], out, args.eval_split,
+                                 False, args.max_steps)
+        runs += pending_runs(method, variants, args.seeds, out, args.eval_split, args.force, args.max_steps)
+    runs = list(dict.fromkeys(runs))
+    # The taxonomy run needs the TIP run it pictures: run it last.
+    runs.sort(key=lambda run: run[0] == "taxonomy")
+    print(f"{len(runs)} run(s) to do in {out}")
+    taxonomy = [run for run in runs if run[0] == "taxonomy"]
+    wall = execute([run for run in runs if run[0] != "taxonomy"], out, args.eval_split, args.jobs, args.max_steps)
+    wall += execute(taxonomy, out, args.eval_split, args.jobs, args.max_steps)
+    print(f"wall time {wall / 60:.1f} min")
+    if not args.no_render and out.resolve() == DEFAULT_OUT.resolve():
+        for figure in render(out):
+            print(f"wrote {figure}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""`benchmarks/reproduce.py render`: the tables' arithmetic, the commands, and the figures, from hand-made results."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("_reproduce", ROOT / "benchmarks" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_reproduce"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(reproduce, method, variant, seed, accuracy, max_steps=None, **extra):
+    settings = reproduce.run_settings(method, variant, seed, "test", max_steps)
+    return {
+        "settings": settings,
+        "command": reproduce.row_command(method, variant, [seed], settings),
+        "student_before": 0.393,
+        "teacher": 1.0,
+        "eval": {"accuracy": accuracy, "mean_completion_tokens": 25.0 + seed, "num_problems": 300},
+        "train_seconds": 10.0 * (seed + 1),
+        "peak_rss_mib": 500.0 + seed,
+        "peak_above_loaded_mib": 40.0 + seed,
+        "process_wall_seconds": 60.0,
+        "process_cpu_seconds": 30.0,
+        "torch": "2.13.0+cpu",
+        **extra,
+    }
+
+
+def _write(out, record):
+    settings = record["settings"]
+    path = out / settings["method"] / settings["variant"] / f"seed{settings['seed']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+@pytest.fixture()
+def results(tmp_path, reproduce):
+    out = tmp_path / "runs"
+    for seed, (base, soft_or) in enumerate([(0.4, 0.5), (0.5, 0.6), (0.6, 0.5)]):
+        _write(out, _record(reproduce, "tip", "all", seed, base))
+        _write(out, _record(reproduce, "tip", "soft_or_50", seed, soft_or))
+        for variant, accuracy in (("unweighted", 0.9), ("paced", 0.8 + 0.05 * seed)):
+            _write(out, _record(reproduce, "paced", variant, seed, accuracy, max_steps=50, estimation_seconds=20.0,
+                                pass_rate_histogram={"0": 0.5, "0_25": 0.25, "25_50": 0.25, "50_75": 0.0,
+                                                     "75_100": 0.0, "1": 0.0, "unknown": 0.0}))
+        for variant in ("v2_m50", "v2_m1"):
+            _write(out, _record(reproduce, "opsdc", variant, seed, 0.0,
+                                before={"accuracy": 1.0, "mean_completion_tokens": 25.6},
+                                teachers_view={"accuracy": 0.0, "mean_completion_tokens": 32.9},
+                                curve=[[0, 1.0, 25.6], [10, 0.5 - 0.1 * seed, 27.0], [20, 0.0, 33.0]]))
+    panel = {"entropy": [0.01, 0.02, 0.2, 0.3], "reverse_kl": [0.01, 0.5, 0.02, 2.0], "quadrant": [4, 3, 2, 1],
+             "soft_or_kept": [0, 1, 0, 1], "quadrant_shares": [0.25, 0.25, 0.25, 0.25],
+             "soft_or_kept_by_quadrant": [1.0, 0.0, 1.0, 0.0], "median_entropy": 0.1, "median_reverse_kl": 0.2,
+             "tokens": 4}
+    _write(out, _record(reproduce, "taxonomy", "soft_or_50", 0, 0.0, panels={"before": panel, "after": panel}))
+    return out
+
+
+def test_mean_and_sample_std(reproduce):
+    assert reproduce.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert reproduce.mean_std([0.7]) == (0.7, 0.0)
+
+
+def test_render_writes_tables_commands_and_figures(tmp_path, reproduce, results):
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text("# Results\n\nHand-written text stays.\n\n<!-- reproduce:tip:start -->\nold\n<!-- reproduce:tip:end -->\n"
+                   "\nAfter the section.\n")
+    figures = reproduce.render(results, doc, tmp_path / "docs" / "results")
+    text = doc.read_text()
+
+    # TIP: accuracies 40/50/60 % → 50.0 ± 10.0; 50/60/50 % → 53.3 ± 5.8; paired differences +10, +10, −10.
+    assert "| all tokens (plain OPD) | 50.0 ± 10.0 | 40.0 / 50.0 / 60.0 | 26.0 ± 1.0 | 20 ± 10 | 501 ± 1 | 41 ± 1 |" in text
+    assert "| soft-OR 50 % | 53.3 ± 5.8 | 50.0 / 60.0 / 50.0 |" in text
+    assert "| soft-OR 50 % | 3.3 ± 11.5 | 2 / 0 / 1 |" in text
+    assert "old" not in text and "Hand-written text stays." in text and "After the section." in text
+    # PACED: 80/85/90 % against 90 % each time; the runs used 50 steps, which the command must say.
+    assert "| PACED p(1-p), reverse KL | 85.0 ± 5.0 |" in text
+    assert "| PACED p(1-p), reverse KL | -5.0 ± 5.0 | 0 / 1 / 2 |" in text
+    assert "python benchmarks/reproduce.py paced --variants paced --seeds 0 1 2 --max-steps 50" in text
+    assert "python benchmarks/reproduce.py tip --variants soft_or_50 --seeds 0 1 2\n" in text
+    assert "p = 0: 50.0 %" in text and "50 optimiser steps" in text
+    # OPSDC and the taxonomy.
+    assert "| v2 instruction, M = 1 | 100.0 ± 0.0 | 0.0 ± 0.0 | 0.0 ± 0.0 | 25.6 ± 0.0 | 32.9 ± 0.0 | 26.0 ± 1.0 |" in text
+    assert "25.0 % (soft-OR 50 % keeps 100 %)" in text
+    assert "](results/tip.png)" in text
+    assert "All results above: 19 runs" in text
+
+    assert sorted(path.name for path in figures) == ["opsdc.png", "paced.png", "taxonomy.png", "tip.png"]
+    for path in figures:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+    # Rendering again from the same results changes nothing.
+    reproduce.render(results, doc, tmp_path / "docs" / "results")
+    assert doc.read_text() == text
+
+
+def test_a_stored_result_is_reused_only_with_the_same_settings(tmp_path, reproduce, results):
+    assert reproduce.pending_runs("tip", ["all", "soft_or_50"], [0, 1, 2], results, "test", False) == []
+    assert reproduce.pending_runs("tip", ["all"], [0, 3], results, "test", False) == [("tip", "all", 3)]
+    # Other step counts or another split are other runs; --force reruns.
+    assert len(reproduce.pending_runs("tip", ["all"], [0, 1], results, "test", False, max_steps=7)) == 2
+    assert len(reproduce.pending_runs("tip", ["all"], [0], results, "validation", False)) == 1
+    assert len(reproduce.pending_runs("tip", ["all"], [0], results, "test", True)) == 1
+
+
+def test_every_row_command_parses(reproduce, results):
+    for path in results.glob("*/*/seed*.json"):
+        command = json.loads(path.read_text())["command"].split()
+        assert command[:2] == ["python", "benchmarks/reproduce.py"]
+        reproduce.make_parser().parse_args(command[2:])
