@@ -168,14 +168,18 @@ def _reset_peak_rss() -> None:
 
 
 def _train_measured(trainer) -> dict:
-    """Train; return the wall time and the peak resident memory of training (absolute and above the loaded state)."""
+    """
+    Train; return the wall and CPU time of training and its peak resident memory (absolute and above the loaded
+    state). With one thread per run, CPU time is what the run costs whatever else the machine is doing.
+    """
     loaded = _status_kib("VmRSS") / 1024
     _reset_peak_rss()
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     trainer.train()
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - started_cpu
     peak = _status_kib("VmHWM") / 1024
-    return {"train_seconds": seconds, "loaded_rss_mib": loaded, "peak_rss_mib": peak, "peak_above_loaded_mib": peak - loaded}
+    return {"train_seconds": seconds, "train_cpu_seconds": cpu, "loaded_rss_mib": loaded, "peak_rss_mib": peak,
+            "peak_above_loaded_mib": peak - loaded}
 
 
 def _log_series(trainer, keys: tuple[str, ...]) -> dict:
@@ -225,18 +229,20 @@ def _worker_paced(settings: dict, prepared: dict, tokenizer, output_dir: str, di
                          kl_schedule=settings["kl_schedule"], pass_rate_rollouts=settings["pass_rate_rollouts"])
     trainer = PacedTrainer(model=prepared["student"], teacher_model=prepared["teacher"], args=config,
                            train_dataset=train, processing_class=tokenizer, reward_funcs=["math"])
-    estimate, spent = trainer.estimate_pass_rates, []
+    estimate, spent, spent_cpu = trainer.estimate_pass_rates, [], []
 
     def timed_estimate():
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         try:
             return estimate()
         finally:
             spent.append(time.perf_counter() - started)
+            spent_cpu.append(time.process_time() - started_cpu)
 
     trainer.estimate_pass_rates = timed_estimate
     result = _train_measured(trainer)
     result["estimation_seconds"] = sum(spent)
+    result["estimation_cpu_seconds"] = sum(spent_cpu)
     result["pass_rate_histogram"] = trainer.pass_rate_table.histogram()
     result["history"] = _log_series(trainer, ("loss", "paced/weight_mean", "paced/zero_weight_share"))
     result["model"] = trainer.model
@@ -250,14 +256,15 @@ def _worker_opsdc(settings: dict, prepared: dict, tokenizer, output_dir: str, di
     from trl_tip.tasks import evaluate_accuracy
 
     curve_set = prepared["dataset"]["validation"].select(range(settings["curve_problems"]))
-    curve, spent = [], []
+    curve, spent, spent_cpu = [], [], []
 
     class Curve(TrainerCallback):
         def _measure(self, model, step):
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             measured = evaluate_accuracy(model, tokenizer, curve_set, max_new_tokens=settings["max_completion_length"])
             curve.append([step, measured["accuracy"], measured["mean_completion_tokens"]])
             spent.append(time.perf_counter() - started)
+            spent_cpu.append(time.process_time() - started_cpu)
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             self._measure(model, 0)
@@ -279,6 +286,7 @@ def _worker_opsdc(settings: dict, prepared: dict, tokenizer, output_dir: str, di
     result = _train_measured(trainer)
     # Curve evaluations ran inside `train`; they are not training.
     result["train_seconds"] -= sum(spent)
+    result["train_cpu_seconds"] -= sum(spent_cpu)
     result["before"] = before
     result["teachers_view"] = teachers_view
     result["curve"] = curve
@@ -392,13 +400,19 @@ def worker(args) -> None:
 # --- running (driver side) -----------------------------------------------------------------------------------------
 
 
+# What a stored result must hold besides equal settings (results of older versions of this script are rerun).
+REQUIRED_KEYS = {"tip": ("eval", "train_cpu_seconds"), "paced": ("eval", "train_cpu_seconds"),
+                 "opsdc": ("eval", "train_cpu_seconds", "curve"), "taxonomy": ("panels",)}
+
+
 def _is_current(path: Path, settings: dict) -> bool:
     if not path.exists():
         return False
     try:
-        return json.loads(path.read_text())["settings"] == settings
-    except (json.JSONDecodeError, KeyError):
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
         return False
+    return record.get("settings") == settings and all(key in record for key in REQUIRED_KEYS[settings["method"]])
 
 
 def pending_runs(method: str, variants: list[str], seeds: list[int], out: Path, eval_split: str, force: bool,
@@ -489,9 +503,9 @@ def _ordered(method: str, variants: dict) -> list[str]:
 
 def _accuracy_table(method: str, variants: dict) -> str:
     lines = [
-        "| variant | test accuracy (%) | per seed (%) | mean completion tokens | train time (s) | peak RSS in "
-        "training (MiB) | peak above loaded models (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | test accuracy (%) | per seed (%) | mean completion tokens | train CPU time (s) | train wall "
+        "time (s) | peak RSS in training (MiB) | peak above loaded models (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in _ordered(method, variants):
         records = variants[name]
@@ -500,6 +514,7 @@ def _accuracy_table(method: str, variants: dict) -> str:
         lines.append(
             f"| {label} | {_pm(accuracies, 100)} | {' / '.join(f'{100 * a:.1f}' for a in accuracies)} "
             f"| {_pm([r['eval']['mean_completion_tokens'] for r in records])} "
+            f"| {_pm([r['train_cpu_seconds'] for r in records], digits=1)} "
             f"| {_pm([r['train_seconds'] for r in records], digits=0)} "
             f"| {_pm([r['peak_rss_mib'] for r in records], digits=0)} "
             f"| {_pm([r['peak_above_loaded_mib'] for r in records], digits=0)} |"
@@ -557,7 +572,7 @@ def plot_bars(method: str, variants: dict, path: Path) -> None:
     labels = [METHODS[method]["variants"][n]["label"].replace(", ", ",\n") for n in names]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2, 1]})
     for axis, key, scale, title in ((left, "accuracy", 100, "test accuracy (%)"),
-                                    (right, "train_seconds", 1, "training wall time (s)")):
+                                    (right, "train_cpu_seconds", 1, "training CPU time (s, one thread)")):
         means, stds = [], []
         for index, name in enumerate(names):
             records = variants[name]
@@ -669,7 +684,7 @@ PASS_RATE_BINS = {"0": "p = 0", "0_25": "0 < p ≤ ¼", "25_50": "¼ < p ≤ ½"
 def _paced_section(variants: dict, figures: str) -> str:
     records = [r for records in variants.values() for r in records]
     settings = records[0]["settings"]
-    estimation = [r["estimation_seconds"] for r in records]
+    estimation = [r["estimation_cpu_seconds"] for r in records]
     histogram = records[0]["pass_rate_histogram"]
     shares = ", ".join(f"{PASS_RATE_BINS[key]}: {100 * value:.1f} %" for key, value in histogram.items()
                        if key in PASS_RATE_BINS and value > 0)
@@ -681,8 +696,8 @@ def _paced_section(variants: dict, figures: str) -> str:
         f"warm-up steps), T = {settings['temperature']:g}. `forward_then_reverse` trains on the dataset's reference "
         "completions with forward KL for the first half, then on student rollouts with reverse KL. The unweighted "
         "baseline is the same trainer with α = β = 0. Train time includes the pass-rate estimation "
-        f"({_pm(estimation, digits=0)} s of it); the estimation is needed by PACED only, the unweighted run pays "
-        f"it because the same trainer does the work. Estimated pass rates (seed {records[0]['settings']['seed']}): "
+        f"({_pm(estimation, digits=1)} s of CPU time); the estimation is needed by PACED only, the unweighted run "
+        f"pays it because the same trainer does the work. Estimated pass rates (seed {records[0]['settings']['seed']}): "
         f"{shares}.",
         _accuracy_table("paced", variants),
         _differences("paced", variants),
@@ -697,7 +712,7 @@ def _opsdc_section(variants: dict, figures: str) -> str:
     settings = records[0]["settings"]
     lines = [
         "| variant | test accuracy before (%) | the teacher's view: with the instruction (%) | test accuracy after (%) "
-        "| completion tokens before | with the instruction | after | train time (s) | peak RSS in training (MiB) |",
+        "| completion tokens before | with the instruction | after | train CPU time (s) | peak RSS in training (MiB) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in _ordered("opsdc", variants):
@@ -710,7 +725,7 @@ def _opsdc_section(variants: dict, figures: str) -> str:
             f"| {_pm([r['before']['mean_completion_tokens'] for r in rs])} "
             f"| {_pm([r['teachers_view']['mean_completion_tokens'] for r in rs])} "
             f"| {_pm([r['eval']['mean_completion_tokens'] for r in rs])} "
-            f"| {_pm([r['train_seconds'] for r in rs], digits=0)} "
+            f"| {_pm([r['train_cpu_seconds'] for r in rs], digits=1)} "
             f"| {_pm([r['peak_rss_mib'] for r in rs], digits=0)} |"
         )
     return "\n\n".join([
@@ -719,7 +734,8 @@ def _opsdc_section(variants: dict, figures: str) -> str:
         f"{settings['temperature']:g}), lr {settings['learning_rate']:g} constant, weight decay 0.01, reverse KL, "
         f"instruction before the problem. The curves are greedy accuracy and length on the first "
         f"{settings['curve_problems']} validation problems every {settings['curve_every']} steps (their time is "
-        "excluded from the train time); the table is on the test split.",
+        "excluded from the train time); the table is on the test split. \"The teacher's view\" is the model before "
+        "training with the instruction in its prompt: what the student is distilled towards.",
         "\n".join(lines),
         f"![OPSDC: accuracy and length over training]({figures}/opsdc.png)",
         _commands("opsdc", variants),

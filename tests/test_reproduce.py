@@ -29,6 +29,7 @@ def _record(reproduce, method, variant, seed, accuracy, max_steps=None, **extra)
         "teacher": 1.0,
         "eval": {"accuracy": accuracy, "mean_completion_tokens": 25.0 + seed, "num_problems": 300},
         "train_seconds": 10.0 * (seed + 1),
+        "train_cpu_seconds": 5.0 * (seed + 1),
         "peak_rss_mib": 500.0 + seed,
         "peak_above_loaded_mib": 40.0 + seed,
         "process_wall_seconds": 60.0,
@@ -52,7 +53,7 @@ def results(tmp_path, reproduce):
         _write(out, _record(reproduce, "tip", "all", seed, base))
         _write(out, _record(reproduce, "tip", "soft_or_50", seed, soft_or))
         for variant, accuracy in (("unweighted", 0.9), ("paced", 0.8 + 0.05 * seed)):
-            _write(out, _record(reproduce, "paced", variant, seed, accuracy, max_steps=50, estimation_seconds=20.0,
+            _write(out, _record(reproduce, "paced", variant, seed, accuracy, max_steps=50, estimation_cpu_seconds=20.0,
                                 pass_rate_histogram={"0": 0.5, "0_25": 0.25, "25_50": 0.25, "50_75": 0.0,
                                                      "75_100": 0.0, "1": 0.0, "unknown": 0.0}))
         for variant in ("v2_m50", "v2_m1"):
@@ -82,7 +83,8 @@ def test_render_writes_tables_commands_and_figures(tmp_path, reproduce, results)
     text = doc.read_text()
 
     # TIP: accuracies 40/50/60 % → 50.0 ± 10.0; 50/60/50 % → 53.3 ± 5.8; paired differences +10, +10, −10.
-    assert "| all tokens (plain OPD) | 50.0 ± 10.0 | 40.0 / 50.0 / 60.0 | 26.0 ± 1.0 | 20 ± 10 | 501 ± 1 | 41 ± 1 |" in text
+    assert ("| all tokens (plain OPD) | 50.0 ± 10.0 | 40.0 / 50.0 / 60.0 | 26.0 ± 1.0 | 10.0 ± 5.0 | 20 ± 10 | 501 ± 1 "
+            "| 41 ± 1 |") in text
     assert "| soft-OR 50 % | 53.3 ± 5.8 | 50.0 / 60.0 / 50.0 |" in text
     assert "| soft-OR 50 % | 3.3 ± 11.5 | 2 / 0 / 1 |" in text
     assert "old" not in text and "Hand-written text stays." in text and "After the section." in text
@@ -91,9 +93,10 @@ def test_render_writes_tables_commands_and_figures(tmp_path, reproduce, results)
     assert "| PACED p(1-p), reverse KL | -5.0 ± 5.0 | 0 / 1 / 2 |" in text
     assert "python benchmarks/reproduce.py paced --variants paced --seeds 0 1 2 --max-steps 50" in text
     assert "python benchmarks/reproduce.py tip --variants soft_or_50 --seeds 0 1 2\n" in text
-    assert "p = 0: 50.0 %" in text and "50 optimiser steps" in text
+    assert "p = 0: 50.0 %" in text and "50 optimiser steps" in text and "(20.0 ± 0.0 s of CPU time)" in text
     # OPSDC and the taxonomy.
-    assert "| v2 instruction, M = 1 | 100.0 ± 0.0 | 0.0 ± 0.0 | 0.0 ± 0.0 | 25.6 ± 0.0 | 32.9 ± 0.0 | 26.0 ± 1.0 |" in text
+    assert ("| v2 instruction, M = 1 | 100.0 ± 0.0 | 0.0 ± 0.0 | 0.0 ± 0.0 | 25.6 ± 0.0 | 32.9 ± 0.0 | 26.0 ± 1.0 "
+            "| 10.0 ± 5.0 | 501 ± 1 |") in text
     assert "25.0 % (soft-OR 50 % keeps 100 %)" in text
     assert "](results/tip.png)" in text
     assert "All results above: 19 runs" in text
@@ -109,6 +112,12 @@ def test_render_writes_tables_commands_and_figures(tmp_path, reproduce, results)
 
 def test_a_stored_result_is_reused_only_with_the_same_settings(tmp_path, reproduce, results):
     assert reproduce.pending_runs("tip", ["all", "soft_or_50"], [0, 1, 2], results, "test", False) == []
+    # A result without a measurement this version of the script takes is stale.
+    path = results / "tip" / "all" / "seed1.json"
+    record = json.loads(path.read_text())
+    del record["train_cpu_seconds"]
+    path.write_text(json.dumps(record))
+    assert reproduce.pending_runs("tip", ["all"], [0, 1], results, "test", False) == [("tip", "all", 1)]
     assert reproduce.pending_runs("tip", ["all"], [0, 3], results, "test", False) == [("tip", "all", 3)]
     # Other step counts or another split are other runs; --force reruns.
     assert len(reproduce.pending_runs("tip", ["all"], [0, 1], results, "test", False, max_steps=7)) == 2
