@@ -90,3 +90,24 @@ def test_opsdc_vllm_plumbing(recorder, tiny_model_paths, prompts, tmp_path, mode
     with pytest.raises(ReachedVLLM):
         trainer.train()
     _check_reached_vllm(recorder, mode, prompts)
+
+
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_paced_pass_rate_estimation_goes_through_vllm(recorder, tiny_model_paths, prompts, tmp_path, mode):
+    # Pass rates are estimated before the first step: K rollouts per problem, through the same engine, with the
+    # prompt list holding each problem K times in a row (the convention of TRL's vLLM client, which asks the server
+    # for n = K completions of each distinct prompt).
+    from trl_tip import PacedConfig, PacedTrainer
+
+    args = PacedConfig(**_vllm_settings(tmp_path, mode), pass_rate_rollouts=3)
+    trainer = PacedTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model_paths["teacher"], args=args,
+                           train_dataset=prompts, reward_funcs="math")
+    with pytest.raises(ReachedVLLM):
+        trainer.train()
+    (engine,) = recorder.instances
+    assert engine.kwargs["mode"] == mode and engine.kwargs["server_port"] == 8123
+    assert [call[0] for call in engine.calls] == ["sync_weights", "generate"]
+    _, generated_prompts, num_generations = engine.calls[1]
+    assert num_generations == 3
+    first_batch = _expected_prompt_ids(prompts.select(range(4)))
+    assert generated_prompts == [ids for ids in first_batch for _ in range(3)]

@@ -46,7 +46,30 @@ def build_tip(models, dataset, output_dir):
                              train_dataset=dataset)
 
 
-TRAINERS = {"tip": build_tip}
+def build_paced(models, dataset, output_dir):
+    from trl_tip import PacedConfig, PacedTrainer
+
+    args = PacedConfig(
+        output_dir=output_dir, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, bf16=False,
+        use_cpu=True, ddp_backend="gloo", report_to="none", logging_steps=1, save_strategy="no",
+        max_completion_length=8, pass_rate_rollouts=2, paced_alpha=0.0, paced_beta=0.0, seed=0,
+    )
+    return PacedTrainer(model=models["student"], teacher_model=models["teacher"], args=args, train_dataset=dataset,
+                        reward_funcs="math")
+
+
+def build_opsdc(models, dataset, output_dir):
+    from trl_tip import OPSDCConfig, OPSDCTrainer
+
+    args = OPSDCConfig(
+        output_dir=output_dir, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, bf16=False,
+        use_cpu=True, ddp_backend="gloo", report_to="none", logging_steps=1, save_strategy="no",
+        max_completion_length=8, teacher_refresh_steps=1, seed=0,
+    )
+    return OPSDCTrainer(model=models["student"], args=args, train_dataset=dataset)
+
+
+TRAINERS = {"tip": build_tip, "paced": build_paced, "opsdc": build_opsdc}
 
 
 def main():

@@ -35,6 +35,7 @@ from trl.models import prepare_deepspeed
 from trl.trainer.utils import get_config_model_id, pad
 
 from ..hub import TrlTipHubMixin
+from ..quantization import keep_4bit_weights_trainable
 from ..instructions import INSTRUCTION_POSITIONS, add_instruction, resolve_instruction
 
 
@@ -398,6 +399,8 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
             peft_config=peft_config,
             tools=tools,
         )
+        # Evaluation runs the student in eval mode without gradient, which would repack its 4-bit weights for good.
+        keep_4bit_weights_trainable(self.model)
 
         if self._is_vlm:
             raise NotImplementedError(
