@@ -2,7 +2,9 @@
 
 __version__ = "0.1.0"
 
+from .evaluation import evaluate_pass_at_k, pass_at_k
 from .rewards import extract_answer, grade_answer, math_reward
 
 
 __all__ = ["extract_answer", "grade_answer", "math_reward"]
+__all__ += ["evaluate_pass_at_k", "pass_at_k"]
