@@ -20,7 +20,7 @@ def ace_confidence_shift(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """
-    Confidence shift of each rollout: the mean (or sum) over its completion tokens of `log π_old(y_t) − log π_ref(y_t)`.
+    Confidence shift of each rollout: mean (or sum) over its completion tokens of `log π_old(y_t) − log π_ref(y_t)`.
 
     A positive shift means the policy has become more sure of this rollout than the reference model was. The result
     is detached: ACE uses it as a fixed coefficient, never as a path for gradients.

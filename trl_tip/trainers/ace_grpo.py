@@ -249,7 +249,9 @@ class ACEGRPOTrainer(GRPOTrainer):
             torch.cat([batch["prompt_ids"], completion_ids], dim=1),
             torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
             completion_ids.size(1),
-            batch_size=self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size,
+            batch_size=(
+                self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+            ),
             pixel_values=batch.get("pixel_values"),
             image_grid_thw=batch.get("image_grid_thw"),
             num_images=batch.get("num_images"),
