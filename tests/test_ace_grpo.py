@@ -188,7 +188,9 @@ def dropout_model_path(tmp_path_factory):
 
 
 @pytest.mark.parametrize("loss_type, dropout", [("dapo", False), ("grpo", True)], ids=["dapo", "grpo-dropout"])
-def test_alpha_zero_reproduces_grpo_exactly(tiny_model_paths, dropout_model_path, prompts, tmp_path, loss_type, dropout):
+def test_alpha_zero_reproduces_grpo_exactly(
+    tiny_model_paths, dropout_model_path, prompts, tmp_path, loss_type, dropout
+):
     # With dropout, an extra forward pass that advanced the random state would change every later sample.
     model_path = dropout_model_path if dropout else tiny_model_paths["student"]
     grpo = GRPOTrainer(
@@ -343,7 +345,9 @@ def test_trains_with_other_loss_types(tiny_model_paths, prompts, tmp_path, overr
 
 def test_rejects_plain_grpo_config(tiny_model_paths, tmp_path):
     with pytest.raises(TypeError, match="needs an ACEGRPOConfig"):
-        ACEGRPOTrainer(model=tiny_model_paths["student"], reward_funcs=diversity_reward, args=make_args(tmp_path, GRPOConfig))
+        ACEGRPOTrainer(
+            model=tiny_model_paths["student"], reward_funcs=diversity_reward, args=make_args(tmp_path, GRPOConfig)
+        )
 
 
 def test_rejects_model_instance_without_path(prompts, tmp_path):
@@ -354,3 +358,24 @@ def test_rejects_model_instance_without_path(prompts, tmp_path):
             args=make_args(tmp_path),
             train_dataset=prompts,
         )
+
+
+@pytest.mark.slow
+def test_example_runs_on_the_builtin_task(arithmetic_models, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "examples/ace_grpo.py", "--max_steps", "2", "--per_device_train_batch_size", "16"]
+    command += ["--num_eval_problems", "8", "--num_eval_samples", "4", "--output_dir", str(tmp_path / "ace")]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    completed = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "pass@4" in completed.stdout and "ACE-GRPO" in completed.stdout
+    results = json.loads((tmp_path / "ace" / "pass_at_k.json").read_text())
+    assert set(results) == {"before", "GRPO", "ACE-GRPO"}
+    assert all(set(result["pass_at_k"]) == {"1", "2", "3", "4"} for result in results.values())
+    assert (tmp_path / "ace" / "model.safetensors").exists()
