@@ -184,3 +184,31 @@ def test_qlora_student_trains_after_evaluation(tiny_model_paths, prompts, tmp_pa
     )
     trainer.train()
     assert [entry["step"] for entry in trainer.state.log_history if "eval_loss" in entry] == [1, 2]
+
+
+def _distinct_characters(completions, **kwargs):
+    # A reward that varies between rollouts of a random tiny model, so GRPO has advantages to learn from.
+    return [len(set(completion[0]["content"])) / 10 for completion in completions]
+
+
+def test_qlora_ace_grpo_student_uses_the_adapter_free_base_as_reference(tiny_model_paths, prompts, tmp_path):
+    from trl_tip import ACEGRPOConfig, ACEGRPOTrainer
+
+    args = ACEGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_steps=2,
+                         bf16=False, report_to="none", max_completion_length=8, save_strategy="no",
+                         learning_rate=1e-2, logging_steps=1, beta=0.0)
+    trainer = ACEGRPOTrainer(
+        model=tiny_model_paths["student"], reward_funcs=_distinct_characters, args=args, train_dataset=prompts,
+        quantization_config=_student_4bit(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    q_proj = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert _is_4bit(q_proj.base_layer)
+    assert trainer.ref_model is None  # the reference is the base with the adapter disabled: no second copy
+    base_before = q_proj.base_layer.weight.detach().clone()
+    adapters_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert torch.equal(q_proj.base_layer.weight, base_before)
+    assert any(not torch.equal(p, adapters_before[n]) for n, p in trainer.model.named_parameters() if p.requires_grad)
+    logs = [entry for entry in trainer.state.log_history if "ace/confidence_shift_mean" in entry]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
