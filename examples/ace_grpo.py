@@ -37,7 +37,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from accelerate import PartialState
 from datasets import load_dataset
 from transformers import AutoTokenizer
@@ -45,6 +44,7 @@ from trl import GRPOTrainer, ModelConfig, ScriptArguments, TrlParser, get_peft_c
 from trl.trainer.utils import create_model_from_path
 
 from trl_tip import ACEGRPOConfig, ACEGRPOTrainer, evaluate_pass_at_k, math_reward
+from trl_tip.script_utils import parse_with_builtin_defaults
 
 
 # The built-in run: 100 steps of 8 prompts x 8 rollouts per method, about a minute and a half each on 2 CPU cores.
@@ -116,20 +116,9 @@ def make_parser():
 
 
 def parse_arguments():
-    """
-    Parse the TRL way (command line over `--config` YAML over defaults). When no model is given, parse again with the
-    built-in task's settings as defaults, so that e.g. `--max_steps 10` still applies to the built-in run.
-    """
-    # TRL's GRPO config defaults to bf16, which transformers rejects on a machine without a GPU.
-    device_defaults = {} if torch.cuda.is_available() else {"bf16": False}
-    parser = make_parser()
-    parser.set_defaults(**device_defaults)
-    script_args, training_args, model_args = parser.parse_args_and_config()
-    if model_args.model_name_or_path is not None:
-        return script_args, training_args, model_args, False
-    parser = make_parser()
-    parser.set_defaults(**device_defaults, **BUILTIN_DEFAULTS)
-    return (*parser.parse_args_and_config(), True)
+    """The TRL way (command line over `--config` YAML over defaults), with the built-in task's defaults when no model
+    is given."""
+    return parse_with_builtin_defaults(make_parser, BUILTIN_DEFAULTS)
 
 
 def load_reward_funcs(paths: list[str] | None) -> list:
