@@ -21,11 +21,13 @@ demo: $(STAMP)
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no examples/tip_distill.py
 
 # The whole suite, slow tests included. pytest exits 5 when it collects nothing: say so rather than fail.
+# One torch thread per process: the tiny models gain nothing from more, and the suite starts subprocesses (examples,
+# two-process runs) that would otherwise oversubscribe the cores.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The docs site: refresh the sections generated from the code (config tables, API reference), then build into site/.
 docs: $(STAMP)

@@ -6,10 +6,11 @@ Peak memory of a TIP distillation training step under three precision set-ups, s
 - `QLoRA student + bf16 teacher`.
 
 Each set-up runs in its own process: it loads the student and the teacher from disk the way users do (by path,
-through the trainer), then trains one step (generation, loss, backward, optimiser step). Reported, relative to the
-process before loading: the memory held once both models are loaded, and the peak during the training step. On CUDA
-these are `torch.cuda.memory_allocated` / `max_memory_allocated`; on CPU, resident memory (VmRSS) and its peak
-(VmHWM, reset after loading), with glibc returning large blocks to the system so freed memory shows.
+through the trainer), then trains one step (generation, loss, backward, optimiser step). Reported: the peak over
+loading and the step, relative to the process before loading (weights, optimiser state and activations together).
+On CUDA this is `torch.cuda.max_memory_allocated`; on CPU, the peak resident memory (VmHWM) with glibc returning
+large blocks to the system. (On CPU, safetensors weights are memory-mapped and only become resident when first
+read, so the memory "after loading" says little there; the peak over the step includes them.)
 
     python benchmarks/memory.py
     python benchmarks/memory.py --write docs/benchmarks.md
@@ -93,19 +94,11 @@ def run_worker(setup: str, paths: dict[str, str]) -> dict:
     started = time.perf_counter()
     trainer = TipDistillTrainer(model=paths["student"], teacher_model=paths["teacher"], args=config,
                                 train_dataset=dataset, **kwargs)
-    if cuda:
-        loaded = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        loaded = _status_kib("VmRSS") * 1024
-        with open("/proc/self/clear_refs", "w") as handle:  # reset VmHWM to the current resident memory
-            handle.write("5")
     trainer.train()
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return {"setup": setup, "loaded_bytes": loaded - base, "peak_bytes": peak - base, "seconds": seconds,
-            "trainable": trainable}
+    return {"setup": setup, "peak_bytes": peak - base, "seconds": seconds, "trainable": trainable}
 
 
 def main():
@@ -137,22 +130,14 @@ def main():
                 raise RuntimeError(f"{setup} failed:\n{result.stderr[-3000:]}")
             row = json.loads(result.stdout.strip().splitlines()[-1])
             rows.append(row)
-            print(f"  {setup:<32} loaded {row['loaded_bytes'] / 2**20:9.1f} MiB, step peak "
-                  f"{row['peak_bytes'] / 2**20:9.1f} MiB  ({row['seconds']:.0f} s)", flush=True)
+            print(f"  {setup:<32} {row['peak_bytes'] / 2**20:9.1f} MiB  ({row['seconds']:.0f} s)", flush=True)
     baseline = rows[0]["peak_bytes"]
     shape = (f"student Qwen2 hidden {args.student_hidden} × {args.student_layers} layers, teacher hidden "
              f"{args.teacher_hidden} × {args.teacher_layers} layers, vocabulary 259; one TIP step (soft-OR 50 %) of "
              "4 prompts × ≤ 32 completion tokens, AdamW; LoRA r=16 on all linear layers")
-    loaded_baseline = rows[0]["loaded_bytes"]
-    lines = [
-        "| set-up | models loaded (MiB) | vs bf16 + bf16 | step peak (MiB) | vs bf16 + bf16 | trainable parameters |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {r['setup']} | {r['loaded_bytes'] / 2**20:.1f} | {r['loaded_bytes'] / loaded_baseline:.2f}x "
-        f"| {r['peak_bytes'] / 2**20:.1f} | {r['peak_bytes'] / baseline:.2f}x | {r['trainable']:,} |"
-        for r in rows
-    ]
+    lines = ["| set-up | peak memory (MiB) | vs bf16 + bf16 | trainable parameters |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['setup']} | {r['peak_bytes'] / 2**20:.1f} | {r['peak_bytes'] / baseline:.2f}x | {r['trainable']:,} |"
+              for r in rows]
     table = "\n".join(lines)
     print()
     print(shape)

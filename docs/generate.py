@@ -35,6 +35,7 @@ CONFIG_PAGES = {
     "TipDistillConfig": "tip_distill.md",
     "OPSDCConfig": "opsdc.md",
     "PacedConfig": "paced.md",
+    "ACEGRPOConfig": "ace_grpo.md",
 }
 
 API_PAGE = "api.md"

@@ -77,7 +77,30 @@ def build_opsdc(paths, dataset, mode, args, output_dir):
     return OPSDCTrainer(model=paths["student"], args=config, train_dataset=dataset, **_model_kwargs(mode))
 
 
-TRAINERS = {"tip": build_tip, "opsdc": build_opsdc}
+def build_paced(paths, dataset, mode, args, output_dir):
+    from trl_tip import PacedConfig, PacedTrainer
+
+    # Uniform weights: the random tiny student solves nothing, and PACED would (rightly) weigh every problem 0.
+    config = PacedConfig(pass_rate_rollouts=2, paced_alpha=0.0, paced_beta=0.0, **_common(args, output_dir),
+                         **_vllm(mode))
+    return PacedTrainer(model=paths["student"], teacher_model=paths["teacher"], args=config, train_dataset=dataset,
+                        reward_funcs="math", **_model_kwargs(mode))
+
+
+def _distinct_characters(completions, **kwargs):
+    # Varies between rollouts of a random tiny model, so GRPO has non-zero advantages to train on.
+    return [len(set(completion[0]["content"])) / 10 for completion in completions]
+
+
+def build_ace(paths, dataset, mode, args, output_dir):
+    from trl_tip import ACEGRPOConfig, ACEGRPOTrainer
+
+    config = ACEGRPOConfig(num_generations=4, beta=0.0, **_common(args, output_dir), **_vllm(mode))
+    return ACEGRPOTrainer(model=paths["student"], reward_funcs=_distinct_characters, args=config,
+                          train_dataset=dataset, **_model_kwargs(mode))
+
+
+TRAINERS = {"tip": build_tip, "opsdc": build_opsdc, "paced": build_paced, "ace": build_ace}
 MODES = ("transformers", "qlora", "vllm-colocate")
 
 

@@ -24,7 +24,7 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer", ["tip"])
+@pytest.mark.parametrize("trainer", ["tip", "paced", "opsdc", "ace"])
 def test_two_process_training(trainer, model_dir, tmp_path):
     output = tmp_path / "result.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),

@@ -147,3 +147,68 @@ def test_qlora_opsdc_student_trains_its_adapter_against_a_frozen_teacher_adapter
     assert peft_model.active_adapter == "default"
     assert recorder.seen == [(True, False), (False, True)]
     assert trainer.teacher_refreshes == 2
+
+
+def test_qlora_paced_student_trains_adapters_and_leaves_the_4bit_base(tiny_model_paths, prompts, tmp_path):
+    from trl_tip import PacedConfig, PacedTrainer
+
+    args = PacedConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, bf16=False,
+                       report_to="none", max_completion_length=8, save_strategy="no", learning_rate=1e-2,
+                       logging_steps=1, pass_rate_rollouts=2, paced_alpha=0.0, paced_beta=0.0,
+                       teacher_quantization="4bit")
+    trainer = PacedTrainer(
+        model=tiny_model_paths["student"], teacher_model=tiny_model_paths["teacher"], args=args,
+        train_dataset=prompts, reward_funcs="math", quantization_config=_student_4bit(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    q_proj = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert _is_4bit(q_proj.base_layer)
+    assert any(_is_4bit(m) for m in trainer.teacher_model.modules())  # its own choice, 4-bit here
+    base_before = q_proj.base_layer.weight.detach().clone()
+    adapters_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert torch.equal(q_proj.base_layer.weight, base_before)
+    assert any(not torch.equal(p, adapters_before[n]) for n, p in trainer.model.named_parameters() if p.requires_grad)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_qlora_student_trains_after_evaluation(tiny_model_paths, prompts, tmp_path):
+    # Evaluation runs the student in eval mode without gradient; on AVX512-BF16 CPUs bitsandbytes would then repack
+    # its 4-bit weights into an inference-only layout and the next training step would fail.
+    trainer = TipDistillTrainer(
+        model=tiny_model_paths["student"], teacher_model=tiny_model_paths["teacher"],
+        args=_args(tmp_path, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4),
+        train_dataset=prompts, eval_dataset=prompts.select(range(4)), quantization_config=_student_4bit(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    trainer.train()
+    assert [entry["step"] for entry in trainer.state.log_history if "eval_loss" in entry] == [1, 2]
+
+
+def _distinct_characters(completions, **kwargs):
+    # A reward that varies between rollouts of a random tiny model, so GRPO has advantages to learn from.
+    return [len(set(completion[0]["content"])) / 10 for completion in completions]
+
+
+def test_qlora_ace_grpo_student_uses_the_adapter_free_base_as_reference(tiny_model_paths, prompts, tmp_path):
+    from trl_tip import ACEGRPOConfig, ACEGRPOTrainer
+
+    args = ACEGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_steps=2,
+                         bf16=False, report_to="none", max_completion_length=8, save_strategy="no",
+                         learning_rate=1e-2, logging_steps=1, beta=0.0)
+    trainer = ACEGRPOTrainer(
+        model=tiny_model_paths["student"], reward_funcs=_distinct_characters, args=args, train_dataset=prompts,
+        quantization_config=_student_4bit(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    q_proj = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert _is_4bit(q_proj.base_layer)
+    assert trainer.ref_model is None  # the reference is the base with the adapter disabled: no second copy
+    base_before = q_proj.base_layer.weight.detach().clone()
+    adapters_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert torch.equal(q_proj.base_layer.weight, base_before)
+    assert any(not torch.equal(p, adapters_before[n]) for n, p in trainer.model.named_parameters() if p.requires_grad)
+    logs = [entry for entry in trainer.state.log_history if "ace/confidence_shift_mean" in entry]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)

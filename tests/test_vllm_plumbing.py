@@ -23,6 +23,12 @@ class RecordingVLLMGeneration:
         self.kwargs = kwargs
         self.calls = []
         RecordingVLLMGeneration.instances.append(self)
+        # GRPO asks a vLLM server how it computes log-probs when it starts; answer as a correctly started one.
+        self.vllm_client = self
+
+    def get_server_info(self):
+        self.calls.append(("get_server_info",))
+        return {"model_config": {"logprobs_mode": "processed_logprobs"}}
 
     def sync_weights(self):
         self.calls.append(("sync_weights",))
@@ -90,3 +96,48 @@ def test_opsdc_vllm_plumbing(recorder, tiny_model_paths, prompts, tmp_path, mode
     with pytest.raises(ReachedVLLM):
         trainer.train()
     _check_reached_vllm(recorder, mode, prompts)
+
+
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_paced_pass_rate_estimation_goes_through_vllm(recorder, tiny_model_paths, prompts, tmp_path, mode):
+    # Pass rates are estimated before the first step: K rollouts per problem, through the same engine, with the
+    # prompt list holding each problem K times in a row (the convention of TRL's vLLM client, which asks the server
+    # for n = K completions of each distinct prompt).
+    from trl_tip import PacedConfig, PacedTrainer
+
+    args = PacedConfig(**_vllm_settings(tmp_path, mode), pass_rate_rollouts=3)
+    trainer = PacedTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model_paths["teacher"], args=args,
+                           train_dataset=prompts, reward_funcs="math")
+    with pytest.raises(ReachedVLLM):
+        trainer.train()
+    (engine,) = recorder.instances
+    assert engine.kwargs["mode"] == mode and engine.kwargs["server_port"] == 8123
+    assert [call[0] for call in engine.calls] == ["sync_weights", "generate"]
+    _, generated_prompts, num_generations = engine.calls[1]
+    assert num_generations == 3
+    first_batch = _expected_prompt_ids(prompts.select(range(4)))
+    assert generated_prompts == [ids for ids in first_batch for _ in range(3)]
+
+
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_ace_grpo_vllm_plumbing(monkeypatch, tiny_model_paths, prompts, tmp_path, mode):
+    import trl.trainer.grpo_trainer as grpo_module
+
+    from trl_tip import ACEGRPOConfig, ACEGRPOTrainer, math_reward
+
+    RecordingVLLMGeneration.instances = []
+    monkeypatch.setattr(grpo_module, "VLLMGeneration", RecordingVLLMGeneration)
+    settings = {**_vllm_settings(tmp_path, mode), "num_generations": 2, "beta": 0.0}
+    trainer = ACEGRPOTrainer(model=tiny_model_paths["student"], reward_funcs=math_reward,
+                             args=ACEGRPOConfig(**settings), train_dataset=prompts)
+    with pytest.raises(ReachedVLLM):
+        trainer.train()
+    (engine,) = RecordingVLLMGeneration.instances
+    assert engine.kwargs["mode"] == mode and engine.kwargs["server_port"] == 8123
+    calls = [call[0] for call in engine.calls if call[0] != "get_server_info"]
+    assert calls == ["sync_weights", "generate"]
+    _, generated_prompts, num_generations = engine.calls[-1]
+    # GRPO's convention: each of the 2 prompts of the batch twice in a row, n = num_generations.
+    assert num_generations == 2 and len(generated_prompts) == 4
+    assert generated_prompts[0] == generated_prompts[1] and generated_prompts[2] == generated_prompts[3]
+    assert generated_prompts[0] != generated_prompts[2]

@@ -46,7 +46,47 @@ def build_tip(models, dataset, output_dir):
                              train_dataset=dataset)
 
 
-TRAINERS = {"tip": build_tip}
+def build_paced(models, dataset, output_dir):
+    from trl_tip import PacedConfig, PacedTrainer
+
+    args = PacedConfig(
+        output_dir=output_dir, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, bf16=False,
+        use_cpu=True, ddp_backend="gloo", report_to="none", logging_steps=1, save_strategy="no",
+        max_completion_length=8, pass_rate_rollouts=2, paced_alpha=0.0, paced_beta=0.0, seed=0,
+    )
+    return PacedTrainer(model=models["student"], teacher_model=models["teacher"], args=args, train_dataset=dataset,
+                        reward_funcs="math")
+
+
+def build_opsdc(models, dataset, output_dir):
+    from trl_tip import OPSDCConfig, OPSDCTrainer
+
+    args = OPSDCConfig(
+        output_dir=output_dir, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, bf16=False,
+        use_cpu=True, ddp_backend="gloo", report_to="none", logging_steps=1, save_strategy="no",
+        max_completion_length=8, teacher_refresh_steps=1, seed=0,
+    )
+    return OPSDCTrainer(model=models["student"], args=args, train_dataset=dataset)
+
+
+def _distinct_characters(completions, **kwargs):
+    # Varies between rollouts of a random tiny model, so GRPO has non-zero advantages.
+    return [len(set(completion[0]["content"])) / 10 for completion in completions]
+
+
+def build_ace(models, dataset, output_dir):
+    from trl_tip import ACEGRPOConfig, ACEGRPOTrainer
+
+    args = ACEGRPOConfig(
+        output_dir=output_dir, per_device_train_batch_size=4, num_generations=4, max_steps=2, learning_rate=1e-2,
+        bf16=False, use_cpu=True, ddp_backend="gloo", report_to="none", logging_steps=1, save_strategy="no",
+        max_completion_length=8, beta=0.0, seed=0,
+    )
+    return ACEGRPOTrainer(model=models["student"], reward_funcs=_distinct_characters, args=args,
+                          train_dataset=dataset)
+
+
+TRAINERS = {"tip": build_tip, "paced": build_paced, "opsdc": build_opsdc, "ace": build_ace}
 
 
 def main():
@@ -64,16 +104,22 @@ def main():
     dataset = build_arithmetic_dataset()["train"].select(range(32))
     trainer = TRAINERS[cli.trainer](models, dataset, os.path.dirname(os.path.abspath(cli.output)) + "/run")
 
-    compute_loss = trainer._compute_loss
+    # What runs inside the DDP-wrapped forward: the distillation trainers route the whole `_compute_loss` through it;
+    # GRPO (and ACE, which changes only advantages) calls the model inside its per-token log-prob pass, and reduces
+    # its loss metrics across ranks afterwards, outside the forward.
+    from trl import GRPOTrainer
 
-    def watched_compute_loss(*args, **kwargs):
+    hook = "_get_per_token_logps_and_entropies" if isinstance(trainer, GRPOTrainer) else "_compute_loss"
+    inner = getattr(trainer, hook)
+
+    def watched(*args, **kwargs):
         state["in_loss"] = True
         try:
-            return compute_loss(*args, **kwargs)
+            return inner(*args, **kwargs)
         finally:
             state["in_loss"] = False
 
-    trainer._compute_loss = watched_compute_loss
+    setattr(trainer, hook, watched)
     before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
     trainer.train()
     after = torch.cat([p.detach().flatten() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()])

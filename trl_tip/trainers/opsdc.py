@@ -32,10 +32,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType
 from trl import DistillationConfig, DistillationTrainer
 from trl.data_utils import is_conversational
 from trl.models import prepare_deepspeed
-from trl.trainer.utils import get_config_model_id, pad
+from trl.trainer.utils import get_config_model_id
 
 from ..hub import TrlTipHubMixin
 from ..instructions import INSTRUCTION_POSITIONS, add_instruction, resolve_instruction
+from ..quantization import keep_4bit_weights_trainable
+from ._teacher_prompts import pad_teacher_prompts
 
 
 logger = get_logger(__name__)
@@ -398,6 +400,8 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
             peft_config=peft_config,
             tools=tools,
         )
+        # Evaluation runs the student in eval mode without gradient, which would repack its 4-bit weights for good.
+        keep_4bit_weights_trainable(self.model)
 
         if self._is_vlm:
             raise NotImplementedError(
@@ -571,18 +575,9 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
         ]
         teacher_prompt_ids, _, _ = self._tokenize_prompts(teacher_prompts)
         teacher_prompt_ids = [torch.tensor(ids) for ids in teacher_prompt_ids]
-        output["teacher_prompt_ids"] = pad(
-            teacher_prompt_ids,
-            padding_value=self._tokenizer.pad_token_id,
-            padding_side="left",
-            pad_to_multiple_of=self.pad_to_multiple_of,
-        ).to(device)
-        output["teacher_prompt_mask"] = pad(
-            [torch.ones_like(ids) for ids in teacher_prompt_ids],
-            padding_value=0,
-            padding_side="left",
-            pad_to_multiple_of=self.pad_to_multiple_of,
-        ).to(device)
+        output.update(
+            pad_teacher_prompts(teacher_prompt_ids, self._tokenizer.pad_token_id, self.pad_to_multiple_of, device)
+        )
         self._log_opsdc_metrics(inputs, output)
         return output
 

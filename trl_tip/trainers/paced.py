@@ -30,6 +30,7 @@ from trl.trainer.utils import get_config_model_id, pad
 from ..rewards import math_reward
 from ..selection import SELECTION_METHODS
 from ..weighting import paced_weight
+from ._teacher_prompts import pad_teacher_prompts
 from .tip_distill import TipDistillConfig, TipDistillTrainer, check_prompt_column
 
 
@@ -968,18 +969,9 @@ class PacedTrainer(TipDistillTrainer):
         device = output["prompt_ids"].device
         if self.args.self_distillation:
             teacher_prompt_ids = self._privileged_prompt_ids(inputs)
-            output["teacher_prompt_ids"] = pad(
-                teacher_prompt_ids,
-                padding_value=self._tokenizer.pad_token_id,
-                padding_side="left",
-                pad_to_multiple_of=self.pad_to_multiple_of,
-            ).to(device)
-            output["teacher_prompt_mask"] = pad(
-                [torch.ones_like(ids) for ids in teacher_prompt_ids],
-                padding_value=0,
-                padding_side="left",
-                pad_to_multiple_of=self.pad_to_multiple_of,
-            ).to(device)
+            output.update(
+                pad_teacher_prompts(teacher_prompt_ids, self._tokenizer.pad_token_id, self.pad_to_multiple_of, device)
+            )
         if training:
             self._add_problem_weights(inputs, output)
         return output

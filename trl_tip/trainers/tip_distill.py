@@ -12,6 +12,7 @@ from trl import DistillationConfig, DistillationTrainer
 
 from ..hub import TrlTipHubMixin
 from ..losses import selective_divergence_loss
+from ..quantization import keep_4bit_weights_trainable
 from ..selection import SELECTION_METHODS, quadrant_counts, tokens_per_rollout
 
 
@@ -219,6 +220,7 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
                 f"TipDistillTrainer needs a TipDistillConfig as `args`, got {type(self.args).__name__}. "
                 "TipDistillConfig accepts every DistillationConfig field."
             )
+        keep_4bit_weights_trainable(self.model)
         self.token_selection = self.args.token_selection
         self.token_ratio = self.args.token_ratio
         self.entropy_clip_quantile = self.args.entropy_clip_quantile
