@@ -68,6 +68,21 @@ OPSDC_SETTINGS = {
     "curve_problems": 100,
 }
 
+ACE_SETTINGS = {
+    # The built-in settings of examples/ace_grpo.py: 8 prompts x 8 rollouts per step, DAPO loss, no KL term.
+    "max_steps": 100,
+    "per_device_train_batch_size": 64,
+    "num_generations": 8,
+    "learning_rate": 1e-4,
+    "lr_scheduler_type": "constant",
+    "max_completion_length": 32,
+    "temperature": 1.0,
+    "loss_type": "dapo",
+    "beta": 0.0,
+    # pass@k from this many samples per test problem (T = 1.0, sampling seed = the run's seed).
+    "eval_samples": 16,
+}
+
 METHODS = {
     "tip": {
         "title": "TIP: token selection in on-policy distillation",
@@ -87,6 +102,8 @@ METHODS = {
     "paced": {
         "title": "PACED: pass-rate-weighted distillation",
         "baseline": "unweighted",
+        # Besides each variant against the baseline: the schedule at equal weighting.
+        "comparisons": [("paced_forward_then_reverse", "paced")],
         "settings": PACED_SETTINGS,
         "variants": {
             "unweighted": {"label": "unweighted, reverse KL", "paced_alpha": 0.0, "paced_beta": 0.0,
@@ -108,6 +125,15 @@ METHODS = {
             "v2_m1": {"label": "v2 instruction, M = 1", "concise_instruction": "v2", "teacher_refresh_steps": 1},
         },
     },
+    "ace": {
+        "title": "ACE-GRPO: confidence-aware penalty on wrong rollouts",
+        "baseline": "grpo",
+        "settings": ACE_SETTINGS,
+        "variants": {
+            "grpo": {"label": "GRPO (TRL's GRPOTrainer)", "ace_alpha": 0.0},
+            "ace": {"label": "ACE-GRPO (softplus, α = 1)", "ace_alpha": 1.0},
+        },
+    },
     "taxonomy": {
         "title": "TIP's taxonomy: tokens on the entropy x divergence plane",
         "baseline": None,
@@ -115,7 +141,7 @@ METHODS = {
         "variants": {"soft_or_50": {"label": "student before and after TIP soft-OR 50 %"}},
     },
 }
-RUN_METHODS = ("tip", "paced", "opsdc", "taxonomy")
+RUN_METHODS = ("tip", "paced", "opsdc", "ace", "taxonomy")
 
 
 def run_settings(method: str, variant: str, seed: int, eval_split: str, max_steps: int | None = None) -> dict:
@@ -296,6 +322,35 @@ def _worker_opsdc(settings: dict, prepared: dict, tokenizer, output_dir: str, di
     return result
 
 
+def _worker_ace(settings: dict, prepared: dict, tokenizer, output_dir: str, directory: Path) -> dict:
+    from trl import GRPOTrainer
+
+    from trl_tip import ACEGRPOConfig, ACEGRPOTrainer, evaluate_pass_at_k, math_reward
+
+    test = prepared["dataset"][settings["eval_split"]]
+
+    def pass_at_k(model):
+        measured = evaluate_pass_at_k(model, tokenizer, test, num_samples=settings["eval_samples"],
+                                      max_new_tokens=settings["max_completion_length"],
+                                      temperature=settings["temperature"], seed=settings["seed"])
+        return {**measured, "pass_at_k": {str(k): v for k, v in measured["pass_at_k"].items()}}
+
+    config = ACEGRPOConfig(**_common_config(settings, settings["seed"], output_dir),
+                           num_generations=settings["num_generations"], loss_type=settings["loss_type"],
+                           beta=settings["beta"], ace_alpha=settings["ace_alpha"])
+    # The baseline is TRL's own trainer (ACE with α = 0 is the same update; the baseline needs no ACE code at all).
+    trainer_class = GRPOTrainer if settings["ace_alpha"] == 0 else ACEGRPOTrainer
+    trainer = trainer_class(model=prepared["student"], reward_funcs=[math_reward], args=config,
+                            train_dataset=prepared["dataset"]["train"], processing_class=tokenizer)
+    before = pass_at_k(trainer.model)
+    result = _train_measured(trainer)
+    result["before_pass_at_k"] = before
+    result["pass_at_k"] = pass_at_k(trainer.model)
+    result["history"] = _log_series(trainer, ("loss", "reward", "ace/confidence_shift_mean", "ace/scale_factor_mean"))
+    result["model"] = trainer.model
+    return result
+
+
 def _worker_taxonomy(settings: dict, prepared: dict, tokenizer, output_dir: str, directory: Path, out: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -375,7 +430,7 @@ def worker(args) -> None:
         if args.method == "taxonomy":
             result = _worker_taxonomy(settings, prepared, tokenizer, output_dir, directory, out)
         else:
-            work = {"tip": _worker_tip, "paced": _worker_paced, "opsdc": _worker_opsdc}[args.method]
+            work = {"tip": _worker_tip, "paced": _worker_paced, "opsdc": _worker_opsdc, "ace": _worker_ace}[args.method]
             result = work(settings, prepared, tokenizer, output_dir, directory)
             model = result.pop("model")
             result["eval"] = evaluate_accuracy(model, tokenizer, prepared["dataset"][args.eval_split],
@@ -402,7 +457,8 @@ def worker(args) -> None:
 
 # What a stored result must hold besides equal settings (results of older versions of this script are rerun).
 REQUIRED_KEYS = {"tip": ("eval", "train_cpu_seconds"), "paced": ("eval", "train_cpu_seconds"),
-                 "opsdc": ("eval", "train_cpu_seconds", "curve"), "taxonomy": ("panels",)}
+                 "opsdc": ("eval", "train_cpu_seconds", "curve"), "ace": ("eval", "train_cpu_seconds", "pass_at_k"),
+                 "taxonomy": ("panels",)}
 
 
 def _is_current(path: Path, settings: dict) -> bool:
@@ -490,6 +546,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def _pm(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     mean, std = mean_std([value * scale for value in values])
+    mean = 0.0 if round(mean, digits) == 0 else mean  # no "-0.0"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
@@ -523,26 +580,29 @@ def _accuracy_table(method: str, variants: dict) -> str:
 
 
 def _differences(method: str, variants: dict) -> str:
-    """Each variant minus the baseline, seed by seed (paired: same seed, same data order), mean ± std."""
-    baseline = METHODS[method]["baseline"]
-    if baseline not in variants:
-        return ""
-    base = {r["settings"]["seed"]: r["eval"]["accuracy"] for r in variants[baseline]}
-    lines = ["| variant | accuracy − baseline, paired by seed (points) | seeds better / equal / worse |",
+    """
+    Each variant minus the baseline (and the method's extra comparisons), seed by seed (paired: same seed, same data
+    order), mean ± std.
+    """
+    spec = METHODS[method]
+    pairs = [(name, spec["baseline"]) for name in _ordered(method, variants) if name != spec["baseline"]]
+    pairs += spec.get("comparisons", [])
+    labels = spec["variants"]
+    lines = ["| comparison | accuracy difference, paired by seed (points) | seeds better / equal / worse |",
              "|---|---:|---:|"]
-    for name in _ordered(method, variants):
-        if name == baseline:
+    for name, reference in pairs:
+        if name not in variants or reference not in variants:
             continue
-        pairs = [(r["eval"]["accuracy"], base[r["settings"]["seed"]]) for r in variants[name]
-                 if r["settings"]["seed"] in base]
-        if not pairs:
+        base = {r["settings"]["seed"]: r["eval"]["accuracy"] for r in variants[reference]}
+        deltas = [100 * (r["eval"]["accuracy"] - base[r["settings"]["seed"]]) for r in variants[name]
+                  if r["settings"]["seed"] in base]
+        if not deltas:
             continue
-        deltas = [100 * (a - b) for a, b in pairs]
         better = sum(d > 1e-9 for d in deltas)
         worse = sum(d < -1e-9 for d in deltas)
-        lines.append(f"| {METHODS[method]['variants'][name]['label']} | {_pm(deltas, digits=1)} "
+        lines.append(f"| {labels[name]['label']} − {labels[reference]['label']} | {_pm(deltas, digits=1)} "
                      f"| {better} / {len(deltas) - better - worse} / {worse} |")
-    return "\n".join(lines)
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def _commands(method: str, variants: dict) -> str:
@@ -625,6 +685,45 @@ def plot_opsdc(variants: dict, path: Path) -> None:
     left.legend(fontsize=8)
     seeds = len(next(iter(variants.values())))
     fig.suptitle(f"{METHODS['opsdc']['title']} (mean ± std over {seeds} seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ace(variants: dict, path: Path) -> None:
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = _ordered("ace", variants)
+    ks = sorted(int(k) for k in variants[names[0]][0]["pass_at_k"]["pass_at_k"])
+    curves = {"student before": [r["before_pass_at_k"] for r in variants[names[0]]]}
+    curves.update({METHODS["ace"]["variants"][n]["label"]: [r["pass_at_k"] for r in variants[n]] for n in names})
+    for label, measured in curves.items():
+        stats = [mean_std([100 * m["pass_at_k"][str(k)] for m in measured]) for k in ks]
+        means, stds = [m for m, _ in stats], [s for _, s in stats]
+        line = left.plot(ks, means, marker="o", markersize=3, label=label,
+                         linestyle="--" if label == "student before" else "-")[0]
+        left.fill_between(ks, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                          color=line.get_color(), alpha=0.15)
+    baseline, method = METHODS["ace"]["baseline"], names[-1]
+    if baseline in variants and method != baseline:
+        base = {r["settings"]["seed"]: r["pass_at_k"]["pass_at_k"] for r in variants[baseline]}
+        stats = [mean_std([100 * (r["pass_at_k"]["pass_at_k"][str(k)] - base[r["settings"]["seed"]][str(k)])
+                           for r in variants[method] if r["settings"]["seed"] in base]) for k in ks]
+        means, stds = [m for m, _ in stats], [s for _, s in stats]
+        right.plot(ks, means, marker="o", markersize=3, color="#c44e52")
+        right.fill_between(ks, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                           color="#c44e52", alpha=0.15)
+        right.axhline(0, color="black", linewidth=0.7)
+        right.set_title(f"{METHODS['ace']['variants'][method]['label']} − GRPO, paired by seed (points)", fontsize=10)
+    samples = variants[names[0]][0]["settings"]["eval_samples"]
+    left.set_title(f"pass@k on the test split (%), unbiased, from {samples} samples per problem", fontsize=10)
+    for axis in (left, right):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(ks, [str(k) if k & (k - 1) == 0 else "" for k in ks])
+        axis.set_xlabel("k")
+    left.legend(fontsize=8)
+    seeds = len(variants[names[0]])
+    fig.suptitle(f"{METHODS['ace']['title']} (mean ± std over {seeds} seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -743,6 +842,65 @@ def _opsdc_section(variants: dict, figures: str) -> str:
     ])
 
 
+def _ace_section(variants: dict, figures: str) -> str:
+    records = [r for records in variants.values() for r in records]
+    settings = records[0]["settings"]
+    names = _ordered("ace", variants)
+    ks = [1, 2, 4, 8, 16]
+    ks = [k for k in ks if str(k) in records[0]["pass_at_k"]["pass_at_k"]]
+    lines = [
+        "| run | " + " | ".join(f"pass@{k} (%)" for k in ks) + " | greedy accuracy (%) | mean completion tokens "
+        "(sampled) | train CPU time (s) | train wall time (s) | peak RSS in training (MiB) |",
+        "|---|" + "---:|" * (len(ks) + 5),
+    ]
+
+    def cells(measured):
+        return " | ".join(_pm([m["pass_at_k"][str(k)] for m in measured], 100) for k in ks)
+
+    before = [r["before_pass_at_k"] for r in variants[names[0]]]
+    lines.append(f"| student before | {cells(before)} | {100 * records[0]['student_before']:.1f} "
+                 f"| {_pm([m['mean_completion_tokens'] for m in before])} | | | |")
+    for name in names:
+        rs = variants[name]
+        lines.append(
+            f"| {METHODS['ace']['variants'][name]['label']} | {cells([r['pass_at_k'] for r in rs])} "
+            f"| {_pm([r['eval']['accuracy'] for r in rs], 100)} "
+            f"| {_pm([r['pass_at_k']['mean_completion_tokens'] for r in rs])} "
+            f"| {_pm([r['train_cpu_seconds'] for r in rs], digits=1)} "
+            f"| {_pm([r['train_seconds'] for r in rs], digits=0)} "
+            f"| {_pm([r['peak_rss_mib'] for r in rs], digits=0)} |"
+        )
+    differences = []
+    baseline = METHODS["ace"]["baseline"]
+    if baseline in variants:
+        base = {r["settings"]["seed"]: r["pass_at_k"]["pass_at_k"] for r in variants[baseline]}
+        differences = ["| variant | " + " | ".join(f"Δ pass@{k} (points)" for k in ks) + " |",
+                       "|---|" + "---:|" * len(ks)]
+        for name in names:
+            if name == baseline:
+                continue
+            paired = [r for r in variants[name] if r["settings"]["seed"] in base]
+            row = " | ".join(_pm([100 * (r["pass_at_k"]["pass_at_k"][str(k)] - base[r["settings"]["seed"]][str(k)])
+                                  for r in paired]) for k in ks)
+            differences.append(f"| {METHODS['ace']['variants'][name]['label']} − GRPO | {row} |")
+    return "\n\n".join([
+        f"Settings: the built-in *student* (the teacher solves nearly every sample, so its GRPO groups would carry no "
+        f"signal), {settings['max_steps']} optimiser steps × {settings['per_device_train_batch_size']} rollouts "
+        f"({settings['per_device_train_batch_size'] // settings['num_generations']} prompts × "
+        f"{settings['num_generations']}), math reward, loss `{settings['loss_type']}`, β = {settings['beta']:g}, lr "
+        f"{settings['learning_rate']:g} {settings['lr_scheduler_type']}, T = {settings['temperature']:g} (the "
+        "settings of `examples/ace_grpo.py`). pass@k is the unbiased estimator over "
+        f"{settings['eval_samples']} samples per test problem at T = {settings['temperature']:g}, the sampling seeded "
+        "with the run's seed, so both methods of a seed are scored on the same random stream; pass@1 equals "
+        f"mean@{settings['eval_samples']}.",
+        "\n".join(lines),
+        "\n".join(differences),
+        f"![pass@k of GRPO and ACE-GRPO]({figures}/ace.png)",
+        _commands("ace", variants),
+        f"Cost: {_run_totals(records)}.",
+    ])
+
+
 def _taxonomy_section(variants: dict, figures: str) -> str:
     record = variants["soft_or_50"][0]
     lines = ["| rollouts of | tokens | Q1 high h, high δ | Q2 high h, low δ | Q3 low h, high δ | Q4 low h, low δ |",
@@ -758,9 +916,10 @@ def _taxonomy_section(variants: dict, figures: str) -> str:
     ])
 
 
-SECTIONS = {"tip": _tip_section, "paced": _paced_section, "opsdc": _opsdc_section, "taxonomy": _taxonomy_section}
+SECTIONS = {"tip": _tip_section, "paced": _paced_section, "opsdc": _opsdc_section, "ace": _ace_section,
+            "taxonomy": _taxonomy_section}
 PLOTS = {"tip": lambda v, p: plot_bars("tip", v, p), "paced": lambda v, p: plot_bars("paced", v, p),
-         "opsdc": plot_opsdc, "taxonomy": lambda v, p: plot_taxonomy(v["soft_or_50"][0], p)}
+         "opsdc": plot_opsdc, "ace": plot_ace, "taxonomy": lambda v, p: plot_taxonomy(v["soft_or_50"][0], p)}
 
 
 def _marker(method: str, end: str) -> str:

@@ -52,10 +52,16 @@ def results(tmp_path, reproduce):
     for seed, (base, soft_or) in enumerate([(0.4, 0.5), (0.5, 0.6), (0.6, 0.5)]):
         _write(out, _record(reproduce, "tip", "all", seed, base))
         _write(out, _record(reproduce, "tip", "soft_or_50", seed, soft_or))
-        for variant, accuracy in (("unweighted", 0.9), ("paced", 0.8 + 0.05 * seed)):
+        for variant, accuracy in (("unweighted", 0.9), ("paced", 0.8 + 0.05 * seed),
+                                  ("paced_forward_then_reverse", 0.85)):
             _write(out, _record(reproduce, "paced", variant, seed, accuracy, max_steps=50, estimation_cpu_seconds=20.0,
                                 pass_rate_histogram={"0": 0.5, "0_25": 0.25, "25_50": 0.25, "50_75": 0.0,
                                                      "75_100": 0.0, "1": 0.0, "unknown": 0.0}))
+        for variant, shift in (("grpo", 0.0), ("ace", 0.01 * seed)):
+            curve = {"pass_at_k": {str(k): 0.5 + shift for k in range(1, 17)}, "mean_completion_tokens": 25.0}
+            _write(out, _record(reproduce, "ace", variant, seed, 0.4, pass_at_k=curve,
+                                before_pass_at_k={"pass_at_k": {str(k): 0.1 for k in range(1, 17)},
+                                                  "mean_completion_tokens": 25.0}))
         for variant in ("v2_m50", "v2_m1"):
             _write(out, _record(reproduce, "opsdc", variant, seed, 0.0,
                                 before={"accuracy": 1.0, "mean_completion_tokens": 25.6},
@@ -86,11 +92,13 @@ def test_render_writes_tables_commands_and_figures(tmp_path, reproduce, results)
     assert ("| all tokens (plain OPD) | 50.0 ± 10.0 | 40.0 / 50.0 / 60.0 | 26.0 ± 1.0 | 10.0 ± 5.0 | 20 ± 10 | 501 ± 1 "
             "| 41 ± 1 |") in text
     assert "| soft-OR 50 % | 53.3 ± 5.8 | 50.0 / 60.0 / 50.0 |" in text
-    assert "| soft-OR 50 % | 3.3 ± 11.5 | 2 / 0 / 1 |" in text
+    assert "| soft-OR 50 % − all tokens (plain OPD) | 3.3 ± 11.5 | 2 / 0 / 1 |" in text
     assert "old" not in text and "Hand-written text stays." in text and "After the section." in text
     # PACED: 80/85/90 % against 90 % each time; the runs used 50 steps, which the command must say.
     assert "| PACED p(1-p), reverse KL | 85.0 ± 5.0 |" in text
-    assert "| PACED p(1-p), reverse KL | -5.0 ± 5.0 | 0 / 1 / 2 |" in text
+    assert "| PACED p(1-p), reverse KL − unweighted, reverse KL | -5.0 ± 5.0 | 0 / 1 / 2 |" in text
+    # The schedule comparison at equal weighting: 85 % against 80/85/90 %.
+    assert ("| PACED p(1-p), forward then reverse KL − PACED p(1-p), reverse KL | 0.0 ± 5.0 | 1 / 1 / 1 |") in text
     assert "python benchmarks/reproduce.py paced --variants paced --seeds 0 1 2 --max-steps 50" in text
     assert "python benchmarks/reproduce.py tip --variants soft_or_50 --seeds 0 1 2\n" in text
     assert "p = 0: 50.0 %" in text and "50 optimiser steps" in text and "(20.0 ± 0.0 s of CPU time)" in text
@@ -98,10 +106,14 @@ def test_render_writes_tables_commands_and_figures(tmp_path, reproduce, results)
     assert ("| v2 instruction, M = 1 | 100.0 ± 0.0 | 0.0 ± 0.0 | 0.0 ± 0.0 | 25.6 ± 0.0 | 32.9 ± 0.0 | 26.0 ± 1.0 "
             "| 10.0 ± 5.0 | 501 ± 1 |") in text
     assert "25.0 % (soft-OR 50 % keeps 100 %)" in text
+    # ACE: pass@k of 50, 51, 52 % against 50 % at every k.
+    assert "| ACE-GRPO (softplus, α = 1) | 51.0 ± 1.0 | 51.0 ± 1.0 |" in text
+    assert "| ACE-GRPO (softplus, α = 1) − GRPO | 1.0 ± 1.0 | 1.0 ± 1.0 | 1.0 ± 1.0 | 1.0 ± 1.0 | 1.0 ± 1.0 |" in text
+    assert "| student before | 10.0 ± 0.0 |" in text
     assert "](results/tip.png)" in text
-    assert "All results above: 19 runs" in text
+    assert "All results above: 28 runs" in text
 
-    assert sorted(path.name for path in figures) == ["opsdc.png", "paced.png", "taxonomy.png", "tip.png"]
+    assert sorted(path.name for path in figures) == ["ace.png", "opsdc.png", "paced.png", "taxonomy.png", "tip.png"]
     for path in figures:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
