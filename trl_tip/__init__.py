@@ -9,13 +9,17 @@ import importlib
 from .instructions import CONCISE_INSTRUCTIONS, add_instruction, resolve_instruction
 from .rewards import extract_answer, grade_answer, math_reward
 from .selection import SELECTION_METHODS, select_tokens
-from .weighting import paced_weight
+from .weighting import ace_confidence_shift, ace_scale_advantages, paced_weight
 
 
 __version__ = "0.1.0"
 
 # Public name -> submodule that defines it, imported on first access.
 _LAZY = {
+    "ACEGRPOConfig": "trl_tip.trainers.ace_grpo",
+    "ACEGRPOTrainer": "trl_tip.trainers.ace_grpo",
+    "evaluate_pass_at_k": "trl_tip.evaluation",
+    "pass_at_k": "trl_tip.evaluation",
     "OPSDCConfig": "trl_tip.trainers.opsdc",
     "OPSDCTrainer": "trl_tip.trainers.opsdc",
     "PacedConfig": "trl_tip.trainers.paced",
@@ -31,6 +35,8 @@ _LAZY = {
 __all__ = [
     "CONCISE_INSTRUCTIONS",
     "SELECTION_METHODS",
+    "ace_confidence_shift",
+    "ace_scale_advantages",
     "add_instruction",
     "extract_answer",
     "grade_answer",

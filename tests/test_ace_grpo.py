@@ -1,0 +1,356 @@
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+from trl import GRPOConfig, GRPOTrainer
+
+from trl_tip import ACEGRPOConfig, ACEGRPOTrainer, ace_confidence_shift, ace_scale_advantages
+from trl_tip.testing import build_tokenizer, save_pretrained_pair, tiny_model
+from trl_tip.weighting import ace_scale_factors
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The pure functions, against hand-computed values
+
+
+def test_scale_advantages_softplus_hand_computed():
+    advantages = torch.tensor([1.0, -1.0, -0.5, 0.0, -2.0])
+    shifts = torch.tensor([0.3, 0.0, 2.0, -1.0, -3.0])
+    # softplus(0) = ln 2, softplus(2) = ln(1 + e^2) = 2.126928, softplus(-3) = ln(1 + e^-3) = 0.048587
+    expected = torch.tensor([1.0, -(1 + math.log(2)), -0.5 * (1 + 2.126928011), 0.0, -2.0 * (1 + 0.048587352)])
+    torch.testing.assert_close(ace_scale_advantages(advantages, shifts), expected)
+    # alpha scales the penalty linearly: 1 + 0.5 * ln 2
+    scaled = ace_scale_advantages(advantages, shifts, alpha=0.5)
+    torch.testing.assert_close(scaled[1], torch.tensor(-(1 + 0.5 * math.log(2))))
+
+
+def test_scale_advantages_relu_hand_computed():
+    advantages = torch.tensor([1.0, -1.0, -0.5, 0.0, -2.0])
+    shifts = torch.tensor([0.3, 0.0, 2.0, -1.0, -3.0])
+    # relu: only wrong rollouts whose confidence grew are scaled; -0.5 * (1 + 0.5 * 2) = -1.0
+    expected = torch.tensor([1.0, -1.0, -1.0, 0.0, -2.0])
+    torch.testing.assert_close(ace_scale_advantages(advantages, shifts, alpha=0.5, transform="relu"), expected)
+
+
+def test_scale_advantages_per_token_advantages():
+    advantages = torch.tensor([[-1.0, 2.0, -3.0], [0.5, -0.5, 0.0]])
+    shifts = torch.tensor([1.0, -2.0])
+    expected = torch.tensor([[-2.0, 2.0, -6.0], [0.5, -0.5, 0.0]])  # relu: factors 2 and 1 per row
+    torch.testing.assert_close(ace_scale_advantages(advantages, shifts, transform="relu"), expected)
+
+
+def test_positive_advantages_never_change_and_alpha_zero_is_identity():
+    generator = torch.Generator().manual_seed(0)
+    advantages = torch.randn(1000, generator=generator)
+    shifts = 5 * torch.randn(1000, generator=generator)
+    shifts[:3] = torch.tensor([float("inf"), 80.0, -80.0])
+    for transform in ("softplus", "relu"):
+        assert torch.equal(ace_scale_advantages(advantages, shifts, alpha=0.0, transform=transform), advantages)
+        scaled = ace_scale_advantages(advantages[3:], shifts[3:], alpha=3.0, transform=transform)
+        non_negative = advantages[3:] >= 0
+        assert torch.equal(scaled[non_negative], advantages[3:][non_negative])
+        assert (scaled[~non_negative] <= advantages[3:][~non_negative]).all()
+    # softplus scales every wrong rollout strictly
+    scaled = ace_scale_advantages(advantages[3:], shifts[3:], alpha=3.0)
+    assert (scaled[advantages[3:] < 0] < advantages[3:][advantages[3:] < 0]).all()
+
+
+def test_scale_factors():
+    torch.testing.assert_close(
+        ace_scale_factors(torch.tensor([0.0, 1.0, -1.0]), alpha=2.0, transform="relu"), torch.tensor([1.0, 3.0, 1.0])
+    )
+    torch.testing.assert_close(ace_scale_factors(torch.tensor([0.0]), alpha=1.0), torch.tensor([1 + math.log(2)]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"alpha": -0.1}, "alpha must be >= 0"),
+        ({"alpha": float("nan")}, "alpha must be >= 0"),
+        ({"transform": "tanh"}, "transform must be one of"),
+    ],
+)
+def test_scale_advantages_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ace_scale_advantages(torch.tensor([-1.0]), torch.tensor([0.0]), **kwargs)
+
+
+def test_scale_advantages_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="one confidence shift per rollout"):
+        ace_scale_advantages(torch.zeros(3), torch.zeros(4))
+    with pytest.raises(ValueError, match="one confidence shift per rollout"):
+        ace_scale_advantages(torch.zeros(3, 3), torch.zeros(3, 3))
+
+
+def test_confidence_shift_hand_computed():
+    policy = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -0.5, -0.5], [-1.0, -1.0, -1.0]])
+    reference = torch.tensor([[-1.5, -3.0, float("-inf")], [-1.0, -2.0, -0.5], [-2.0, -2.0, -2.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 0, 0]])
+    # row 0: (0.5 + 1.0) / 2, the masked -inf ignored; row 1: (0.5 + 1.5 + 0) / 3; row 2: no tokens -> 0
+    torch.testing.assert_close(ace_confidence_shift(policy, reference, mask), torch.tensor([0.75, 2 / 3, 0.0]))
+    torch.testing.assert_close(
+        ace_confidence_shift(policy, reference, mask, reduction="sum"), torch.tensor([1.5, 2.0, 0.0])
+    )
+
+
+def test_confidence_shift_is_detached():
+    policy = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    shift = ace_confidence_shift(policy, torch.zeros(1, 2), torch.ones(1, 2))
+    assert not shift.requires_grad
+
+
+def test_confidence_shift_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        ace_confidence_shift(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), reduction="max")
+    with pytest.raises(ValueError, match="same"):
+        ace_confidence_shift(torch.zeros(1, 2), torch.zeros(1, 3), torch.ones(1, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("ace_alpha", -1.0, "ace_alpha must be a number >= 0"),
+        ("ace_transform", "tanh", "ace_transform must be one of"),
+        ("ace_confidence", "max", "ace_confidence must be one of"),
+    ],
+)
+def test_config_rejects_bad_values(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        ACEGRPOConfig(output_dir=str(tmp_path), bf16=False, **{field: value})
+
+
+def test_config_defaults(tmp_path):
+    args = ACEGRPOConfig(output_dir=str(tmp_path), bf16=False)
+    assert (args.ace_alpha, args.ace_transform, args.ace_confidence) == (1.0, "softplus", "mean")
+    assert args.beta == 0.0  # TRL's default, kept
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainer, on a tiny random model with a reward that varies within every group
+
+
+def diversity_reward(completions, **kwargs):
+    # Deterministic and different across a group's samples, so every group has advantages of both signs.
+    return [len(set(completion[0]["content"])) / 10 for completion in completions]
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"{a}+{a + 3}"}] for a in range(10, 42)]})
+
+
+def make_args(output_dir, config_class=ACEGRPOConfig, **overrides):
+    fields = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 8,
+        "max_steps": 3,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "bf16": False,
+        "seed": 0,
+        "disable_tqdm": True,
+        **overrides,
+    }
+    return config_class(**fields)
+
+
+def completion_logps(model, batch):
+    """Plain per-token log-probabilities of the completion tokens (temperature 1): log_softmax, no fused head."""
+    completion_ids = batch["completion_ids"]
+    input_ids = torch.cat([batch["prompt_ids"], completion_ids], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = logits[:, -completion_ids.size(1) - 1 : -1]
+    return logits.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def losses(trainer):
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def dropout_model_path(tmp_path_factory):
+    """The tiny student with attention dropout on: every training-mode forward draws random numbers."""
+    tokenizer = build_tokenizer()
+    model = tiny_model("student", tokenizer=tokenizer, attention_dropout=0.1)
+    return save_pretrained_pair(model, tokenizer, tmp_path_factory.mktemp("dropout") / "student")
+
+
+@pytest.mark.parametrize("loss_type, dropout", [("dapo", False), ("grpo", True)], ids=["dapo", "grpo-dropout"])
+def test_alpha_zero_reproduces_grpo_exactly(tiny_model_paths, dropout_model_path, prompts, tmp_path, loss_type, dropout):
+    # With dropout, an extra forward pass that advanced the random state would change every later sample.
+    model_path = dropout_model_path if dropout else tiny_model_paths["student"]
+    grpo = GRPOTrainer(
+        model=model_path,
+        reward_funcs=diversity_reward,
+        args=make_args(tmp_path / "grpo", GRPOConfig, loss_type=loss_type),
+        train_dataset=prompts,
+    )
+    grpo.train()
+    ace = ACEGRPOTrainer(
+        model=model_path,
+        reward_funcs=diversity_reward,
+        args=make_args(tmp_path / "ace", ace_alpha=0.0, loss_type=loss_type),
+        train_dataset=prompts,
+    )
+    ace.train()
+
+    assert len(losses(ace)) == 3
+    assert losses(ace) == losses(grpo)
+    initial = AutoModelForCausalLM.from_pretrained(model_path)
+    for (name, ace_param), grpo_param in zip(ace.model.named_parameters(), grpo.model.parameters(), strict=True):
+        assert torch.equal(ace_param, grpo_param), name
+    assert any(not torch.equal(p, q) for p, q in zip(ace.model.parameters(), initial.parameters(), strict=True))
+    # The confidence shift was measured all the same: non-zero once the policy has moved (and, without dropout,
+    # exactly zero before the first update, when the policy is the reference).
+    shifts = [entry["ace/confidence_shift_mean"] for entry in ace.state.log_history if "loss" in entry]
+    assert shifts[2] != 0.0
+    assert dropout or shifts[0] == 0.0
+    assert all(entry["ace/scaled_fraction"] == 0.0 for entry in ace.state.log_history if "loss" in entry)
+
+
+def test_negative_advantages_scaled_positive_untouched(tiny_model_paths, prompts, tmp_path):
+    """ACE's advantages equal ace_scale_advantages(GRPO's advantages, c), with c measured against the reference."""
+    grpo = GRPOTrainer(
+        model=tiny_model_paths["student"],
+        reward_funcs=diversity_reward,
+        args=make_args(tmp_path / "grpo", GRPOConfig),
+        train_dataset=prompts,
+    )
+    ace = ACEGRPOTrainer(
+        model=tiny_model_paths["student"],
+        reward_funcs=diversity_reward,
+        args=make_args(tmp_path / "ace", ace_alpha=2.0),
+        train_dataset=prompts,
+    )
+    # Move both policies away from the reference identically, so that confidence shifts are not all zero.
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for ace_param, grpo_param in zip(ace.model.parameters(), grpo.model.parameters(), strict=True):
+            noise = 0.05 * torch.randn(ace_param.shape, generator=generator)
+            ace_param.add_(noise)
+            grpo_param.add_(noise)
+    inputs = [prompts[i // 4] for i in range(8)]  # two groups of four
+    torch.manual_seed(0)
+    grpo_batch = grpo._generate_and_score_completions([dict(x) for x in inputs])
+    torch.manual_seed(0)
+    ace_batch = ace._generate_and_score_completions([dict(x) for x in inputs])
+
+    assert torch.equal(ace_batch["completion_ids"], grpo_batch["completion_ids"])
+    before, after = grpo_batch["advantages"], ace_batch["advantages"]
+    assert (before > 0).any() and (before < 0).any()
+    assert torch.equal(after[before >= 0], before[before >= 0])
+    assert (after[before < 0] < before[before < 0]).all()
+
+    mask = ace_batch["completion_mask"]
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_paths["student"])
+    shifts = ace_confidence_shift(completion_logps(ace.model, ace_batch), completion_logps(reference, ace_batch), mask)
+    assert shifts.abs().max() > 1e-3
+    torch.testing.assert_close(after, ace_scale_advantages(before, shifts, alpha=2.0), rtol=1e-4, atol=1e-5)
+    assert "ref_per_token_logps" not in ace_batch  # beta = 0: nothing extra flows into the loss
+
+
+def test_full_model_reference_with_beta_zero(tiny_model_paths, prompts, tmp_path):
+    trainer = ACEGRPOTrainer(
+        model=tiny_model_paths["student"],
+        reward_funcs=diversity_reward,
+        args=make_args(tmp_path, max_steps=2),
+        train_dataset=prompts,
+    )
+    assert trainer.beta == 0.0 and trainer.args.beta == 0.0
+    assert trainer.ref_model is not None and trainer.ref_model is not trainer.model
+    assert not trainer.ref_model.training
+    trainer.train()
+
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_paths["student"])
+    for reference_param, initial_param in zip(trainer.ref_model.parameters(), initial.parameters(), strict=True):
+        assert torch.equal(reference_param, initial_param)
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), initial.parameters(), strict=True))
+
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions([dict(prompts[i // 4]) for i in range(4)])
+    reference_logps = trainer._reference_completion_logps(batch, "train")
+    mask = batch["completion_mask"].bool()
+    torch.testing.assert_close(reference_logps[mask], completion_logps(initial, batch)[mask], rtol=1e-4, atol=1e-5)
+    policy_logps = trainer._completion_logps(trainer.model, batch, "train")
+    assert (policy_logps - reference_logps)[mask].abs().max() > 1e-3
+    assert trainer.state.log_history[1]["ace/confidence_shift_max"] > trainer.state.log_history[1][
+        "ace/confidence_shift_min"
+    ]
+
+
+def test_lora_reference_is_the_adapter_disabled_model(tiny_model_paths, prompts, tmp_path):
+    from peft import LoraConfig
+
+    trainer = ACEGRPOTrainer(
+        model=tiny_model_paths["student"],
+        reward_funcs=diversity_reward,
+        args=make_args(tmp_path, max_steps=2, learning_rate=5e-2),
+        train_dataset=prompts,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    assert trainer.ref_model is None and trainer.beta == 0.0
+    assert "ref" not in trainer.model.peft_config  # a new adapter: disabling it gives the initial model
+    trainer.train()
+
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions([dict(prompts[i // 4]) for i in range(4)])
+    mask = batch["completion_mask"].bool()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_paths["student"])
+    reference_logps = trainer._reference_completion_logps(batch, "train")
+    torch.testing.assert_close(reference_logps[mask], completion_logps(base, batch)[mask], rtol=1e-4, atol=1e-5)
+    policy_logps = trainer._completion_logps(trainer.model, batch, "train")
+    assert (policy_logps - reference_logps)[mask].abs().max() > 1e-4  # the adapter has moved
+    assert any(entry.get("ace/confidence_shift_max", 0.0) != 0.0 for entry in trainer.state.log_history)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"loss_type": "dr_grpo", "ace_transform": "relu", "ace_confidence": "sum"},
+        {"loss_type": "bnpo", "beta": 0.04},
+    ],
+    ids=["dr_grpo-relu-sum", "bnpo-kl"],
+)
+def test_trains_with_other_loss_types(tiny_model_paths, prompts, tmp_path, overrides):
+    trainer = ACEGRPOTrainer(
+        model=tiny_model_paths["student"],
+        reward_funcs=diversity_reward,
+        args=make_args(tmp_path, max_steps=2, **overrides),
+        train_dataset=prompts,
+    )
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2 and all(math.isfinite(entry["loss"]) for entry in logged)
+    for name in ("confidence_shift_mean", "confidence_shift_min", "confidence_shift_max", "scaled_fraction"):
+        assert all(math.isfinite(entry[f"ace/{name}"]) for entry in logged)
+    assert any(entry["ace/scaled_fraction"] > 0 for entry in logged)
+    assert all(entry["ace/scale_factor_mean"] >= 1.0 for entry in logged if "ace/scale_factor_mean" in entry)
+    if overrides.get("beta"):
+        assert all("kl" in entry for entry in logged)
+
+
+def test_rejects_plain_grpo_config(tiny_model_paths, tmp_path):
+    with pytest.raises(TypeError, match="needs an ACEGRPOConfig"):
+        ACEGRPOTrainer(model=tiny_model_paths["student"], reward_funcs=diversity_reward, args=make_args(tmp_path, GRPOConfig))
+
+
+def test_rejects_model_instance_without_path(prompts, tmp_path):
+    with pytest.raises(ValueError, match="save_pretrained"):
+        ACEGRPOTrainer(
+            model=tiny_model("student"),
+            reward_funcs=diversity_reward,
+            args=make_args(tmp_path),
+            train_dataset=prompts,
+        )

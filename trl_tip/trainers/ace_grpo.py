@@ -1,0 +1,286 @@
+"""ACE-GRPO: GRPO with an asymmetric, confidence-aware penalty on wrong rollouts."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.utils import is_peft_model
+from trl import GRPOConfig, GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import get_config_model_id, use_adapter
+
+from ..weighting import (
+    ACE_CONFIDENCE_REDUCTIONS,
+    ACE_TRANSFORMS,
+    ace_confidence_shift,
+    ace_scale_advantages,
+    ace_scale_factors,
+)
+
+
+# Any non-zero value: while `GRPOTrainer.__init__` runs with it, TRL builds and prepares the reference model exactly
+# as it does for a KL penalty. The configured `beta` is restored before training starts.
+_BETA_THAT_BUILDS_THE_REFERENCE = 1.0
+
+
+@dataclass
+class ACEGRPOConfig(GRPOConfig):
+    r"""
+    Configuration class for the [`ACEGRPOTrainer`].
+
+    Extends [`~trl.GRPOConfig`] with the parameters of ACE, an asymmetric confidence-aware error penalty: the advantage
+    `A_i < 0` of a wrong rollout is multiplied by `1 + α · g(c_i)`, where `c_i` is the rollout's confidence shift, the
+    mean (or sum) over its completion tokens of `log π_old(y_t) − log π_ref(y_t)`. Rollouts with `A_i >= 0` are left
+    alone. With `ace_alpha=0.0` training is exactly that of [`~trl.GRPOTrainer`].
+
+    Parameters:
+        ace_alpha (`float`, *optional*, defaults to `1.0`):
+            Strength `α >= 0` of the penalty. `0.0` reproduces GRPO exactly.
+        ace_transform (`str`, *optional*, defaults to `"softplus"`):
+            Function `g` applied to the confidence shift: `"softplus"` (smooth; every wrong rollout is scaled by at
+            least `1 + α · ln 2`) or `"relu"` (only wrong rollouts the policy became more confident in are scaled).
+        ace_confidence (`str`, *optional*, defaults to `"mean"`):
+            How the per-token log-ratios of a rollout are combined into its confidence shift: `"mean"` or `"sum"`.
+            `"sum"` grows with the completion length.
+
+    The reference model `π_ref` is needed even when `beta=0.0`: with a PEFT model it is the model with the adapter
+    disabled (or TRL's frozen `"ref"` copy of a pretrained adapter), otherwise a frozen copy of the initial model is
+    loaded once, as TRL does for `beta != 0`.
+    """
+
+    ace_alpha: float = field(
+        default=1.0,
+        metadata={
+            "help": "Strength α >= 0 of ACE's penalty: the advantage A < 0 of a wrong rollout becomes "
+            "A·(1 + α·g(c)), c being the rollout's confidence shift. 0.0 reproduces GRPO exactly."
+        },
+    )
+    ace_transform: str = field(
+        default="softplus",
+        metadata={
+            "help": "Function g applied to the confidence shift: 'softplus' (every wrong rollout is scaled by at "
+            "least 1 + α·ln 2) or 'relu' (only wrong rollouts the policy became more confident in are scaled).",
+            "choices": list(ACE_TRANSFORMS),
+        },
+    )
+    ace_confidence: str = field(
+        default="mean",
+        metadata={
+            "help": "How a rollout's per-token log-ratios log π_old − log π_ref are combined into its confidence "
+            "shift: 'mean' or 'sum' over its completion tokens.",
+            "choices": list(ACE_CONFIDENCE_REDUCTIONS),
+        },
+    )
+
+    def __post_init__(self):
+        if not isinstance(self.ace_alpha, (int, float)) or not self.ace_alpha >= 0:
+            raise ValueError(f"ace_alpha must be a number >= 0 (0.0 is plain GRPO), got {self.ace_alpha!r}.")
+        if self.ace_transform not in ACE_TRANSFORMS:
+            raise ValueError(f"ace_transform must be one of {list(ACE_TRANSFORMS)}, got {self.ace_transform!r}.")
+        if self.ace_confidence not in ACE_CONFIDENCE_REDUCTIONS:
+            raise ValueError(
+                f"ace_confidence must be one of {list(ACE_CONFIDENCE_REDUCTIONS)}, got {self.ace_confidence!r}."
+            )
+        self.ace_alpha = float(self.ace_alpha)
+        super().__post_init__()
+
+
+@contextmanager
+def _rng_untouched(device: torch.device):
+    # The extra forward passes must not advance any random stream (dropout, if enabled), so that sampling and
+    # shuffling afterwards are those of plain GRPO.
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            yield
+    else:
+        with torch.random.fork_rng(devices=[device], device_type=device.type):
+            yield
+
+
+class ACEGRPOTrainer(GRPOTrainer):
+    """
+    Trainer for ACE-GRPO: Group Relative Policy Optimization with an asymmetric confidence-aware error penalty.
+
+    After TRL computes the group-normalised advantages, each rollout's confidence shift `c_i` (mean over its
+    completion tokens of `log π_old − log π_ref`, detached) is measured and the advantage of every wrong rollout
+    (`A_i < 0`) is scaled by `1 + α · g(c_i)` (see [`~trl_tip.ace_scale_advantages`]). Everything else is TRL's GRPO:
+    every `loss_type`, vLLM generation, PEFT/QLoRA, multi-GPU.
+
+    The constructor is that of [`~trl.GRPOTrainer`]; `args` must be an [`ACEGRPOConfig`]. Unlike `GRPOTrainer`, a
+    reference model is used even when `beta=0.0`: with PEFT the adapter is disabled to score it, otherwise a frozen
+    copy of the initial model is loaded from the policy's path (the model must therefore be given as a path or have
+    been loaded with `from_pretrained`).
+
+    Logged metrics (besides GRPO's): `ace/confidence_shift_mean`, `ace/confidence_shift_min`,
+    `ace/confidence_shift_max`, `ace/scaled_fraction` (share of rollouts whose advantage was changed) and
+    `ace/scale_factor_mean` (mean factor over the negative-advantage rollouts).
+
+    Example:
+
+    ```python
+    from trl_tip import ACEGRPOConfig, ACEGRPOTrainer, math_reward
+
+    trainer = ACEGRPOTrainer(
+        model="Qwen/Qwen2.5-Math-1.5B",
+        reward_funcs=math_reward,
+        args=ACEGRPOConfig(output_dir="ace-grpo", ace_alpha=1.0),
+        train_dataset=dataset,  # with `prompt` and `answer` columns
+    )
+    trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "grpo", "ace-grpo", "trl_tip"]
+    _name = "ACE-GRPO"
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: ACEGRPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools=None,
+        rollout_func=None,
+        environment_factory=None,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = ACEGRPOConfig(f"{model_name.split('/')[-1]}-ACE-GRPO")
+        elif not isinstance(args, ACEGRPOConfig):
+            raise TypeError(
+                f"ACEGRPOTrainer needs an ACEGRPOConfig, got {type(args).__name__}; build one with the same fields "
+                "plus ace_alpha / ace_transform / ace_confidence."
+            )
+        if (
+            args.beta == 0.0
+            and peft_config is None
+            and not isinstance(model, str)
+            and not is_peft_model(model)
+            and not get_config_model_id(model.config)
+        ):
+            raise ValueError(
+                "ACEGRPOTrainer loads a frozen reference copy of the policy from its path, but the model instance you "
+                "passed has none (`model.config._name_or_path` is empty). Save it with `save_pretrained` and pass "
+                "the directory (or load it with `from_pretrained`), or train a PEFT adapter."
+            )
+
+        # TRL creates the reference model only when beta != 0. ACE needs it for the confidence shift whatever the KL
+        # coefficient is, so the trainer is built as if beta were non-zero, which makes TRL load the reference (or,
+        # for a pretrained PEFT adapter, its frozen "ref" copy) and prepare it for DeepSpeed/FSDP/fp32 heads exactly
+        # as for a KL penalty. TRL reseeds after doing so, so this consumes no randomness of the run.
+        beta = args.beta
+        if beta == 0.0:
+            args.beta = _BETA_THAT_BUILDS_THE_REFERENCE
+        try:
+            super().__init__(
+                model=model,
+                reward_funcs=reward_funcs,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                reward_processing_classes=reward_processing_classes,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+                tools=tools,
+                rollout_func=rollout_func,
+                environment_factory=environment_factory,
+            )
+        finally:
+            args.beta = beta
+        self.beta = beta
+        if self.ref_model is None and not is_peft_model(self.model):
+            raise RuntimeError(
+                "ACEGRPOTrainer found no reference model after GRPOTrainer's setup; this trl version builds it "
+                "differently from trl 1.16, which trl_tip supports."
+            )
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+
+        # TRL already has these when it needs them (importance sampling, KL penalty); otherwise the policy now is the
+        # sampling-time policy, since generation has just happened with the current weights.
+        policy_logps = output.get("old_per_token_logps")
+        reference_logps = output.get("ref_per_token_logps")
+        if policy_logps is None or reference_logps is None:
+            with (
+                _rng_untouched(self.accelerator.device),
+                torch.no_grad(),
+                disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            ):
+                if policy_logps is None:
+                    policy_logps = self._completion_logps(self.model, output, mode)
+                if reference_logps is None:
+                    reference_logps = self._reference_completion_logps(output, mode)
+
+        mask = output["completion_mask"]
+        if "tool_mask" in output:  # tool output was not sampled from the policy
+            mask = mask * output["tool_mask"]
+        confidence_shift = ace_confidence_shift(policy_logps, reference_logps, mask, self.args.ace_confidence)
+        if not torch.isfinite(confidence_shift).all():
+            raise FloatingPointError(
+                "ACE got a non-finite confidence shift: the policy or the reference model gave a completion token a "
+                "log-probability of -inf or NaN. Check the models' dtype (e.g. use bf16 rather than fp16)."
+            )
+        advantages = output["advantages"]
+        output["advantages"] = ace_scale_advantages(
+            advantages, confidence_shift, self.args.ace_alpha, self.args.ace_transform
+        )
+        self._log_ace_metrics(mode, advantages, confidence_shift)
+        return output
+
+    def _completion_logps(self, model, batch, mode):
+        # The same call `_compute_loss` makes, on the generation batch, without gradients or entropies.
+        completion_ids = batch["completion_ids"]
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([batch["prompt_ids"], completion_ids], dim=1),
+            torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+            completion_ids.size(1),
+            batch_size=self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size,
+            pixel_values=batch.get("pixel_values"),
+            image_grid_thw=batch.get("image_grid_thw"),
+            num_images=batch.get("num_images"),
+            pixel_attention_mask=batch.get("pixel_attention_mask"),
+            spatial_shapes=batch.get("spatial_shapes"),
+            num_tiles=batch.get("num_tiles"),
+            image_sizes=batch.get("image_sizes"),
+            token_type_ids=batch.get("token_type_ids"),
+            mm_token_type_ids=batch.get("mm_token_type_ids"),
+            image_position_ids=batch.get("image_position_ids"),
+        )
+        return logps
+
+    def _reference_completion_logps(self, batch, mode):
+        """Per-token log-probabilities of the completions under the reference model, as TRL scores its KL term."""
+        if self.ref_model is not None:
+            return self._completion_logps(self.ref_model, batch, mode)
+        # PEFT: a new adapter disabled gives the initial model; a pretrained one has a frozen "ref" copy.
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+            return self._completion_logps(self.model, batch, mode)
+
+    def _log_ace_metrics(self, mode, advantages, confidence_shift):
+        shifts = self.accelerator.gather(confidence_shift).float()
+        advantages = self.accelerator.gather(advantages)
+        factors = ace_scale_factors(shifts, self.args.ace_alpha, self.args.ace_transform)
+        negative = advantages < 0
+        metrics = self._metrics[mode]
+        metrics["ace/confidence_shift_mean"].append(shifts.mean().item())
+        metrics["ace/confidence_shift_min"].append(shifts.min().item())
+        metrics["ace/confidence_shift_max"].append(shifts.max().item())
+        metrics["ace/scaled_fraction"].append((negative & (factors != 1)).float().mean().item())
+        # NaN when no rollout is wrong; TRL's `log` leaves NaN out of the average.
+        metrics["ace/scale_factor_mean"].append(factors[negative].mean().item() if negative.any() else float("nan"))
