@@ -15,7 +15,7 @@ Each stage writes its checkpoint and a `metrics.json` (test accuracy, mean@n / p
 `output_dir/<stage>/`. A stage whose `metrics.json` exists is reused, not retrained (unless `--overwrite_stages`), so
 rerunning the same command resumes the pipeline; an interrupted stage resumes from its last checkpoint.
 
-With no arguments, runs on the built-in task (offline, CPU, a few minutes) with the built-in teacher and student, and
+With no arguments, runs on the built-in task (offline, CPU, 1-2 minutes) with the built-in teacher and student, and
 prints the test accuracy after each stage:
 
 ```bash
@@ -63,7 +63,7 @@ TRAINS = {"teacher_rl": "teacher", "warmup": "student", "opd": "student", "stude
 METRICS_FILE = "metrics.json"
 INPUTS_FILE = "bridge_inputs.json"
 
-# The built-in run: each stage short, ~3 minutes in all on 2 CPU cores. The learning rates are far above the papers'
+# The built-in run: each stage short, 1-2 minutes in all on 2 CPU cores. The learning rates are far above the papers'
 # 1e-6, which is meant for billion-parameter models; the tiny models need larger steps to move at all.
 BUILTIN_DEFAULTS = {
     "output_dir": "outputs/bridge",
@@ -210,7 +210,7 @@ def parse_stages(text: str) -> list[str]:
 
 def _command_line_values(parser, argv: list[str]) -> dict:
     # The values the dataclasses were built from, before any `__post_init__` derived others from them (the YAML file
-    # and the built-in defaults are the parser's defaults by now, as in `HfArgumentParser.parse_args_into_dataclasses`).
+    # and the built-in defaults are the parser's defaults by now, as in HfArgumentParser.parse_args_into_dataclasses).
     args = list(argv)
     if "--config" in args:
         index = args.index("--config")
@@ -273,8 +273,12 @@ def stage_config(stage: str, raw: dict, script_args: BridgeScriptArguments, mode
                     "student_rl": ACEGRPOConfig}[stage]
     names = {field.name for field in dataclasses.fields(config_class) if field.init}
     # `beta` is GRPO's KL coefficient in the shared arguments, the divergence in the distillation configs.
-    shared = {key: value for key, value in raw.items() if key in names and not (key == "beta" and stage in ("warmup", "opd"))}
-    overrides = {"output_dir": os.path.join(output_dir, stage), "model_init_kwargs": _model_init_kwargs(model_args, raw)}
+    distillation = stage in ("warmup", "opd")
+    shared = {key: value for key, value in raw.items() if key in names and not (key == "beta" and distillation)}
+    overrides = {
+        "output_dir": os.path.join(output_dir, stage),
+        "model_init_kwargs": _model_init_kwargs(model_args, raw),
+    }
     for name in ("max_steps", "learning_rate"):
         value = getattr(script_args, f"{stage}_{name}")
         if value is not None:
@@ -602,10 +606,13 @@ def format_table(rows: list[dict], test_name: str = "test") -> str:
         if row.get("reused"):
             line += "  (reused)"
         lines.append(line)
-    problems = sampled["num_problems"] if sampled else next((r["test"]["num_problems"] for r in rows if r.get("test")), 0)
-    title = f"\nBridge: accuracy on {problems} {test_name} problems after each stage"
-    if n:
-        title += f" (greedy; mean@{n} and pass@{n} from {n} samples at T={sampled['temperature']:g})"
+    evaluated = [row["test"] for row in rows if row.get("test")]
+    if not evaluated:
+        title = "\nBridge stages (not evaluated; evaluate the checkpoints with `trl-tip eval`)"
+    else:
+        title = f"\nBridge: accuracy on {evaluated[0]['num_problems']} {test_name} problems after each stage"
+        if n:
+            title += f" (greedy; mean@{n} and pass@{n} from {n} samples at T={sampled['temperature']:g})"
     return "\n".join([title + ":", header, *lines])
 
 

@@ -80,7 +80,9 @@ def test_evaluate_pass_at_k_aggregates_graded_samples(monkeypatch):
         model, tokenizer, dataset, num_samples=4, max_new_tokens=16, temperature=0.7, return_problems=True
     )
 
-    expected_ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True)["input_ids"] for p in dataset["prompt"]]
+    expected_ids = [
+        tokenizer.apply_chat_template(prompt, add_generation_prompt=True)["input_ids"] for prompt in dataset["prompt"]
+    ]
     assert calls == [{"prompt_ids": expected_ids, "n": 4, "temperature": 0.7, "max": 16, "top_p": 1.0, "top_k": 0}]
     assert result["mean_accuracy"] == pytest.approx(0.5)
     expected = {1: (0.25 + 0.75) / 2, 2: (0.5 + 1.0) / 2, 3: (0.75 + 1.0) / 2, 4: 1.0}
@@ -182,7 +184,7 @@ def _fake_hub(monkeypatch, rows):
     "name, path, split, columns",
     [
         ("math500", "HuggingFaceH4/MATH-500", "test", {"solution": ["s"], "subject": ["Algebra"], "level": [1]}),
-        ("aime24", "HuggingFaceH4/aime_2024", "train", {"id": [60], "solution": ["s"], "url": ["u"], "year": ["2024"]}),
+        ("aime24", "HuggingFaceH4/aime_2024", "train", {"id": [6], "solution": ["s"], "url": ["u"], "year": ["2024"]}),
         ("aime25", "yentinglin/aime_2025", "train", {"id": [0], "solution": ["s"], "url": ["u"], "year": ["2025"]}),
     ],
 )

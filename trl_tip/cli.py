@@ -79,7 +79,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="JSON object passed to the chat template, e.g. '{\"enable_thinking\": false}'.",
     )
-    parser.add_argument("--dtype", default="auto", help="Model dtype: auto, bfloat16, float16 or float32.")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="Model dtype (default: auto).",
+    )
     parser.add_argument("--trust_remote_code", action="store_true", help="Allow custom model code from the Hub.")
     parser.add_argument(
         "--batch_size", type=_positive_int, default=64, help="Sequences per generate call (transformers backend)."
@@ -90,7 +95,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gpu_memory_utilization", type=float, default=0.9, help="GPU memory share vLLM may take (vllm backend)."
     )
-    parser.add_argument("--max_model_len", type=_positive_int, default=None, help="vLLM context length (vllm backend).")
+    parser.add_argument(
+        "--max_model_len", type=_positive_int, default=None, help="vLLM context length (vllm backend)."
+    )
     parser.add_argument(
         "--output_dir",
         default="eval_results",

@@ -170,7 +170,9 @@ def load_benchmark(
 
     if name == BUILTIN:
         if any(value is not None for value in (split, problem_column, answer_column, config)):
-            raise ValueError("The built-in task has fixed columns and split; drop --split/--*_column/--dataset_config.")
+            raise ValueError(
+                "The built-in task has fixed columns and split; drop --split/--*_column/--dataset_config."
+            )
         from .tasks.arithmetic import build_arithmetic_dataset
 
         dataset = build_arithmetic_dataset()["test"]
@@ -222,7 +224,9 @@ def tokenize_prompts(tokenizer, prompts: Sequence, chat_template_kwargs: dict | 
     ids = []
     for prompt in prompts:
         if isinstance(prompt, str):
-            raise TypeError("Prompts must be chat messages (a list of {'role', 'content'}); wrap plain text in a user turn.")
+            raise TypeError(
+                "Prompts must be chat messages (a list of {'role', 'content'}); wrap plain text in a user turn."
+            )
         encoded = tokenizer.apply_chat_template(
             list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True, **(chat_template_kwargs or {})
         )
@@ -256,9 +260,9 @@ def sample_completions(
     Sample `num_samples` completions for each prompt with transformers' `generate` (from the global random state).
 
     Returns:
-        `tuple[list[str], list[int]]`: the decoded completions, sample `i` of prompt `p` at index `p * num_samples + i`,
-        and the number of tokens each one generated, its end-of-sequence token included (`max_new_tokens` for a
-        completion cut at the budget).
+        `tuple[list[str], list[int]]`: the decoded completions, sample `i` of prompt `p` at index
+        `p * num_samples + i`, and the number of tokens each one generated, its end-of-sequence token included
+        (`max_new_tokens` for a completion cut at the budget).
     """
     from transformers import GenerationConfig
 
@@ -289,9 +293,8 @@ def sample_completions(
             generated = output[:, width:].cpu()
             is_eos = torch.isin(generated, torch.tensor(eos))
             lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, generated.size(1)).tolist()
-            texts += tokenizer.batch_decode(
-                [row[:length] for row, length in zip(generated.tolist(), lengths, strict=True)], skip_special_tokens=True
-            )
+            rows = [row[:length] for row, length in zip(generated.tolist(), lengths, strict=True)]
+            texts += tokenizer.batch_decode(rows, skip_special_tokens=True)
             counts += lengths
     finally:
         model.train(was_training)
