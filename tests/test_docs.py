@@ -24,6 +24,7 @@ RECIPES = ROOT / "recipes"
 RECIPE_EXAMPLES = {
     "tip_qwen3-8b_to_qwen3-4b.yaml": "tip_distill.py",
     "opsdc_qwen3-8b.yaml": "opsdc.py",
+    "bridge_qwen3-1.7b.yaml": "bridge.py",
 }
 
 # The papers' settings (SPEC.md) each recipe must carry.
@@ -51,6 +52,15 @@ PAPER_SETTINGS = {
         "concise_instruction": "v2",
         "beta": 1.0,
         "temperature": 1.0,
+    },
+    # SPEC §5: Qwen3-8B teacher improved by GRPO, Qwen3-1.7B student; teacher GRPO -> forward-KL warm-up -> OPD on
+    # every token.
+    "bridge_qwen3-1.7b.yaml": {
+        "model_name_or_path": "Qwen/Qwen3-1.7B",
+        "teacher_model_name_or_path": "Qwen/Qwen3-8B",
+        "stages": "teacher_rl,warmup,opd",
+        "token_selection": "all",
+        "ace_alpha": 0.0,
     },
 }
 
@@ -95,8 +105,8 @@ def _bash_blocks(path: Path) -> list[str]:
 
 def _commands():
     """
-    Every `accelerate launch`, `python <script>.py` (examples and benchmarks) and `trl vllm-serve` command of the
-    docs, README, examples.
+    Every `accelerate launch`, `python <script>.py` (examples and benchmarks), `trl vllm-serve` and `trl-tip` command
+    of the docs, README and examples.
     """
     sources = sorted(DOCS.glob("*.md")) + [ROOT / "README.md"] + sorted((ROOT / "examples").glob("*.py"))
     commands = []
@@ -107,7 +117,7 @@ def _commands():
                 tokens = shlex.split(line, comments=True)
                 while tokens and re.match(r"^[A-Za-z_]\w*=", tokens[0]):  # environment assignments
                     tokens.pop(0)
-                if tokens[:2] in (["accelerate", "launch"], ["trl", "vllm-serve"]) or (
+                if tokens[:2] in (["accelerate", "launch"], ["trl", "vllm-serve"]) or tokens[:1] == ["trl-tip"] or (
                     tokens[:1] in (["python"], ["python3"]) and len(tokens) > 1 and tokens[1].endswith(".py")
                 ):
                     found += 1
@@ -166,6 +176,14 @@ def test_the_docs_show_commands_for_every_accelerate_config_and_recipe():
 @pytest.mark.parametrize("tokens", COMMANDS)
 def test_documented_command_parses(tokens, monkeypatch):
     monkeypatch.chdir(ROOT)
+    if tokens[0] == "trl-tip":
+        from trl_tip.cli import build_parser
+
+        try:
+            build_parser().parse_args(tokens[1:])
+        except SystemExit as error:
+            raise AssertionError(f"`trl-tip` rejects {shlex.join(tokens[1:])} (exit {error.code})") from None
+        return
     if tokens[:2] == ["trl", "vllm-serve"]:
         from trl.scripts.vllm_serve import make_parser
 

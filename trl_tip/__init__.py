@@ -23,6 +23,7 @@ _LAZY = {
     "OPSDCConfig": "trl_tip.trainers.opsdc",
     "OPSDCTrainer": "trl_tip.trainers.opsdc",
     "PacedConfig": "trl_tip.trainers.paced",
+    "PassAtKCallback": "trl_tip.evaluation",
     "PacedTrainer": "trl_tip.trainers.paced",
     "PassRateTable": "trl_tip.trainers.paced",
     "TipDistillConfig": "trl_tip.trainers.tip_distill",

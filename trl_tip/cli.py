@@ -1,0 +1,236 @@
+"""
+The `trl-tip` command.
+
+    trl-tip eval --model Qwen/Qwen3-1.7B --dataset math500 aime24 aime25 --n 16 --backend vllm
+
+`python -m trl_tip.cli ...` runs the same command without the console script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .evaluation import BENCHMARKS, BUILTIN
+
+
+def _slug(name: str) -> str:
+    return name.replace("/", "__")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"enable_thinking\": false}'")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `trl-tip eval`."""
+    names = ", ".join([BUILTIN, *BENCHMARKS])
+    parser.add_argument("--model", required=True, help="Model path or Hub id (a saved checkpoint works).")
+    parser.add_argument(
+        "--dataset",
+        nargs="+",
+        default=["math500"],
+        help=f"One or more benchmarks: {names}, or a Hub dataset id (owner/name). Default: math500.",
+    )
+    parser.add_argument("--split", default=None, help="Split to read (default: the benchmark's; `test` for a Hub id).")
+    parser.add_argument("--dataset_config", default=None, help="Dataset configuration name (Hub ids).")
+    parser.add_argument("--problem_column", default=None, help="Column with the problem (default: `problem`).")
+    parser.add_argument("--answer_column", default=None, help="Column with the final answer (default: `answer`).")
+    parser.add_argument(
+        "--prompt_template",
+        default=None,
+        help="The user turn, with {problem} for the problem statement. Default: the problem followed by 'Please "
+        "reason step by step, and put your final answer within \\boxed{}.' ({problem} alone for the built-in task).",
+    )
+    parser.add_argument("--num_problems", type=_positive_int, default=None, help="Evaluate the first N problems only.")
+    parser.add_argument("--n", type=_positive_int, default=16, help="Completions sampled per problem (default: 16).")
+    parser.add_argument("--temperature", type=float, default=0.6, help="Sampling temperature (default: 0.6).")
+    parser.add_argument("--top_p", type=float, default=0.95, help="Nucleus sampling threshold (default: 0.95).")
+    parser.add_argument("--top_k", type=int, default=0, help="Top-k filtering; 0 turns it off (default: 0).")
+    parser.add_argument(
+        "--max_new_tokens",
+        type=_positive_int,
+        default=None,
+        help="Completion budget (default: 32768 for the math benchmarks, 32 for the built-in task).",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Sampling seed (default: 0).")
+    parser.add_argument(
+        "--backend", choices=["transformers", "vllm"], default="transformers", help="Generation backend."
+    )
+    parser.add_argument(
+        "--chat_template_kwargs",
+        type=_json_object,
+        default=None,
+        help="JSON object passed to the chat template, e.g. '{\"enable_thinking\": false}'.",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="Model dtype (default: auto).",
+    )
+    parser.add_argument("--trust_remote_code", action="store_true", help="Allow custom model code from the Hub.")
+    parser.add_argument(
+        "--batch_size", type=_positive_int, default=64, help="Sequences per generate call (transformers backend)."
+    )
+    parser.add_argument(
+        "--tensor_parallel_size", type=_positive_int, default=1, help="GPUs per vLLM engine (vllm backend)."
+    )
+    parser.add_argument(
+        "--gpu_memory_utilization", type=float, default=0.9, help="GPU memory share vLLM may take (vllm backend)."
+    )
+    parser.add_argument(
+        "--max_model_len", type=_positive_int, default=None, help="vLLM context length (vllm backend)."
+    )
+    parser.add_argument(
+        "--output_dir",
+        default="eval_results",
+        help="Where to write <dataset>.jsonl (one record per problem) and summary.json (default: eval_results).",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trl-tip", description="trl_tip command-line tools. `trl-tip <command> --help` for a command's options."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    evaluate = commands.add_parser(
+        "eval",
+        help="Sample n completions per problem and report mean@n, pass@1..n and mean completion tokens.",
+        description="Sample n completions per problem of a math benchmark, grade them with math-verify (last "
+        "\\boxed{} or 'Answer:' line), and report accuracy mean@n, unbiased pass@k for k = 1..n and the mean "
+        "completion length in tokens. Per-problem results go to <output_dir>/<dataset>.jsonl, the summary to "
+        "<output_dir>/summary.json.",
+    )
+    add_eval_arguments(evaluate)
+    return parser
+
+
+def _format_summary(name: str, summary: dict) -> str:
+    n = summary["num_samples"]
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= n} | {n})
+    passes = "  ".join(f"pass@{k} {100 * summary['pass_at_k'][k]:.1f}" for k in ks)
+    return (
+        f"{name}: {summary['num_problems']} problems × {n} samples  mean@{n} {100 * summary['mean_accuracy']:.1f}  "
+        f"{passes}  tokens {summary['mean_completion_tokens']:.1f}"
+        + (f"  ({summary['num_ungradable']} ungradable gold answers)" if summary["num_ungradable"] else "")
+    )
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    """Run `trl-tip eval` with parsed arguments; returns the summary written to `summary.json`."""
+    from transformers import AutoTokenizer
+
+    from .evaluation import (
+        default_max_new_tokens,
+        evaluate_pass_at_k,
+        evaluate_pass_at_k_vllm,
+        load_benchmark,
+        load_vllm_engine,
+    )
+
+    datasets = {
+        name: load_benchmark(
+            name,
+            num_problems=args.num_problems,
+            split=args.split,
+            problem_column=args.problem_column,
+            answer_column=args.answer_column,
+            config=args.dataset_config,
+            prompt_template=args.prompt_template,
+        )
+        for name in args.dataset
+    }
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
+    results = {}
+    os.makedirs(args.output_dir, exist_ok=True)
+    model = None  # loaded once, on the first dataset
+    for name, dataset in datasets.items():
+        max_new_tokens = args.max_new_tokens or default_max_new_tokens(name)
+        started = time.perf_counter()
+        if args.backend == "vllm":
+            if model is None:
+                model = load_vllm_engine(
+                    args.model,
+                    seed=args.seed,
+                    tensor_parallel_size=args.tensor_parallel_size,
+                    gpu_memory_utilization=args.gpu_memory_utilization,
+                    dtype=args.dtype,
+                    max_model_len=args.max_model_len,
+                    trust_remote_code=args.trust_remote_code,
+                )
+            summary, problems = evaluate_pass_at_k_vllm(
+                model,
+                tokenizer,
+                dataset,
+                num_samples=args.n,
+                max_new_tokens=max_new_tokens,
+                chat_template_kwargs=args.chat_template_kwargs,
+                return_problems=True,
+                **sampling,
+            )
+        else:
+            if model is None:
+                model = _load_model(args)
+            summary, problems = evaluate_pass_at_k(
+                model,
+                tokenizer,
+                dataset,
+                num_samples=args.n,
+                max_new_tokens=max_new_tokens,
+                batch_size=args.batch_size,
+                chat_template_kwargs=args.chat_template_kwargs,
+                return_problems=True,
+                **sampling,
+            )
+        summary = {**summary, "max_new_tokens": max_new_tokens, "seconds": time.perf_counter() - started}
+        path = os.path.join(args.output_dir, f"{_slug(name)}.jsonl")
+        with open(path, "w", encoding="utf-8") as file:
+            for problem in problems:
+                file.write(json.dumps(problem, ensure_ascii=False, default=str) + "\n")
+        results[name] = summary
+        print(_format_summary(name, summary), flush=True)
+        print(f"  per-problem results: {path}", flush=True)
+    report = {"model": args.model, "backend": args.backend, "num_samples": args.n, **sampling, "results": results}
+    with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as file:
+        json.dump(report, file, indent=2)
+    return report
+
+
+def _load_model(args: argparse.Namespace):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "eval":
+        run_eval(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
