@@ -739,19 +739,21 @@ def plot_taxonomy(record: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     titles = {"before": "student before distillation", "after": "student after TIP soft-OR 50 % (seed 0)"}
     for axis, (name, panel) in zip(axes, record["panels"].items()):
-        for q in (4, 2, 3, 1):
+        # The small quadrants are drawn last and larger, so the big ones do not hide them.
+        for q in (1, 4, 2, 3):
             xs = [h for h, quadrant in zip(panel["entropy"], panel["quadrant"]) if quadrant == q]
             ys = [d for d, quadrant in zip(panel["reverse_kl"], panel["quadrant"]) if quadrant == q]
             share = 100 * panel["quadrant_shares"][q - 1]
-            axis.scatter(xs, [max(y, 1e-6) for y in ys], s=6, alpha=0.6, color=QUADRANT_COLORS[q],
-                         label=f"{QUADRANT_NAMES[q]}: {share:.0f} %")
-        axis.axvline(panel["median_entropy"], color="black", linewidth=0.7, linestyle="--")
+            axis.scatter([max(x, 1e-6) for x in xs], [max(y, 1e-6) for y in ys], s=6 if q in (1, 4) else 14,
+                         alpha=0.6, color=QUADRANT_COLORS[q], label=f"{QUADRANT_NAMES[q]}: {share:.1f} %")
+        axis.axvline(max(panel["median_entropy"], 1e-6), color="black", linewidth=0.7, linestyle="--")
         axis.axhline(max(panel["median_reverse_kl"], 1e-6), color="black", linewidth=0.7, linestyle="--")
+        axis.set_xscale("log")
         axis.set_yscale("log")
-        axis.set_xlabel("normalised student entropy h = H(S) / ln|V|")
+        axis.set_xlabel("normalised student entropy h = H(S) / ln|V| (log scale)")
         axis.set_ylabel("reverse KL δ = KL(S || T) (nats, log scale)")
         axis.set_title(f"{titles[name]}: {panel['tokens']} tokens", fontsize=10)
-        axis.legend(fontsize=7, loc="lower right")
+        axis.legend(fontsize=7, loc="upper left")
     fig.suptitle("Completion tokens of 64 sampled student rollouts (T = 1), split at the batch medians (dashed)",
                  fontsize=10)
     fig.tight_layout()
