@@ -83,10 +83,31 @@ ACE_SETTINGS = {
     "eval_samples": 16,
 }
 
+BRIDGE_SETTINGS = {
+    # The built-in settings of examples/bridge.py: 2,000 training problems, 32 sequences per step (GRPO: 4 prompts x
+    # 8 rollouts), T = 1.0, completions <= 32 tokens; teacher GRPO 30 steps (lr 1e-5), forward-KL warm-up 60 steps and
+    # OPD 150 steps (lr 5e-4). Direct student GRPO gets the bridge's 210 student optimiser steps of 32 sequences.
+    "num_train_problems": 2000,
+    "per_device_train_batch_size": 32,
+    "num_generations": 8,
+    "max_completion_length": 32,
+    "temperature": 1.0,
+    "teacher_rl_max_steps": 30,
+    "teacher_rl_learning_rate": 1e-5,
+    "warmup_max_steps": 60,
+    "warmup_learning_rate": 5e-4,
+    "opd_max_steps": 150,
+    "opd_learning_rate": 5e-4,
+    # Greedy accuracy, then mean@16 and pass@k from 16 samples per test problem at T = 1.0.
+    "eval_samples": 16,
+}
+
 METHODS = {
     "tip": {
         "title": "TIP: token selection in on-policy distillation",
         "baseline": "all",
+        # Besides each rule against all tokens: the TIP rules against the random control at the same ratio.
+        "comparisons": [("soft_or_50", "random_50"), ("entropy_sample_50", "random_50")],
         "settings": TIP_SETTINGS,
         "variants": {
             "all": {"label": "all tokens (plain OPD)", "token_selection": "all", "token_ratio": 1.0},
@@ -134,6 +155,16 @@ METHODS = {
             "ace": {"label": "ACE-GRPO (softplus, α = 1)", "ace_alpha": 1.0},
         },
     },
+    "bridge": {
+        "title": "The sparse-to-dense bridge against direct student GRPO",
+        "baseline": "student_grpo",
+        "settings": BRIDGE_SETTINGS,
+        "variants": {
+            "student_grpo": {"label": "direct student GRPO (210 steps)", "stages": "student_rl", "max_steps": 210,
+                             "learning_rate": 1e-5},
+            "bridge": {"label": "bridge: teacher GRPO, forward-KL warm-up, OPD", "stages": "teacher_rl,warmup,opd"},
+        },
+    },
     "taxonomy": {
         "title": "TIP's taxonomy: tokens on the entropy x divergence plane",
         "baseline": None,
@@ -141,17 +172,25 @@ METHODS = {
         "variants": {"soft_or_50": {"label": "student before and after TIP soft-OR 50 %"}},
     },
 }
-RUN_METHODS = ("tip", "paced", "opsdc", "ace", "taxonomy")
+RUN_METHODS = ("tip", "paced", "opsdc", "ace", "bridge", "taxonomy")
 
 
-def run_settings(method: str, variant: str, seed: int, eval_split: str, max_steps: int | None = None) -> dict:
-    """Everything that determines a run's result: a stored result is reused only when these are equal."""
+# Settings the command line may override (to set budgets on the validation split), with their options.
+OVERRIDABLE = {"max_steps": "--max-steps", "learning_rate": "--learning-rate"}
+
+
+def run_settings(method: str, variant: str, seed: int, eval_split: str, overrides: dict | None = None) -> dict:
+    """
+    Everything that determines a run's result: a stored result is reused only when these are equal. `overrides`
+    (keys of `OVERRIDABLE`, `None` for "keep") replace the settings a run has.
+    """
     spec = METHODS[method]
     values = {key: value for key, value in spec["variants"][variant].items() if key != "label"}
     settings = {"method": method, "variant": variant, "seed": seed, "eval_split": eval_split, **spec["settings"],
                 **values}
-    if max_steps is not None and "max_steps" in settings:
-        settings["max_steps"] = max_steps
+    for key, value in (overrides or {}).items():
+        if value is not None and key in settings:
+            settings[key] = value
     return settings
 
 
@@ -165,14 +204,15 @@ def run_dir(out: Path, method: str, variant: str, seed: int) -> Path:
 
 
 def row_command(method: str, variant: str, seeds: list[int], settings: dict | None = None) -> str:
-    """The command that reproduces a row; `settings` (of one of its runs) adds the options that differ from defaults."""
+    """The command that reproduces a row; `settings` (of one of its runs) adds the options not at their defaults."""
     command = f"python {SCRIPT} {method} --variants {variant} --seeds {' '.join(map(str, seeds))}"
     if settings is not None:
         if settings.get("eval_split", "test") != "test":
             command += f" --eval-split {settings['eval_split']}"
-        default_steps = METHODS[method]["settings"].get("max_steps")
-        if settings.get("max_steps", default_steps) != default_steps:
-            command += f" --max-steps {settings['max_steps']}"
+        defaults = run_settings(method, variant, 0, "test")
+        for key, option in OVERRIDABLE.items():
+            if key in defaults and settings.get(key, defaults[key]) != defaults[key]:
+                command += f" {option} {settings[key]:g}"
     return command
 
 
@@ -351,6 +391,57 @@ def _worker_ace(settings: dict, prepared: dict, tokenizer, output_dir: str, dire
     return result
 
 
+def _worker_bridge(settings: dict, prepared: dict, tokenizer, output_dir: str, directory: Path) -> dict:
+    """Run `examples/bridge.py` in this process (its stages, its evaluation), timing and measuring each stage."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bridge_example", ROOT / "examples" / "bridge.py")
+    bridge = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bridge
+    spec.loader.exec_module(bridge)
+    stage_costs = {}
+    train_stage = bridge.train_stage
+
+    def measured_stage(stage, *args, **kwargs):
+        loaded = _status_kib("VmRSS") / 1024
+        _reset_peak_rss()
+        started, started_cpu = time.perf_counter(), time.process_time()
+        metrics = train_stage(stage, *args, **kwargs)
+        peak = _status_kib("VmHWM") / 1024
+        stage_costs[stage] = {"train_seconds": time.perf_counter() - started,
+                              "train_cpu_seconds": time.process_time() - started_cpu, "loaded_rss_mib": loaded,
+                              "peak_rss_mib": peak, "peak_above_loaded_mib": peak - loaded}
+        return metrics
+
+    bridge.train_stage = measured_stage
+    argv = ["--output_dir", output_dir, "--seed", str(settings["seed"]), "--stages", settings["stages"],
+            "--dataset_test_split", settings["eval_split"], "--eval_num_samples", str(settings["eval_samples"]),
+            "--eval_temperature", str(settings["temperature"]), "--gradient_checkpointing", "False"]
+    for key in ("num_train_problems", "per_device_train_batch_size", "num_generations", "max_completion_length",
+                "temperature", "teacher_rl_max_steps", "teacher_rl_learning_rate", "warmup_max_steps",
+                "warmup_learning_rate", "opd_max_steps", "opd_learning_rate"):
+        argv += [f"--{key}", str(settings[key])]
+    if "max_steps" in settings:  # direct student GRPO
+        argv += ["--student_rl_max_steps", str(settings["max_steps"]),
+                 "--student_rl_learning_rate", str(settings["learning_rate"])]
+    rows = bridge.main(argv)
+    final = rows[-1]["test"]
+    costs = list(stage_costs.values())
+    return {
+        "train_seconds": sum(c["train_seconds"] for c in costs),
+        "train_cpu_seconds": sum(c["train_cpu_seconds"] for c in costs),
+        "peak_rss_mib": max(c["peak_rss_mib"] for c in costs),
+        "peak_above_loaded_mib": max(c["peak_above_loaded_mib"] for c in costs),
+        "stage_costs": stage_costs,
+        "stages": [{"stage": row["stage"], "model": row["model"], "test": row["test"]} for row in rows],
+        "eval": {"accuracy": final["greedy_accuracy"],
+                 "mean_completion_tokens": final["greedy_mean_completion_tokens"],
+                 "num_problems": final["num_problems"]},
+        "sampled": {"mean_accuracy": final["mean_accuracy"], "pass_at_k": final["pass_at_k"],
+                    "mean_completion_tokens": final["mean_completion_tokens"]},
+    }
+
+
 def _worker_taxonomy(settings: dict, prepared: dict, tokenizer, output_dir: str, directory: Path, out: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -421,7 +512,8 @@ def worker(args) -> None:
     started_wall, started_cpu = time.perf_counter(), time.process_time()
     torch.set_num_threads(1)
     out = Path(args.out)
-    settings = run_settings(args.method, args.variant, args.seed, args.eval_split, args.max_steps)
+    overrides = {"max_steps": args.max_steps, "learning_rate": args.learning_rate}
+    settings = run_settings(args.method, args.variant, args.seed, args.eval_split, overrides)
     path = run_path(out, args.method, args.variant, args.seed)
     directory = run_dir(out, args.method, args.variant, args.seed)
     prepared = prepare_arithmetic_models(verbose=False)
@@ -429,8 +521,12 @@ def worker(args) -> None:
     with tempfile.TemporaryDirectory() as output_dir:
         if args.method == "taxonomy":
             result = _worker_taxonomy(settings, prepared, tokenizer, output_dir, directory, out)
+        elif args.method == "bridge":
+            # The pipeline evaluates its own models (greedy and sampled), on the split asked for.
+            result = _worker_bridge(settings, prepared, tokenizer, output_dir, directory)
         else:
-            work = {"tip": _worker_tip, "paced": _worker_paced, "opsdc": _worker_opsdc, "ace": _worker_ace}[args.method]
+            workers = {"tip": _worker_tip, "paced": _worker_paced, "opsdc": _worker_opsdc, "ace": _worker_ace}
+            work = workers[args.method]
             result = work(settings, prepared, tokenizer, output_dir, directory)
             model = result.pop("model")
             result["eval"] = evaluate_accuracy(model, tokenizer, prepared["dataset"][args.eval_split],
@@ -458,7 +554,7 @@ def worker(args) -> None:
 # What a stored result must hold besides equal settings (results of older versions of this script are rerun).
 REQUIRED_KEYS = {"tip": ("eval", "train_cpu_seconds"), "paced": ("eval", "train_cpu_seconds"),
                  "opsdc": ("eval", "train_cpu_seconds", "curve"), "ace": ("eval", "train_cpu_seconds", "pass_at_k"),
-                 "taxonomy": ("panels",)}
+                 "bridge": ("eval", "train_cpu_seconds", "stages"), "taxonomy": ("panels",)}
 
 
 def _is_current(path: Path, settings: dict) -> bool:
@@ -472,19 +568,19 @@ def _is_current(path: Path, settings: dict) -> bool:
 
 
 def pending_runs(method: str, variants: list[str], seeds: list[int], out: Path, eval_split: str, force: bool,
-                 max_steps: int | None = None):
+                 overrides: dict | None = None):
     if method == "taxonomy":
         seeds = [0]
     runs = []
     for variant in variants:
         for seed in seeds:
             path = run_path(out, method, variant, seed)
-            if force or not _is_current(path, run_settings(method, variant, seed, eval_split, max_steps)):
+            if force or not _is_current(path, run_settings(method, variant, seed, eval_split, overrides)):
                 runs.append((method, variant, seed))
     return runs
 
 
-def execute(runs: list[tuple[str, str, int]], out: Path, eval_split: str, jobs: int, max_steps: int | None = None
+def execute(runs: list[tuple[str, str, int]], out: Path, eval_split: str, jobs: int, overrides: dict | None = None
             ) -> float:
     """Run each (method, variant, seed) in its own process, `jobs` at a time; return the wall time."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -499,8 +595,9 @@ def execute(runs: list[tuple[str, str, int]], out: Path, eval_split: str, jobs: 
             log.parent.mkdir(parents=True, exist_ok=True)
             command = [sys.executable, str(Path(__file__).resolve()), "_worker", "--method", method, "--variant",
                        variant, "--seed", str(seed), "--out", str(out), "--eval-split", eval_split]
-            if max_steps is not None:
-                command += ["--max-steps", str(max_steps)]
+            for key, value in (overrides or {}).items():
+                if value is not None:
+                    command += [OVERRIDABLE[key], str(value)]
             handle = open(log, "w")
             running.append(((method, variant, seed), subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
                                                                       env=env, cwd=ROOT), handle, time.perf_counter()))
@@ -542,6 +639,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n − 1); the deviation is 0 for a single value."""
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _lr(value: float) -> str:
+    """A learning rate as people write it: 5e-4, 1e-5, 0.01."""
+    return re.sub(r"e-0*(\d)", r"e-\1", f"{value:.0e}") if value < 1e-3 else f"{value:g}"
 
 
 def _pm(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
@@ -614,7 +716,8 @@ def _commands(method: str, variants: dict) -> str:
 def _run_totals(records: list[dict]) -> str:
     wall = sum(r["process_wall_seconds"] for r in records)
     cpu = sum(r["process_cpu_seconds"] for r in records)
-    return f"{len(records)} runs, {wall / 60:.1f} min of process wall time, {cpu / 60:.1f} min of CPU time"
+    runs = f"{len(records)} run{'s' if len(records) != 1 else ''}"
+    return f"{runs}, {wall / 60:.1f} min of process wall time, {cpu / 60:.1f} min of CPU time"
 
 
 def _plt():
@@ -729,6 +832,66 @@ def plot_ace(variants: dict, path: Path) -> None:
     plt.close(fig)
 
 
+STAGE_NAMES = {("initial", "teacher"): "teacher before", ("initial", "student"): "student before",
+               ("teacher_rl", "teacher"): "teacher after its GRPO", ("warmup", "student"): "student after the warm-up",
+               ("opd", "student"): "student after OPD (the bridge's output)",
+               ("student_rl", "student"): "student after direct GRPO"}
+
+
+def _bridge_rows(variants: dict) -> list[tuple[str, str, list[dict], list[dict] | None]]:
+    """(variant, label, per-seed test results, per-seed stage costs or None) for every evaluated model."""
+    rows, seen = [], set()
+    for name in _ordered("bridge", variants):
+        records = variants[name]
+        for index, stage in enumerate(records[0]["stages"]):
+            key = (stage["stage"], stage["model"])
+            if key in seen or stage["test"] is None:
+                continue
+            seen.add(key)
+            tests = [r["stages"][index]["test"] for r in records]
+            costs = [r["stage_costs"][stage["stage"]] for r in records] if stage["stage"] != "initial" else None
+            rows.append((name, STAGE_NAMES.get(key, f"{stage['model']} after {stage['stage']}"), tests, costs))
+    return rows
+
+
+def plot_bridge(variants: dict, path: Path) -> None:
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    rows = [row for row in _bridge_rows(variants) if row[1] != "teacher before" and "teacher" not in row[1]]
+    n = variants[_ordered("bridge", variants)[0]][0]["settings"]["eval_samples"]
+    metrics = (("greedy_accuracy", "greedy accuracy"), ("mean_accuracy", f"mean@{n}"), (None, f"pass@{n}"))
+    width = 0.8 / len(metrics)
+    for offset, (key, label) in enumerate(metrics):
+        stats = [mean_std([100 * (t[key] if key else t["pass_at_k"][str(n)]) for t in tests])
+                 for _, _, tests, _ in rows]
+        xs = [i + (offset - 1) * width for i in range(len(rows))]
+        left.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=3, label=label)
+    left.set_xticks(range(len(rows)), [row[1].replace(" (", "\n(") for row in rows], rotation=20, ha="right",
+                    fontsize=8)
+    left.set_ylim(0, 105)
+    left.set_title(f"test accuracy (%): greedy, and from {n} samples at T = 1", fontsize=10)
+    left.legend(fontsize=8, loc="upper left")
+    bottom = defaultdict(float)
+    names = _ordered("bridge", variants)
+    for stage in ("teacher_rl", "warmup", "opd", "student_rl"):
+        heights = [mean_std([r["stage_costs"][stage]["train_cpu_seconds"] for r in variants[name]])[0]
+                   if stage in variants[name][0]["stage_costs"] else 0.0 for name in names]
+        if any(heights):
+            right.bar(range(len(names)), heights, bottom=[bottom[name] for name in names], label=stage)
+            for name, height in zip(names, heights):
+                bottom[name] += height
+    right.set_xticks(range(len(names)), [METHODS["bridge"]["variants"][name]["label"].replace(": ", ":\n")
+                                         for name in names], fontsize=8)
+    right.set_title("training CPU time by stage (s, one thread)", fontsize=10)
+    right.set_ylim(0, 1.4 * max(bottom.values()))  # room for the legend above the bars
+    right.legend(fontsize=8, loc="upper left", ncol=2)
+    seeds = len(variants[names[0]])
+    fig.suptitle(f"{METHODS['bridge']['title']} (mean ± std over {seeds} seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 QUADRANT_COLORS = {1: "#c44e52", 2: "#dd8452", 3: "#8172b3", 4: "#9a9a9a"}
 QUADRANT_NAMES = {1: "Q1 high h, high δ", 2: "Q2 high h, low δ", 3: "Q3 low h, high δ (overconfident)",
                   4: "Q4 low h, low δ"}
@@ -753,7 +916,8 @@ def plot_taxonomy(record: dict, path: Path) -> None:
         axis.set_xlabel("normalised student entropy h = H(S) / ln|V| (log scale)")
         axis.set_ylabel("reverse KL δ = KL(S || T) (nats, log scale)")
         axis.set_title(f"{titles[name]}: {panel['tokens']} tokens", fontsize=10)
-        axis.legend(fontsize=7, loc="upper left")
+        # Tokens lie along the diagonal on log-log axes: the lower right corner is empty.
+        axis.legend(fontsize=7, loc="lower right")
     fig.suptitle("Completion tokens of 64 sampled student rollouts (T = 1), split at the batch medians (dashed)",
                  fontsize=10)
     fig.tight_layout()
@@ -766,7 +930,7 @@ def _tip_section(variants: dict, figures: str) -> str:
     settings = records[0]["settings"]
     return "\n\n".join([
         f"Settings: {settings['max_steps']} optimiser steps × {settings['per_device_train_batch_size']} student "
-        f"rollouts, lr {settings['learning_rate']:g} ({settings['lr_scheduler_type']} decay, "
+        f"rollouts, lr {_lr(settings['learning_rate'])} ({settings['lr_scheduler_type']} decay, "
         f"{settings['warmup_steps']} warm-up steps), T = {settings['temperature']:g}, reverse KL; greedy accuracy on "
         f"the {records[0]['eval']['num_problems']} {records[0]['settings']['eval_split']} problems. "
         f"Student before: {100 * records[0]['student_before']:.1f} %, teacher: {100 * records[0]['teacher']:.1f} %.",
@@ -793,12 +957,13 @@ def _paced_section(variants: dict, figures: str) -> str:
         f"Settings: the first {settings['num_train_problems']} training problems, pass rates from "
         f"K = {settings['pass_rate_rollouts']} student rollouts each (estimated once, before training), then "
         f"{settings['max_steps']} optimiser steps × {settings['per_device_train_batch_size']} rollouts, "
-        f"lr {settings['learning_rate']:g} ({settings['lr_scheduler_type']} decay, {settings['warmup_steps']} "
+        f"lr {_lr(settings['learning_rate'])} ({settings['lr_scheduler_type']} decay, {settings['warmup_steps']} "
         f"warm-up steps), T = {settings['temperature']:g}. `forward_then_reverse` trains on the dataset's reference "
         "completions with forward KL for the first half, then on student rollouts with reverse KL. The unweighted "
         "baseline is the same trainer with α = β = 0. Train time includes the pass-rate estimation "
         f"({_pm(estimation, digits=1)} s of CPU time); the estimation is needed by PACED only, the unweighted run "
-        f"pays it because the same trainer does the work. Estimated pass rates (seed {records[0]['settings']['seed']}): "
+        "pays it because the same trainer does the work. Estimated pass rates "
+        f"(seed {records[0]['settings']['seed']}): "
         f"{shares}.",
         _accuracy_table("paced", variants),
         _differences("paced", variants),
@@ -812,8 +977,9 @@ def _opsdc_section(variants: dict, figures: str) -> str:
     records = [r for records in variants.values() for r in records]
     settings = records[0]["settings"]
     lines = [
-        "| variant | test accuracy before (%) | the teacher's view: with the instruction (%) | test accuracy after (%) "
-        "| completion tokens before | with the instruction | after | train CPU time (s) | peak RSS in training (MiB) |",
+        "| variant | test accuracy before (%) | the teacher's view: with the instruction (%) "
+        "| test accuracy after (%) | completion tokens before | with the instruction | after | train CPU time (s) "
+        "| peak RSS in training (MiB) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in _ordered("opsdc", variants):
@@ -832,7 +998,7 @@ def _opsdc_section(variants: dict, figures: str) -> str:
     return "\n\n".join([
         f"Settings: the built-in *teacher* (100 % test accuracy) self-distils: {settings['max_steps']} optimiser "
         f"steps × {settings['per_device_train_batch_size']} prompts (one rollout each, T = "
-        f"{settings['temperature']:g}), lr {settings['learning_rate']:g} constant, weight decay 0.01, reverse KL, "
+        f"{settings['temperature']:g}), lr {_lr(settings['learning_rate'])} constant, weight decay 0.01, reverse KL, "
         f"instruction before the problem. The curves are greedy accuracy and length on the first "
         f"{settings['curve_problems']} validation problems every {settings['curve_every']} steps (their time is "
         "excluded from the train time); the table is on the test split. \"The teacher's view\" is the model before "
@@ -890,7 +1056,7 @@ def _ace_section(variants: dict, figures: str) -> str:
         f"signal), {settings['max_steps']} optimiser steps × {settings['per_device_train_batch_size']} rollouts "
         f"({settings['per_device_train_batch_size'] // settings['num_generations']} prompts × "
         f"{settings['num_generations']}), math reward, loss `{settings['loss_type']}`, β = {settings['beta']:g}, lr "
-        f"{settings['learning_rate']:g} {settings['lr_scheduler_type']}, T = {settings['temperature']:g} (the "
+        f"{_lr(settings['learning_rate'])} {settings['lr_scheduler_type']}, T = {settings['temperature']:g} (the "
         "settings of `examples/ace_grpo.py`). pass@k is the unbiased estimator over "
         f"{settings['eval_samples']} samples per test problem at T = {settings['temperature']:g}, the sampling seeded "
         "with the run's seed, so both methods of a seed are scored on the same random stream; pass@1 equals "
@@ -899,6 +1065,70 @@ def _ace_section(variants: dict, figures: str) -> str:
         "\n".join(differences),
         f"![pass@k of GRPO and ACE-GRPO]({figures}/ace.png)",
         _commands("ace", variants),
+        f"Cost: {_run_totals(records)}.",
+    ])
+
+
+def _bridge_section(variants: dict, figures: str) -> str:
+    records = [r for records in variants.values() for r in records]
+    settings = records[0]["settings"]
+    n = settings["eval_samples"]
+    lines = [f"| model | greedy accuracy (%) | mean@{n} (%) | pass@{n} (%) | mean completion tokens (greedy) "
+             "| train CPU time (s) | train wall time (s) | peak RSS in training (MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for _, label, tests, costs in _bridge_rows(variants):
+        cost_cells = "| | | |" if costs is None else (
+            f"| {_pm([c['train_cpu_seconds'] for c in costs], digits=1)} "
+            f"| {_pm([c['train_seconds'] for c in costs], digits=0)} "
+            f"| {_pm([c['peak_rss_mib'] for c in costs], digits=0)} |")
+        lines.append(f"| {label} | {_pm([t['greedy_accuracy'] for t in tests], 100)} "
+                     f"| {_pm([t['mean_accuracy'] for t in tests], 100)} "
+                     f"| {_pm([t['pass_at_k'][str(n)] for t in tests], 100)} "
+                     f"| {_pm([t['greedy_mean_completion_tokens'] for t in tests])} {cost_cells}")
+    totals = ["| run | train CPU time, all stages (s) | train wall time, all stages (s) |", "|---|---:|---:|"]
+    for name in _ordered("bridge", variants):
+        rs = variants[name]
+        totals.append(f"| {METHODS['bridge']['variants'][name]['label']} "
+                      f"| {_pm([r['train_cpu_seconds'] for r in rs], digits=1)} "
+                      f"| {_pm([r['train_seconds'] for r in rs], digits=0)} |")
+    differences = []
+    baseline = METHODS["bridge"]["baseline"]
+    if baseline in variants:
+        base = {r["settings"]["seed"]: r for r in variants[baseline]}
+        differences = ["| comparison | greedy (points) | mean@{0} (points) | pass@{0} (points) |".format(n),
+                       "|---|---:|---:|---:|"]
+        for name in _ordered("bridge", variants):
+            if name == baseline:
+                continue
+            paired = [(r, base[r["settings"]["seed"]]) for r in variants[name] if r["settings"]["seed"] in base]
+            cells = [
+                _pm([100 * (a["eval"]["accuracy"] - b["eval"]["accuracy"]) for a, b in paired]),
+                _pm([100 * (a["sampled"]["mean_accuracy"] - b["sampled"]["mean_accuracy"]) for a, b in paired]),
+                _pm([100 * (a["sampled"]["pass_at_k"][str(n)] - b["sampled"]["pass_at_k"][str(n)])
+                     for a, b in paired]),
+            ]
+            differences.append(f"| {METHODS['bridge']['variants'][name]['label']} − "
+                               f"{METHODS['bridge']['variants'][baseline]['label']} | {' | '.join(cells)} |")
+        if len(differences) == 2:
+            differences = []
+    grpo = METHODS["bridge"]["variants"]["student_grpo"]
+    grpo_settings = variants[baseline][0]["settings"] if baseline in variants else {**settings, **grpo}
+    return "\n\n".join([
+        f"Settings: `examples/bridge.py` on the first {settings['num_train_problems']} training problems, "
+        f"{settings['per_device_train_batch_size']} sequences per step, T = {settings['temperature']:g}. The bridge: "
+        f"teacher GRPO {settings['teacher_rl_max_steps']} steps (lr {_lr(settings['teacher_rl_learning_rate'])}), "
+        f"forward-KL warm-up on teacher-written responses {settings['warmup_max_steps']} steps (lr "
+        f"{_lr(settings['warmup_learning_rate'])}), OPD {settings['opd_max_steps']} steps (lr "
+        f"{_lr(settings['opd_learning_rate'])}). Direct student GRPO: {grpo_settings.get('max_steps')} steps "
+        f"({settings['per_device_train_batch_size'] // settings['num_generations']} prompts × "
+        f"{settings['num_generations']} rollouts, lr {_lr(grpo_settings.get('learning_rate'))}). Every model is "
+        f"evaluated by the pipeline: greedy, then mean@{n} / pass@{n} from {n} samples per test problem at T = "
+        f"{settings['temperature']:g}, the sampling seeded with the run's seed.",
+        "\n".join(lines),
+        "\n".join(totals),
+        "\n".join(differences),
+        f"![The bridge against direct student GRPO]({figures}/bridge.png)",
+        _commands("bridge", variants),
         f"Cost: {_run_totals(records)}.",
     ])
 
@@ -919,13 +1149,18 @@ def _taxonomy_section(variants: dict, figures: str) -> str:
 
 
 SECTIONS = {"tip": _tip_section, "paced": _paced_section, "opsdc": _opsdc_section, "ace": _ace_section,
-            "taxonomy": _taxonomy_section}
+            "bridge": _bridge_section, "taxonomy": _taxonomy_section}
 PLOTS = {"tip": lambda v, p: plot_bars("tip", v, p), "paced": lambda v, p: plot_bars("paced", v, p),
-         "opsdc": plot_opsdc, "ace": plot_ace, "taxonomy": lambda v, p: plot_taxonomy(v["soft_or_50"][0], p)}
+         "opsdc": plot_opsdc, "ace": plot_ace, "bridge": plot_bridge,
+         "taxonomy": lambda v, p: plot_taxonomy(v["soft_or_50"][0], p)}
 
 
 def _marker(method: str, end: str) -> str:
     return f"<!-- reproduce:{method}:{end} -->"
+
+
+def _section_pattern(method: str) -> re.Pattern:
+    return re.compile(re.escape(_marker(method, "start")) + ".*?" + re.escape(_marker(method, "end")), re.DOTALL)
 
 
 def render(out: Path = DEFAULT_OUT, doc: Path = DEFAULT_DOC, figures: Path = DEFAULT_FIGURES) -> list[Path]:
@@ -950,7 +1185,7 @@ def render(out: Path = DEFAULT_OUT, doc: Path = DEFAULT_DOC, figures: Path = DEF
         PLOTS[method](variants, figure)
         written.append(figure)
         body = f"{_marker(method, 'start')}\n\n{SECTIONS[method](variants, relative)}\n\n{_marker(method, 'end')}"
-        pattern = re.compile(re.escape(_marker(method, "start")) + ".*?" + re.escape(_marker(method, "end")), re.DOTALL)
+        pattern = _section_pattern(method)
         if pattern.search(text):
             text = pattern.sub(lambda _: body, text)
         else:
@@ -958,7 +1193,7 @@ def render(out: Path = DEFAULT_OUT, doc: Path = DEFAULT_DOC, figures: Path = DEF
     if all_records:
         body = (f"{_marker('total', 'start')}\n\nAll results above: {_run_totals(all_records)} (sums over the runs; "
                 f"torch {all_records[0]['torch']}).\n\n{_marker('total', 'end')}")
-        pattern = re.compile(re.escape(_marker("total", "start")) + ".*?" + re.escape(_marker("total", "end")), re.DOTALL)
+        pattern = _section_pattern("total")
         text = pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip("\n") + f"\n\n{body}\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
@@ -983,6 +1218,8 @@ def make_parser() -> argparse.ArgumentParser:
         sub.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
         sub.add_argument("--max-steps", type=int, default=None,
                          help="override the method's optimiser steps (to set budgets on the validation split)")
+        sub.add_argument("--learning-rate", type=float, default=None,
+                         help="override the learning rate of the trained model (to set it on the validation split)")
         sub.add_argument("--force", action="store_true", help="rerun even when a current result exists")
         sub.add_argument("--no-render", action="store_true", help="do not rewrite docs/results.md and the figures")
     sub = commands.add_parser("render", help="rewrite docs/results.md and docs/results/*.png from the results")
@@ -996,6 +1233,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", required=True)
     sub.add_argument("--eval-split", default="test")
     sub.add_argument("--max-steps", type=int, default=None)
+    sub.add_argument("--learning-rate", type=float, default=None)
     return parser
 
 
@@ -1009,6 +1247,7 @@ def main(argv=None) -> None:
             print(f"wrote {figure}")
         return
     out = Path(args.out)
+    overrides = {"max_steps": args.max_steps, "learning_rate": args.learning_rate}
     methods = RUN_METHODS if args.command == "all" else (args.command,)
     runs = []
     for method in methods:
@@ -1016,15 +1255,15 @@ def main(argv=None) -> None:
         if method == "taxonomy":
             # It reads the student after the TIP run it pictures.
             runs += pending_runs("tip", [METHODS["taxonomy"]["settings"]["tip_run"]], [0], out, args.eval_split,
-                                 False, args.max_steps)
-        runs += pending_runs(method, variants, args.seeds, out, args.eval_split, args.force, args.max_steps)
+                                 False, overrides)
+        runs += pending_runs(method, variants, args.seeds, out, args.eval_split, args.force, overrides)
     runs = list(dict.fromkeys(runs))
     # The taxonomy run needs the TIP run it pictures: run it last.
     runs.sort(key=lambda run: run[0] == "taxonomy")
     print(f"{len(runs)} run(s) to do in {out}")
     taxonomy = [run for run in runs if run[0] == "taxonomy"]
-    wall = execute([run for run in runs if run[0] != "taxonomy"], out, args.eval_split, args.jobs, args.max_steps)
-    wall += execute(taxonomy, out, args.eval_split, args.jobs, args.max_steps)
+    wall = execute([run for run in runs if run[0] != "taxonomy"], out, args.eval_split, args.jobs, overrides)
+    wall += execute(taxonomy, out, args.eval_split, args.jobs, overrides)
     print(f"wall time {wall / 60:.1f} min")
     if not args.no_render and out.resolve() == DEFAULT_OUT.resolve():
         for figure in render(out):

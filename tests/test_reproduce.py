@@ -21,7 +21,7 @@ def reproduce():
 
 
 def _record(reproduce, method, variant, seed, accuracy, max_steps=None, **extra):
-    settings = reproduce.run_settings(method, variant, seed, "test", max_steps)
+    settings = reproduce.run_settings(method, variant, seed, "test", {"max_steps": max_steps})
     return {
         "settings": settings,
         "command": reproduce.row_command(method, variant, [seed], settings),
@@ -46,6 +46,12 @@ def _write(out, record):
     path.write_text(json.dumps(record))
 
 
+def _test(greedy, sampled):
+    return {"greedy_accuracy": greedy, "greedy_mean_completion_tokens": 25.0, "mean_accuracy": sampled,
+            "pass_at_k": {str(k): min(1.0, sampled * k) for k in range(1, 17)}, "mean_completion_tokens": 25.0,
+            "num_problems": 300}
+
+
 @pytest.fixture()
 def results(tmp_path, reproduce):
     out = tmp_path / "runs"
@@ -62,6 +68,19 @@ def results(tmp_path, reproduce):
             _write(out, _record(reproduce, "ace", variant, seed, 0.4, pass_at_k=curve,
                                 before_pass_at_k={"pass_at_k": {str(k): 0.1 for k in range(1, 17)},
                                                   "mean_completion_tokens": 25.0}))
+        for variant, stages in (("student_grpo", ["student_rl"]), ("bridge", ["teacher_rl", "warmup", "opd"])):
+            rows = [{"stage": "initial", "model": "teacher", "test": _test(1.0, 0.98)},
+                    {"stage": "initial", "model": "student", "test": _test(0.4, 0.07)}]
+            rows += [{"stage": stage, "model": "teacher" if stage == "teacher_rl" else "student",
+                      "test": _test(0.5 + 0.1 * index + 0.01 * seed, 0.1 * (index + 1))}
+                     for index, stage in enumerate(stages)]
+            costs = {stage: {"train_seconds": 10.0, "train_cpu_seconds": 5.0 + seed, "peak_rss_mib": 600.0}
+                     for stage in stages}
+            final = rows[-1]["test"]
+            _write(out, _record(reproduce, "bridge", variant, seed, final["greedy_accuracy"], stages=rows,
+                                stage_costs=costs, sampled={"mean_accuracy": final["mean_accuracy"],
+                                                            "pass_at_k": final["pass_at_k"]},
+                                train_seconds=10.0 * len(stages), train_cpu_seconds=(5.0 + seed) * len(stages)))
         for variant in ("v2_m50", "v2_m1"):
             _write(out, _record(reproduce, "opsdc", variant, seed, 0.0,
                                 before={"accuracy": 1.0, "mean_completion_tokens": 25.6},
@@ -83,14 +102,14 @@ def test_mean_and_sample_std(reproduce):
 def test_render_writes_tables_commands_and_figures(tmp_path, reproduce, results):
     doc = tmp_path / "docs" / "results.md"
     doc.parent.mkdir()
-    doc.write_text("# Results\n\nHand-written text stays.\n\n<!-- reproduce:tip:start -->\nold\n<!-- reproduce:tip:end -->\n"
-                   "\nAfter the section.\n")
+    doc.write_text("# Results\n\nHand-written text stays.\n\n<!-- reproduce:tip:start -->\nold\n"
+                   "<!-- reproduce:tip:end -->\n\nAfter the section.\n")
     figures = reproduce.render(results, doc, tmp_path / "docs" / "results")
     text = doc.read_text()
 
     # TIP: accuracies 40/50/60 % → 50.0 ± 10.0; 50/60/50 % → 53.3 ± 5.8; paired differences +10, +10, −10.
-    assert ("| all tokens (plain OPD) | 50.0 ± 10.0 | 40.0 / 50.0 / 60.0 | 26.0 ± 1.0 | 10.0 ± 5.0 | 20 ± 10 | 501 ± 1 "
-            "| 41 ± 1 |") in text
+    assert ("| all tokens (plain OPD) | 50.0 ± 10.0 | 40.0 / 50.0 / 60.0 | 26.0 ± 1.0 | 10.0 ± 5.0 | 20 ± 10 "
+            "| 501 ± 1 | 41 ± 1 |") in text
     assert "| soft-OR 50 % | 53.3 ± 5.8 | 50.0 / 60.0 / 50.0 |" in text
     assert "| soft-OR 50 % − all tokens (plain OPD) | 3.3 ± 11.5 | 2 / 0 / 1 |" in text
     assert "old" not in text and "Hand-written text stays." in text and "After the section." in text
@@ -110,10 +129,17 @@ def test_render_writes_tables_commands_and_figures(tmp_path, reproduce, results)
     assert "| ACE-GRPO (softplus, α = 1) | 51.0 ± 1.0 | 51.0 ± 1.0 |" in text
     assert "| ACE-GRPO (softplus, α = 1) − GRPO | 1.0 ± 1.0 | 1.0 ± 1.0 | 1.0 ± 1.0 | 1.0 ± 1.0 | 1.0 ± 1.0 |" in text
     assert "| student before | 10.0 ± 0.0 |" in text
+    # The bridge: its final student at 70/71/72 % greedy, 30 % mean@16; direct GRPO at 50/51/52 %, 10 %.
+    assert ("| student after OPD (the bridge's output) | 71.0 ± 1.0 | 30.0 ± 0.0 | 100.0 ± 0.0 | 25.0 ± 0.0 "
+            "| 6.0 ± 1.0 |") in text
+    assert "| student after direct GRPO | 51.0 ± 1.0 | 10.0 ± 0.0 | 100.0 ± 0.0 |" in text
+    assert "| bridge: teacher GRPO, forward-KL warm-up, OPD | 18.0 ± 3.0 | 30 ± 0 |" in text
+    assert "OPD − direct student GRPO (210 steps) | 20.0 ± 0.0 | 20.0 ± 0.0 | 0.0 ± 0.0 |" in text
     assert "](results/tip.png)" in text
-    assert "All results above: 28 runs" in text
+    assert "All results above: 34 runs" in text
 
-    assert sorted(path.name for path in figures) == ["ace.png", "opsdc.png", "paced.png", "taxonomy.png", "tip.png"]
+    assert sorted(path.name for path in figures) == ["ace.png", "bridge.png", "opsdc.png", "paced.png", "taxonomy.png",
+                                                     "tip.png"]
     for path in figures:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
@@ -132,7 +158,9 @@ def test_a_stored_result_is_reused_only_with_the_same_settings(tmp_path, reprodu
     assert reproduce.pending_runs("tip", ["all"], [0, 1], results, "test", False) == [("tip", "all", 1)]
     assert reproduce.pending_runs("tip", ["all"], [0, 3], results, "test", False) == [("tip", "all", 3)]
     # Other step counts or another split are other runs; --force reruns.
-    assert len(reproduce.pending_runs("tip", ["all"], [0, 1], results, "test", False, max_steps=7)) == 2
+    assert len(reproduce.pending_runs("tip", ["all"], [0, 1], results, "test", False, {"max_steps": 7})) == 2
+    assert len(reproduce.pending_runs("tip", ["all"], [0, 1], results, "test", False, {"learning_rate": 1e-3})) == 2
+    assert reproduce.pending_runs("tip", ["all"], [0], results, "test", False, {"max_steps": None}) == []
     assert len(reproduce.pending_runs("tip", ["all"], [0], results, "validation", False)) == 1
     assert len(reproduce.pending_runs("tip", ["all"], [0], results, "test", True)) == 1
 
