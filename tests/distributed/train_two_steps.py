@@ -143,6 +143,11 @@ def main():
                 },
                 handle,
             )
+    # Tear the process group down before the interpreter exits: left to the exit handlers, gloo's threads can abort
+    # the process ("terminate called without an active exception") after a successful run.
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -404,13 +404,13 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
         keep_4bit_weights_trainable(self.model)
 
         if self._is_vlm:
-            raise NotImplementedError(
+            raise ValueError(
                 "OPSDCTrainer supports text-only models: the teacher prompt is rebuilt around the instruction, which "
                 "would misplace image tokens. Pass a tokenizer, not a processor."
             )
         deepspeed_plugin = self.accelerator.state.deepspeed_plugin
         if self.is_fsdp_enabled or (self.is_deepspeed_enabled and deepspeed_plugin.zero_stage == 3):
-            raise NotImplementedError(
+            raise ValueError(
                 "OPSDCTrainer does not support FSDP or DeepSpeed ZeRO-3 yet: refreshing the teacher copies the "
                 "student's weights locally, which needs unsharded parameters. Use DDP or ZeRO-1/2."
             )
