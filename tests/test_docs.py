@@ -105,8 +105,8 @@ def _bash_blocks(path: Path) -> list[str]:
 
 def _commands():
     """
-    Every `accelerate launch`, `python examples/...`, `trl vllm-serve` and `trl-tip` command of the docs, README and
-    examples.
+    Every `accelerate launch`, `python <script>.py` (examples and benchmarks), `trl vllm-serve` and `trl-tip` command
+    of the docs, README and examples.
     """
     sources = sorted(DOCS.glob("*.md")) + [ROOT / "README.md"] + sorted((ROOT / "examples").glob("*.py"))
     commands = []
@@ -199,6 +199,15 @@ def test_documented_command_parses(tokens, monkeypatch):
                 assert (ROOT / value).is_file(), f"{value} does not exist"
     else:
         script, args = tokens[1], tokens[2:]
+    if script.startswith("benchmarks/") and tokens[0] != "accelerate":
+        # Benchmark scripts take plain argparse options (their own `make_parser`), not the examples' dataclasses.
+        assert (ROOT / script).is_file(), f"{script} does not exist"
+        parser = _load_module(ROOT / script, f"_docs_benchmark_{Path(script).stem}").make_parser()
+        try:
+            parser.parse_args(args)
+        except SystemExit as error:
+            raise AssertionError(f"{script} rejects {shlex.join(args)} (exit {error.code})") from None
+        return
     assert script.startswith("examples/") and (ROOT / script).is_file(), f"{script} is not an example script"
     for option, value in zip(args, args[1:]):
         if option == "--config":

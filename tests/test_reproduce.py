@@ -1,0 +1,172 @@
+"""`benchmarks/reproduce.py render`: the tables' arithmetic, the commands, and the figures, from hand-made results."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("_reproduce", ROOT / "benchmarks" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_reproduce"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(reproduce, method, variant, seed, accuracy, max_steps=None, **extra):
+    settings = reproduce.run_settings(method, variant, seed, "test", {"max_steps": max_steps})
+    return {
+        "settings": settings,
+        "command": reproduce.row_command(method, variant, [seed], settings),
+        "student_before": 0.393,
+        "teacher": 1.0,
+        "eval": {"accuracy": accuracy, "mean_completion_tokens": 25.0 + seed, "num_problems": 300},
+        "train_seconds": 10.0 * (seed + 1),
+        "train_cpu_seconds": 5.0 * (seed + 1),
+        "peak_rss_mib": 500.0 + seed,
+        "peak_above_loaded_mib": 40.0 + seed,
+        "process_wall_seconds": 60.0,
+        "process_cpu_seconds": 30.0,
+        "torch": "2.13.0+cpu",
+        **extra,
+    }
+
+
+def _write(out, record):
+    settings = record["settings"]
+    path = out / settings["method"] / settings["variant"] / f"seed{settings['seed']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+def _test(greedy, sampled):
+    return {"greedy_accuracy": greedy, "greedy_mean_completion_tokens": 25.0, "mean_accuracy": sampled,
+            "pass_at_k": {str(k): min(1.0, sampled * k) for k in range(1, 17)}, "mean_completion_tokens": 25.0,
+            "num_problems": 300}
+
+
+@pytest.fixture()
+def results(tmp_path, reproduce):
+    out = tmp_path / "runs"
+    for seed, (base, soft_or) in enumerate([(0.4, 0.5), (0.5, 0.6), (0.6, 0.5)]):
+        _write(out, _record(reproduce, "tip", "all", seed, base))
+        _write(out, _record(reproduce, "tip", "soft_or_50", seed, soft_or))
+        for variant, accuracy in (("unweighted", 0.9), ("paced", 0.8 + 0.05 * seed),
+                                  ("paced_forward_then_reverse", 0.85)):
+            _write(out, _record(reproduce, "paced", variant, seed, accuracy, max_steps=50, estimation_cpu_seconds=20.0,
+                                pass_rate_histogram={"0": 0.5, "0_25": 0.25, "25_50": 0.25, "50_75": 0.0,
+                                                     "75_100": 0.0, "1": 0.0, "unknown": 0.0}))
+        for variant, shift in (("grpo", 0.0), ("ace", 0.01 * seed)):
+            curve = {"pass_at_k": {str(k): 0.5 + shift for k in range(1, 17)}, "mean_completion_tokens": 25.0}
+            _write(out, _record(reproduce, "ace", variant, seed, 0.4, pass_at_k=curve,
+                                before_pass_at_k={"pass_at_k": {str(k): 0.1 for k in range(1, 17)},
+                                                  "mean_completion_tokens": 25.0}))
+        for variant, stages in (("student_grpo", ["student_rl"]), ("bridge", ["teacher_rl", "warmup", "opd"])):
+            rows = [{"stage": "initial", "model": "teacher", "test": _test(1.0, 0.98)},
+                    {"stage": "initial", "model": "student", "test": _test(0.4, 0.07)}]
+            rows += [{"stage": stage, "model": "teacher" if stage == "teacher_rl" else "student",
+                      "test": _test(0.5 + 0.1 * index + 0.01 * seed, 0.1 * (index + 1))}
+                     for index, stage in enumerate(stages)]
+            costs = {stage: {"train_seconds": 10.0, "train_cpu_seconds": 5.0 + seed, "peak_rss_mib": 600.0}
+                     for stage in stages}
+            final = rows[-1]["test"]
+            _write(out, _record(reproduce, "bridge", variant, seed, final["greedy_accuracy"], stages=rows,
+                                stage_costs=costs, sampled={"mean_accuracy": final["mean_accuracy"],
+                                                            "pass_at_k": final["pass_at_k"]},
+                                train_seconds=10.0 * len(stages), train_cpu_seconds=(5.0 + seed) * len(stages)))
+        for variant in ("v2_m50", "v2_m1"):
+            _write(out, _record(reproduce, "opsdc", variant, seed, 0.0,
+                                before={"accuracy": 1.0, "mean_completion_tokens": 25.6},
+                                teachers_view={"accuracy": 0.0, "mean_completion_tokens": 32.9},
+                                curve=[[0, 1.0, 25.6], [10, 0.5 - 0.1 * seed, 27.0], [20, 0.0, 33.0]]))
+    panel = {"entropy": [0.01, 0.02, 0.2, 0.3], "reverse_kl": [0.01, 0.5, 0.02, 2.0], "quadrant": [4, 3, 2, 1],
+             "soft_or_kept": [0, 1, 0, 1], "quadrant_shares": [0.25, 0.25, 0.25, 0.25],
+             "soft_or_kept_by_quadrant": [1.0, 0.0, 1.0, 0.0], "median_entropy": 0.1, "median_reverse_kl": 0.2,
+             "tokens": 4}
+    _write(out, _record(reproduce, "taxonomy", "soft_or_50", 0, 0.0, panels={"before": panel, "after": panel}))
+    return out
+
+
+def test_mean_and_sample_std(reproduce):
+    assert reproduce.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert reproduce.mean_std([0.7]) == (0.7, 0.0)
+
+
+def test_render_writes_tables_commands_and_figures(tmp_path, reproduce, results):
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text("# Results\n\nHand-written text stays.\n\n<!-- reproduce:tip:start -->\nold\n"
+                   "<!-- reproduce:tip:end -->\n\nAfter the section.\n")
+    figures = reproduce.render(results, doc, tmp_path / "docs" / "results")
+    text = doc.read_text()
+
+    # TIP: accuracies 40/50/60 % → 50.0 ± 10.0; 50/60/50 % → 53.3 ± 5.8; paired differences +10, +10, −10.
+    assert ("| all tokens (plain OPD) | 50.0 ± 10.0 | 40.0 / 50.0 / 60.0 | 26.0 ± 1.0 | 10.0 ± 5.0 | 20 ± 10 "
+            "| 501 ± 1 | 41 ± 1 |") in text
+    assert "| soft-OR 50 % | 53.3 ± 5.8 | 50.0 / 60.0 / 50.0 |" in text
+    assert "| soft-OR 50 % − all tokens (plain OPD) | 3.3 ± 11.5 | 2 / 0 / 1 |" in text
+    assert "old" not in text and "Hand-written text stays." in text and "After the section." in text
+    # PACED: 80/85/90 % against 90 % each time; the runs used 50 steps, which the command must say.
+    assert "| PACED p(1-p), reverse KL | 85.0 ± 5.0 |" in text
+    assert "| PACED p(1-p), reverse KL − unweighted, reverse KL | -5.0 ± 5.0 | 0 / 1 / 2 |" in text
+    # The schedule comparison at equal weighting: 85 % against 80/85/90 %.
+    assert ("| PACED p(1-p), forward then reverse KL − PACED p(1-p), reverse KL | 0.0 ± 5.0 | 1 / 1 / 1 |") in text
+    assert "python benchmarks/reproduce.py paced --variants paced --seeds 0 1 2 --max-steps 50" in text
+    assert "python benchmarks/reproduce.py tip --variants soft_or_50 --seeds 0 1 2\n" in text
+    assert "p = 0: 50.0 %" in text and "50 optimiser steps" in text and "(20.0 ± 0.0 s of CPU time)" in text
+    # OPSDC and the taxonomy.
+    assert ("| v2 instruction, M = 1 | 100.0 ± 0.0 | 0.0 ± 0.0 | 0.0 ± 0.0 | 25.6 ± 0.0 | 32.9 ± 0.0 | 26.0 ± 1.0 "
+            "| 10.0 ± 5.0 | 501 ± 1 |") in text
+    assert "25.0 % (soft-OR 50 % keeps 100 %)" in text
+    # ACE: pass@k of 50, 51, 52 % against 50 % at every k.
+    assert "| ACE-GRPO (softplus, α = 1) | 51.0 ± 1.0 | 51.0 ± 1.0 |" in text
+    assert "| ACE-GRPO (softplus, α = 1) − GRPO | 1.0 ± 1.0 | 1.0 ± 1.0 | 1.0 ± 1.0 | 1.0 ± 1.0 | 1.0 ± 1.0 |" in text
+    assert "| student before | 10.0 ± 0.0 |" in text
+    # The bridge: its final student at 70/71/72 % greedy, 30 % mean@16; direct GRPO at 50/51/52 %, 10 %.
+    assert ("| student after OPD (the bridge's output) | 71.0 ± 1.0 | 30.0 ± 0.0 | 100.0 ± 0.0 | 25.0 ± 0.0 "
+            "| 6.0 ± 1.0 |") in text
+    assert "| student after direct GRPO | 51.0 ± 1.0 | 10.0 ± 0.0 | 100.0 ± 0.0 |" in text
+    assert "| bridge: teacher GRPO, forward-KL warm-up, OPD | 18.0 ± 3.0 | 30 ± 0 |" in text
+    assert "OPD − direct student GRPO (210 steps) | 20.0 ± 0.0 | 20.0 ± 0.0 | 0.0 ± 0.0 |" in text
+    assert "](results/tip.png)" in text
+    assert "All results above: 34 runs" in text
+
+    assert sorted(path.name for path in figures) == ["ace.png", "bridge.png", "opsdc.png", "paced.png", "taxonomy.png",
+                                                     "tip.png"]
+    for path in figures:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+    # Rendering again from the same results changes nothing.
+    reproduce.render(results, doc, tmp_path / "docs" / "results")
+    assert doc.read_text() == text
+
+
+def test_a_stored_result_is_reused_only_with_the_same_settings(tmp_path, reproduce, results):
+    assert reproduce.pending_runs("tip", ["all", "soft_or_50"], [0, 1, 2], results, "test", False) == []
+    # A result without a measurement this version of the script takes is stale.
+    path = results / "tip" / "all" / "seed1.json"
+    record = json.loads(path.read_text())
+    del record["train_cpu_seconds"]
+    path.write_text(json.dumps(record))
+    assert reproduce.pending_runs("tip", ["all"], [0, 1], results, "test", False) == [("tip", "all", 1)]
+    assert reproduce.pending_runs("tip", ["all"], [0, 3], results, "test", False) == [("tip", "all", 3)]
+    # Other step counts or another split are other runs; --force reruns.
+    assert len(reproduce.pending_runs("tip", ["all"], [0, 1], results, "test", False, {"max_steps": 7})) == 2
+    assert len(reproduce.pending_runs("tip", ["all"], [0, 1], results, "test", False, {"learning_rate": 1e-3})) == 2
+    assert reproduce.pending_runs("tip", ["all"], [0], results, "test", False, {"max_steps": None}) == []
+    assert len(reproduce.pending_runs("tip", ["all"], [0], results, "validation", False)) == 1
+    assert len(reproduce.pending_runs("tip", ["all"], [0], results, "test", True)) == 1
+
+
+def test_every_row_command_parses(reproduce, results):
+    for path in results.glob("*/*/seed*.json"):
+        command = json.loads(path.read_text())["command"].split()
+        assert command[:2] == ["python", "benchmarks/reproduce.py"]
+        reproduce.make_parser().parse_args(command[2:])
