@@ -63,6 +63,33 @@ def _kernel_args(temperature, student_logit_scale, student_softcap, teacher_logi
     }
 
 
+def _projected_tiles(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias):
+    """
+    Walk both models' logits tile by tile, as `ChunkedDivergenceFunction` does: for each `[≤ 4096 tokens × ≤ 32768
+    vocabulary]` tile, yield the token slice and the student's and teacher's fp32 logits of that tile (buffers reused
+    from tile to tile, so consume each before the next). Neither model's full logits ever exist.
+    """
+    n_tokens = student_hidden.shape[0]
+    device = student_hidden.device
+    s_dtype, t_dtype = _compute_dtype(student_hidden), _compute_dtype(teacher_hidden)
+    rows = min(n_tokens, TOKEN_CHUNK_SIZE)
+    s_buf = torch.empty((rows, VOCAB_CHUNK_SIZE), device=device, dtype=torch.float32)
+    t_buf = torch.empty((rows, VOCAB_CHUNK_SIZE), device=device, dtype=torch.float32)
+    with maybe_gather_lm_head_ctx(student_weight, student_bias), maybe_gather_lm_head_ctx(teacher_weight, teacher_bias):
+        vocab = student_weight.shape[0]
+        for token_start in range(0, n_tokens, TOKEN_CHUNK_SIZE):
+            token_end = min(token_start + TOKEN_CHUNK_SIZE, n_tokens)
+            n = token_end - token_start
+            h_s = student_hidden[token_start:token_end].to(s_dtype)
+            h_t = teacher_hidden[token_start:token_end].to(t_dtype)
+            for start in range(0, vocab, VOCAB_CHUNK_SIZE):
+                end = min(start + VOCAB_CHUNK_SIZE, vocab)
+                s_tile, t_tile = s_buf[:n, : end - start], t_buf[:n, : end - start]
+                _project(s_tile, h_s, student_weight, student_bias, start, end, s_dtype)
+                _project(t_tile, h_t, teacher_weight, teacher_bias, start, end, t_dtype)
+                yield slice(token_start, token_end), s_tile, t_tile
+
+
 @torch.no_grad()
 def token_stats(
     student_hidden: torch.Tensor,
@@ -112,7 +139,6 @@ def token_stats(
     teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     device = student_hidden.device
     n_tokens = student_hidden.shape[0]
-    s_dtype, t_dtype = _compute_dtype(student_hidden), _compute_dtype(teacher_hidden)
     kernel_args = _kernel_args(
         temperature,
         student_logit_scale,
@@ -126,39 +152,27 @@ def token_stats(
 
     s_max, t_max = zeros() - math.inf, zeros() - math.inf
     s_sum, s_x_sum, t_sum, t_weighted_gap, s_weighted_gap = zeros(), zeros(), zeros(), zeros(), zeros()
-    rows = min(n_tokens, TOKEN_CHUNK_SIZE)
-    s_buf = torch.empty((rows, VOCAB_CHUNK_SIZE), device=device, dtype=torch.float32)
-    t_buf = torch.empty((rows, VOCAB_CHUNK_SIZE), device=device, dtype=torch.float32)
-    with maybe_gather_lm_head_ctx(student_weight, student_bias), maybe_gather_lm_head_ctx(teacher_weight, teacher_bias):
-        vocab = student_weight.shape[0]
-        for token_start in range(0, n_tokens, TOKEN_CHUNK_SIZE):
-            token_end = min(token_start + TOKEN_CHUNK_SIZE, n_tokens)
-            n = token_end - token_start
-            h_s = student_hidden[token_start:token_end].to(s_dtype)
-            h_t = teacher_hidden[token_start:token_end].to(t_dtype)
-            sl = slice(token_start, token_end)
-            for start in range(0, vocab, VOCAB_CHUNK_SIZE):
-                end = min(start + VOCAB_CHUNK_SIZE, vocab)
-                s_tile, t_tile = s_buf[:n, : end - start], t_buf[:n, : end - start]
-                _project(s_tile, h_s, student_weight, student_bias, start, end, s_dtype)
-                _project(t_tile, h_t, teacher_weight, teacher_bias, start, end, t_dtype)
-                fold = _stats_kernel[(n,)] if _use_triton(device) else _stats_tile
-                fold(
-                    s_tile,
-                    s_tile.stride(0),
-                    t_tile,
-                    t_tile.stride(0),
-                    s_max[sl],
-                    s_sum[sl],
-                    s_x_sum[sl],
-                    t_max[sl],
-                    t_sum[sl],
-                    t_weighted_gap[sl],
-                    s_weighted_gap[sl],
-                    end - start,
-                    BLOCK_SIZE=_BLOCK_SIZE,
-                    **kernel_args,
-                )
+    for sl, s_tile, t_tile in _projected_tiles(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias
+    ):
+        n = sl.stop - sl.start
+        fold = _stats_kernel[(n,)] if _use_triton(device) else _stats_tile
+        fold(
+            s_tile,
+            s_tile.stride(0),
+            t_tile,
+            t_tile.stride(0),
+            s_max[sl],
+            s_sum[sl],
+            s_x_sum[sl],
+            t_max[sl],
+            t_sum[sl],
+            t_weighted_gap[sl],
+            s_weighted_gap[sl],
+            s_tile.shape[1],
+            BLOCK_SIZE=_BLOCK_SIZE,
+            **kernel_args,
+        )
     # The same closed forms as `ChunkedDivergenceFunction.forward`, so β ∈ {0, 1} losses are bit-identical to TRL's.
     s_log_z = s_max + torch.log(s_sum)
     t_log_z = t_max + torch.log(t_sum)
@@ -183,40 +197,27 @@ def _generalized_jsd(
     # TRL's second pass for 0 < β < 1: the mixture needs both normalisers. Returns (JSD, KL(S || mixture)) per token.
     device = student_hidden.device
     n_tokens = student_hidden.shape[0]
-    s_dtype, t_dtype = _compute_dtype(student_hidden), _compute_dtype(teacher_hidden)
     jsd = torch.zeros((n_tokens,), device=device, dtype=torch.float32)
     kl_student = torch.zeros_like(jsd)
-    rows = min(n_tokens, TOKEN_CHUNK_SIZE)
-    s_buf = torch.empty((rows, VOCAB_CHUNK_SIZE), device=device, dtype=torch.float32)
-    t_buf = torch.empty((rows, VOCAB_CHUNK_SIZE), device=device, dtype=torch.float32)
-    with maybe_gather_lm_head_ctx(student_weight, student_bias), maybe_gather_lm_head_ctx(teacher_weight, teacher_bias):
-        vocab = student_weight.shape[0]
-        for token_start in range(0, n_tokens, TOKEN_CHUNK_SIZE):
-            token_end = min(token_start + TOKEN_CHUNK_SIZE, n_tokens)
-            n = token_end - token_start
-            h_s = student_hidden[token_start:token_end].to(s_dtype)
-            h_t = teacher_hidden[token_start:token_end].to(t_dtype)
-            sl = slice(token_start, token_end)
-            for start in range(0, vocab, VOCAB_CHUNK_SIZE):
-                end = min(start + VOCAB_CHUNK_SIZE, vocab)
-                s_tile, t_tile = s_buf[:n, : end - start], t_buf[:n, : end - start]
-                _project(s_tile, h_s, student_weight, student_bias, start, end, s_dtype)
-                _project(t_tile, h_t, teacher_weight, teacher_bias, start, end, t_dtype)
-                fold = _jsd_kernel[(n,)] if _use_triton(device) else _jsd_tile
-                fold(
-                    s_tile,
-                    s_tile.stride(0),
-                    t_tile,
-                    t_tile.stride(0),
-                    s_log_z[sl],
-                    t_log_z[sl],
-                    jsd[sl],
-                    kl_student[sl],
-                    end - start,
-                    beta,
-                    BLOCK_SIZE=_BLOCK_SIZE,
-                    **kernel_args,
-                )
+    for sl, s_tile, t_tile in _projected_tiles(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias
+    ):
+        n = sl.stop - sl.start
+        fold = _jsd_kernel[(n,)] if _use_triton(device) else _jsd_tile
+        fold(
+            s_tile,
+            s_tile.stride(0),
+            t_tile,
+            t_tile.stride(0),
+            s_log_z[sl],
+            t_log_z[sl],
+            jsd[sl],
+            kl_student[sl],
+            s_tile.shape[1],
+            beta,
+            BLOCK_SIZE=_BLOCK_SIZE,
+            **kernel_args,
+        )
     return jsd, kl_student
 
 
