@@ -44,7 +44,7 @@ from trl import GRPOTrainer, ModelConfig, ScriptArguments, TrlParser, get_peft_c
 from trl.trainer.utils import create_model_from_path
 
 from trl_tip import ACEGRPOConfig, ACEGRPOTrainer, evaluate_pass_at_k, math_reward
-from trl_tip.script_utils import parse_with_builtin_defaults
+from trl_tip.script_utils import as_chat_prompts, parse_with_builtin_defaults
 
 
 # The built-in run: 100 steps of 8 prompts x 8 rollouts per method, about a minute and a half each on 2 CPU cores.
@@ -73,6 +73,9 @@ class ACEScriptArguments(ScriptArguments):
         reward_funcs (`list[str]`, *optional*):
             Dotted import paths of reward functions (e.g. `my_lib.rewards.custom_reward`); default: the math reward,
             which grades the `answer` column.
+        answer_column (`str`, *optional*, defaults to `"answer"`):
+            Column holding the final answers (e.g. `solution`), renamed `answer`; plain-text prompts become one user
+            turn so the chat template applies.
         compare_with_grpo (`bool`, *optional*, defaults to `True`):
             Also train with TRL's `GRPOTrainer` from the same start, seed and budget, and report both.
         evaluate (`bool`, *optional*, defaults to `True`):
@@ -91,6 +94,10 @@ class ACEScriptArguments(ScriptArguments):
             "help": "Dotted import paths of reward functions (e.g. `my_lib.rewards.custom_reward`); default: "
             "trl_tip.math_reward, which grades the `answer` column."
         },
+    )
+    answer_column: str = dataclasses.field(
+        default="answer",
+        metadata={"help": "Column holding the final answers the math reward grades (e.g. `solution`); renamed `answer`."},
     )
     compare_with_grpo: bool = dataclasses.field(
         default=True,
@@ -161,6 +168,7 @@ def main():
                 "Set `--dataset_name` (a dataset with a `prompt` column, and `answer` for the math reward)."
             )
         dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+        dataset = as_chat_prompts(dataset, script_args.answer_column)
 
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,

@@ -25,10 +25,27 @@ RECIPE_EXAMPLES = {
     "tip_qwen3-8b_to_qwen3-4b.yaml": "tip_distill.py",
     "opsdc_qwen3-8b.yaml": "opsdc.py",
     "bridge_qwen3-1.7b.yaml": "bridge.py",
+    "paced_qwen3-8b_to_qwen3-1.7b.yaml": "paced_distill.py",
+    "ace_qwen2.5-math-7b.yaml": "ace_grpo.py",
 }
 
 # The papers' settings (SPEC.md) each recipe must carry.
 PAPER_SETTINGS = {
+    "paced_qwen3-8b_to_qwen3-1.7b.yaml": {
+        "model_name_or_path": "Qwen/Qwen3-1.7B",
+        "teacher_model_name_or_path": "Qwen/Qwen3-8B",
+        "paced_alpha": 1.0,
+        "paced_beta": 1.0,
+        "pass_rate_rollouts": 8,
+        "rollout_source": "teacher",
+        "kl_schedule": "forward",
+    },
+    "ace_qwen2.5-math-7b.yaml": {
+        "model_name_or_path": "Qwen/Qwen2.5-Math-7B",
+        "dataset_name": "open-r1/DAPO-Math-17k-Processed",
+        "ace_transform": "softplus",
+        "ace_confidence": "mean",
+    },
     "tip_qwen3-8b_to_qwen3-4b.yaml": {
         "model_name_or_path": "Qwen/Qwen3-4B",
         "teacher_model_name_or_path": "Qwen/Qwen3-8B",
