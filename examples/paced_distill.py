@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from trl_tip import PacedConfig, PacedTrainer
-from trl_tip.script_utils import evaluate_split, parse_with_builtin_defaults
+from trl_tip.script_utils import as_chat_prompts, evaluate_split, parse_with_builtin_defaults
 from trl_tip.trainers.paced import BUILTIN_REWARDS
 
 
@@ -101,24 +101,6 @@ def resolve_reward(name: str):
     return getattr(importlib.import_module(module_name), function_name)
 
 
-def prepare_dataset(dataset, answer_column: str):
-    """Rename `answer_column` to `answer`; plain-text prompts become one user turn, so the chat template applies."""
-    columns = next(iter(dataset.values())).column_names
-    if answer_column != "answer":
-        if answer_column not in columns:
-            raise ValueError(f"--answer_column {answer_column!r} is not a column of the dataset ({columns}).")
-        if "answer" in columns:
-            raise ValueError(f"The dataset has both `answer` and `{answer_column}`; drop one or keep the default.")
-        dataset = dataset.rename_column(answer_column, "answer")
-    if "prompt" in columns:
-        dataset = dataset.map(
-            lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]}
-            if isinstance(row["prompt"], str)
-            else {}
-        )
-    return dataset
-
-
 def main():
     script_args, training_args, model_args, builtin = parse_with_builtin_defaults(make_parser, BUILTIN_DEFAULTS)
 
@@ -135,7 +117,7 @@ def main():
             raise ValueError("PACED needs a teacher: set `--teacher_model_name_or_path`, or `--self_distillation`.")
         if script_args.dataset_name is None:
             raise ValueError("Set `--dataset_name` (a dataset with `prompt` and `answer` columns).")
-        dataset = prepare_dataset(
+        dataset = as_chat_prompts(
             load_dataset(script_args.dataset_name, name=script_args.dataset_config), script_args.answer_column
         )
 

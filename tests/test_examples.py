@@ -75,3 +75,5 @@ def test_as_chat_prompts_wraps_plain_prompts_and_renames_the_answer():
     assert ready["train"]["answer"] == ["2", "4"]
     with pytest.raises(ValueError, match="no `prompt` column"):
         as_chat_prompts(Dataset.from_dict({"question": ["x"]}))
+    with pytest.raises(ValueError, match="not a column"):
+        as_chat_prompts(data, answer_column="gold")

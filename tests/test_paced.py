@@ -613,8 +613,8 @@ def test_example_prepares_real_datasets():
     finally:
         sys.path.pop(0)
     data = DatasetDict({"train": Dataset.from_dict({"prompt": ["1+1?", "2+2?"], "solution": ["2", "4"]})})
-    ready = paced_distill.prepare_dataset(data, "solution")
+    ready = paced_distill.as_chat_prompts(data, "solution")
     assert ready["train"][0]["prompt"] == [{"role": "user", "content": "1+1?"}]
     assert ready["train"]["answer"] == ["2", "4"]
     with pytest.raises(ValueError, match="not a column"):
-        paced_distill.prepare_dataset(data, "gold")
+        paced_distill.as_chat_prompts(data, "gold")

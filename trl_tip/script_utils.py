@@ -59,7 +59,9 @@ def as_chat_prompts(dataset, answer_column: str = "answer", wrap_plain_prompts: 
     columns = next(iter(splits)).column_names
     if "prompt" not in columns:
         raise ValueError(f"The dataset has columns {columns} but no `prompt` column; rename the prompt column to `prompt`.")
-    if answer_column != "answer" and answer_column in columns:
+    if answer_column != "answer":
+        if answer_column not in columns:
+            raise ValueError(f"--answer_column {answer_column!r} is not a column of the dataset ({columns}).")
         if "answer" in columns:
             raise ValueError(f"The dataset has both `answer` and `{answer_column}`; pick one with --answer_column.")
         dataset = dataset.rename_column(answer_column, "answer")
