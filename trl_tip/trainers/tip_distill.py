@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,8 @@ from ._inputs import check_prompt_column, check_prompts, check_sampling
 
 
 TEACHER_QUANTIZATION = ("none", "4bit", "8bit")
+# The token-selection generator's state, one file per process, saved in each checkpoint next to transformers' RNG files.
+SELECTION_RNG_FILE = "tip_selection_rng_{process_index}.pth"
 
 
 def teacher_quantization_config(mode: str, compute_dtype: torch.dtype | None = None):
@@ -412,6 +416,28 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
                 **vllm_generation.generation_kwargs,
                 "allowed_token_ids": list(range(rows)),
             }
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        # 'random' and 'entropy_sample' draw from the selection generator; a resumed run must continue its stream.
+        super()._save_rng_state(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, SELECTION_RNG_FILE.format(process_index=self.args.process_index))
+        torch.save(self._selection_generator.get_state(), path)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, SELECTION_RNG_FILE.format(process_index=self.args.process_index))
+        if os.path.isfile(path):
+            self._selection_generator.set_state(torch.load(path, weights_only=True))
+        elif self.token_selection in ("random", "entropy_sample"):
+            warnings.warn(
+                f"{checkpoint} holds no token-selection generator state for process {self.args.process_index} "
+                f"({os.path.basename(path)}); token_selection={self.token_selection!r} resumes with a fresh stream, "
+                "so the run will not repeat the uninterrupted one.",
+                stacklevel=2,
+            )
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
