@@ -31,6 +31,7 @@ from ..rewards import math_reward
 from ..selection import SELECTION_METHODS
 from ..weighting import paced_weight
 from ._teacher_prompts import pad_teacher_prompts
+from ._inputs import check_completion_format
 from .tip_distill import TipDistillConfig, TipDistillTrainer, check_prompt_column
 
 
@@ -739,6 +740,9 @@ class PacedTrainer(TipDistillTrainer):
             if args.teacher_completions == "auto"
             else args.teacher_completions
         )
+        if teacher_track and self._teacher_completion_source == "dataset":
+            # Checked now rather than at the first teacher-track step, after the whole pass-rate estimation.
+            check_completion_format(train_dataset, "train_dataset")
         if INDEX_COLUMN in columns:
             raise ValueError(
                 f"`train_dataset` already has a `{INDEX_COLUMN}` column, which PacedTrainer adds to index the "
