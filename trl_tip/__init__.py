@@ -25,7 +25,7 @@ _LAZY = {
     "PacedConfig": "trl_tip.trainers.paced",
     "PassAtKCallback": "trl_tip.evaluation",
     "PacedTrainer": "trl_tip.trainers.paced",
-    "PassRateTable": "trl_tip.trainers.paced",
+    "PassRateTable": "trl_tip.pass_rates",
     "TipDistillConfig": "trl_tip.trainers.tip_distill",
     "TipDistillTrainer": "trl_tip.trainers.tip_distill",
     "TokenStats": "trl_tip.chunked_stats",

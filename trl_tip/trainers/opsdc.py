@@ -44,6 +44,7 @@ from ..instructions import (
 )
 from ..losses import selective_divergence_loss
 from ..quantization import keep_4bit_weights_trainable
+from ._inputs import check_prompts, check_sampling
 from ._teacher_prompts import pad_teacher_prompts
 
 
@@ -202,6 +203,7 @@ class OPSDCConfig(DistillationConfig):
                 "trl.DistillationTrainer to distil from a separate teacher."
             )
         super().__post_init__()
+        check_sampling(self.temperature, self.generation_kwargs)
         if self.beta == 0.0:
             warnings.warn(
                 "OPSDCConfig(beta=0.0) trains with forward KL, which collapses in self-distillation for conciseness; "
@@ -451,6 +453,7 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
             )
         self.concise_instruction = resolve_instruction(args.concise_instruction)
         self.reward_funcs = _as_reward_funcs(reward_funcs)
+        check_prompts(train_dataset, eval_dataset)
         for dataset in _map_style_datasets(train_dataset, eval_dataset):
             # Fails now, not at the first generation, on prompts that cannot carry the instruction; and says how the
             # teacher's prompt is built from them.
