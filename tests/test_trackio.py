@@ -38,9 +38,15 @@ EXPECTED = {
     "ace": [
         "ace/confidence_shift_mean",
         "ace/confidence_shift_min",
+        "ace/confidence_shift_p10",
+        "ace/confidence_shift_p50",
+        "ace/confidence_shift_p90",
         "ace/confidence_shift_max",
         "ace/scaled_fraction",
         "ace/scale_factor_mean",
+        "ace/scale_factor_p50",
+        "ace/scale_factor_p90",
+        "ace/scale_factor_max",
     ],
 }
 PREFIXES = {"tip": "tip/", "paced": "paced/", "opsdc": "opsdc/", "ace": "ace/"}
