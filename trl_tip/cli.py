@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--labels needs one label per --compare run: {len(args.labels)} for {len(args.compare)}.")
             try:
                 run_compare(args)
-            except (FileNotFoundError, ValueError) as error:
+            except (FileNotFoundError, ValueError, ImportError) as error:
                 parser.error(str(error))
             return 0
         if args.model is None:
