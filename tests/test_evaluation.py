@@ -101,6 +101,10 @@ def test_evaluate_pass_at_k_aggregates_graded_samples(monkeypatch):
 def test_an_unparseable_gold_answer_counts_as_wrong_and_is_reported():
     problems = grade_problems(["4", ""], ["\\boxed{4}", "\\boxed{1}", "\\boxed{1}", "x"], [1, 2, 3, 4], 2)
     assert [p["gradable"] for p in problems] == [True, False]
+    # Gold answers that are not mathematical objects count as ungradable too, even when a sample repeats them.
+    for gold in ("n/a", "see solution", "\\frac{", "???"):
+        (problem,) = grade_problems([gold], [f"\\boxed{{{gold}}}", "\\boxed{1}"], [1, 1], 2)
+        assert not problem["gradable"] and problem["scores"] == [0.0, 0.0]
     assert problems[1]["scores"] == [0.0, 0.0]
     summary = summarize(problems, 2)
     assert summary["num_ungradable"] == 1 and summary["mean_accuracy"] == pytest.approx(0.25)

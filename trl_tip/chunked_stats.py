@@ -373,3 +373,16 @@ def divergence_from_stats(
         beta,
         kernel_args,
     )
+
+
+def shared_vocab_head(
+    weight: torch.Tensor, bias: torch.Tensor | None, vocab_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """
+    The first `vocab_size` rows of an `lm_head` weight and bias, as views (no copy; gradients reach the full weight,
+    with zeros on the rows left out). `vocab_size=None` returns them unchanged. Used when two heads padded to
+    different sizes share a tokenizer: both are compared over the rows the tokenizer can produce.
+    """
+    if vocab_size is None or vocab_size == weight.shape[0]:
+        return weight, bias
+    return weight[:vocab_size], None if bias is None else bias[:vocab_size]
