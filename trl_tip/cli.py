@@ -152,6 +152,18 @@ def _format_summary(name: str, summary: dict) -> str:
     )
 
 
+def _format_levels(summary: dict) -> list[str]:
+    """One line per difficulty level of a summary with `by_level` (none without)."""
+    lines = []
+    for level, part in summary.get("by_level", {}).items():
+        n = part["num_samples"]
+        lines.append(
+            f"  level {level}: {part['num_problems']} problems  mean@{n} {100 * part['mean_accuracy']:.1f}  "
+            f"pass@{n} {100 * part['pass_at_k'][n]:.1f}"
+        )
+    return lines
+
+
 def run_eval(args: argparse.Namespace) -> dict:
     """Run `trl-tip eval` with parsed arguments; returns the summary written to `summary.json`."""
     from transformers import AutoTokenizer
@@ -229,6 +241,8 @@ def run_eval(args: argparse.Namespace) -> dict:
                 file.write(json.dumps(problem, ensure_ascii=False, default=str) + "\n")
         results[name] = summary
         print(_format_summary(name, summary), flush=True)
+        for line in _format_levels(summary):
+            print(line, flush=True)
         print(f"  per-problem results: {path}", flush=True)
     report = {"model": args.model, "backend": args.backend, "num_samples": args.n, **sampling, "results": results}
     with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as file:
