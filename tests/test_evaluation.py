@@ -277,7 +277,7 @@ def test_console_script_is_declared_and_help_works(capsys):
     assert exit_info.value.code == 0 and "eval" in capsys.readouterr().out
     # As a module, the way the console script's entry point runs it.
     result = subprocess.run([sys.executable, "-m", "trl_tip.cli", "eval", "--help"], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=120)
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr
     for flag in ("--backend {transformers,vllm}", "--dataset", "--num_problems", "--n N", "--temperature",
                  "--max_new_tokens", "--output_dir"):
