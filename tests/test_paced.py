@@ -597,7 +597,7 @@ def _run_example(*args, timeout=600):
 
 
 def test_example_help_lists_paced_flags():
-    result = _run_example("--help", timeout=120)
+    result = _run_example("--help")
     assert result.returncode == 0, result.stderr
     flags = ("--paced_alpha", "--paced_beta", "--pass_rate_rollouts", "--pass_rate_mode", "--pass_rate_refresh_steps",
              "--rollout_source", "--teacher_completions", "--kl_schedule", "--schedule_switch_fraction",
