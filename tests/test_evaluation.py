@@ -198,9 +198,12 @@ def test_named_benchmarks_read_problem_and_answer_columns(monkeypatch, name, pat
     dataset = load_benchmark(name)
     assert calls == [(path, None, split)]
     assert BENCHMARKS[name].path == path
-    assert sorted(dataset.column_names) == ["answer", "problem", "prompt"]
+    # MATH-500's `level` is kept (trl-tip eval reports accuracy per level); the other extra columns are not.
+    level = {"level": columns["level"][0]} if "level" in columns else {}
+    assert sorted(dataset.column_names) == sorted(["answer", "problem", "prompt", *level])
     expected = "Find $x$.\n\nPlease reason step by step, and put your final answer within \\boxed{}."
-    assert dataset[0] == {"prompt": [{"role": "user", "content": expected}], "answer": "204", "problem": "Find $x$."}
+    assert dataset[0] == {"prompt": [{"role": "user", "content": expected}], "answer": "204", "problem": "Find $x$.",
+                          **level}
 
 
 def test_hub_id_with_overrides_and_missing_columns(monkeypatch):
