@@ -10,6 +10,7 @@ import pytest
 from datasets import Dataset
 
 import trl_tip.cli as cli
+import trl_tip.eval_plots as eval_plots
 import trl_tip.evaluation as evaluation
 from trl_tip.eval_plots import levels_figure, pass_at_k_figure, read_report, short_name
 from trl_tip.evaluation import grade_problems, summarize, summarize_by
@@ -157,3 +158,17 @@ def test_compare_rejects_bad_input(two_runs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--compare", run, str(tmp_path / "bad")])
     assert "not a `trl-tip eval` summary" in capsys.readouterr().err
+
+
+def test_without_matplotlib_eval_keeps_its_results_and_says_how_to_plot(two_runs, tmp_path, monkeypatch, capsys):
+    def no_matplotlib(*args, **kwargs):
+        raise ImportError("Plotting `trl-tip eval` results needs matplotlib: `pip install 'trl-tip[plots]'`")
+
+    monkeypatch.setattr(eval_plots, "_figure", no_matplotlib)
+    cli._write_plots(read_report(two_runs["seed0"]), str(tmp_path))
+    printed = capsys.readouterr().out
+    assert "No plot written" in printed and "trl-tip[plots]" in printed
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--compare", str(two_runs["seed0"]), str(two_runs["seed1"]), "--output_dir", str(tmp_path)])
+    assert "trl-tip[plots]" in capsys.readouterr().err

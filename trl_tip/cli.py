@@ -156,7 +156,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "<output_dir>/compare_pass_at_k.png (and compare_<dataset>_levels.png), e.g. --compare runs/grpo runs/ace.",
     )
     parser.add_argument(
-        "--labels", nargs="+", default=None, help="Legend labels of the --compare runs (default: their directory names)."
+        "--labels",
+        nargs="+",
+        default=None,
+        help="Legend labels of the --compare runs (default: their directory names).",
     )
 
 
@@ -375,10 +378,12 @@ def main(argv: list[str] | None = None) -> int:
             if len(args.compare) < 2:
                 parser.error(f"--compare needs two or more runs to overlay, got {len(args.compare)}.")
             if args.labels is not None and len(args.labels) != len(args.compare):
-                parser.error(f"--labels needs one label per --compare run: {len(args.labels)} for {len(args.compare)}.")
+                parser.error(
+                    f"--labels needs one label per --compare run: {len(args.labels)} for {len(args.compare)}."
+                )
             try:
                 run_compare(args)
-            except (FileNotFoundError, ValueError) as error:
+            except (FileNotFoundError, ValueError, ImportError) as error:
                 parser.error(str(error))
             return 0
         if args.model is None:

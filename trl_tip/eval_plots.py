@@ -32,12 +32,13 @@ def _figure(width: float, height: float):
 
 
 def read_report(path: str | Path) -> dict:
-    """The report of a finished `trl-tip eval` run: its `summary.json`, given the file or the run's output directory."""
+    """The report of a finished `trl-tip eval` run: its `summary.json`, given the file or the run's directory."""
     path = Path(path)
     file = path / SUMMARY_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(
-            f"No {SUMMARY_FILE} at {path}: pass the --output_dir of a finished `trl-tip eval` run, or its {SUMMARY_FILE}."
+            f"No {SUMMARY_FILE} at {path}: pass the --output_dir of a finished `trl-tip eval` run, or its "
+            f"{SUMMARY_FILE}."
         )
     report = json.loads(file.read_text(encoding="utf-8"))
     if not isinstance(report, dict) or not isinstance(report.get("results"), dict) or not report["results"]:
