@@ -164,7 +164,7 @@ def levels_figure(runs: Mapping[str, Mapping], dataset: str, title: str | None =
     levels: list[str] = []
     for by_level in with_levels.values():
         levels += [level for level in by_level if level not in levels]
-    figure = _figure(max(6.0, 1.1 * len(levels) * len(with_levels) + 2.5), 3.8)
+    figure = _figure(min(16.0, max(6.0, 1.1 * len(levels) * len(with_levels) + 2.5)), 3.8)
     axes = figure.subplots(1, 2, sharey=True)
     width = 0.8 / len(with_levels)
     sizes = {summary["num_samples"] for by_level in with_levels.values() for summary in by_level.values()}
