@@ -163,6 +163,7 @@ def test_compare_rejects_bad_input(two_runs, tmp_path, capsys):
     cases = [
         (["--compare", run], "two or more runs"),
         (["--compare", run, run, "--model", "m"], "drop --model"),
+        (["--compare", run, run, "--n", "4", "--greedy"], "drop --n --greedy"),
         (["--compare", run, str(tmp_path / "missing")], "No summary.json"),
         (["--compare", run, run, "--labels", "a"], "one label per --compare run"),
         (["--compare", run, run, "--labels", "a", "a"], "distinct labels"),

@@ -386,25 +386,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "eval":
+        eval_parser = args.eval_parser
         if args.compare is not None:
-            if args.model is not None:
-                parser.error("--compare reads finished runs and samples nothing: drop --model (or run it separately).")
+            # Everything but --labels and --output_dir configures sampling, which --compare does not do.
+            given = [
+                f"--{name}"
+                for name, value in vars(args).items()
+                if name not in ("command", "eval_parser", "compare", "labels", "output_dir")
+                and value != eval_parser.get_default(name)
+            ]
+            if given:
+                eval_parser.error(
+                    f"--compare reads finished runs and samples nothing: drop {' '.join(given)} (or run the "
+                    "evaluation separately)."
+                )
             if len(args.compare) < 2:
-                parser.error(f"--compare needs two or more runs to overlay, got {len(args.compare)}.")
+                eval_parser.error(f"--compare needs two or more runs to overlay, got {len(args.compare)}.")
             if args.labels is not None and len(args.labels) != len(args.compare):
-                parser.error(
+                eval_parser.error(
                     f"--labels needs one label per --compare run: {len(args.labels)} for {len(args.compare)}."
                 )
             try:
                 run_compare(args)
             except (FileNotFoundError, ValueError, ImportError) as error:
-                parser.error(str(error))
+                eval_parser.error(str(error))
             return 0
         if args.model is None:
-            parser.error("the following arguments are required: --model (or --compare RUN RUN to overlay runs)")
+            eval_parser.error("the following arguments are required: --model (or --compare RUN RUN to overlay runs)")
         if args.labels is not None:
-            parser.error("--labels names --compare runs; it needs --compare.")
-        run_eval(validate_eval_arguments(args, args.eval_parser))
+            eval_parser.error("--labels names --compare runs; it needs --compare.")
+        run_eval(validate_eval_arguments(args, eval_parser))
     return 0
 
 
