@@ -10,7 +10,7 @@ from trl import DistillationConfig
 
 from trl_tip import PacedConfig, PacedTrainer, PassRateTable, math_reward, paced_weight, selective_divergence_loss
 import trl_tip.losses as losses_module
-from numerics import REORDERING_TOLERANCE, GradientRecorder, assert_same_gradients
+from numerics import REORDERING_TOLERANCE, GradientRecorder, assert_close_to_float64, assert_same_gradients
 from trl_tip.losses import rollout_token_coefficients
 from trl_tip.tasks import build_arithmetic_dataset
 from trl_tip.tasks.arithmetic import generate_completions
@@ -174,9 +174,11 @@ def test_weighted_loss_is_the_weighted_mean_of_rollout_means(method, beta, compa
 
     if method == "all":
         assert torch.equal(result.keep, mask.bool())
-    torch.testing.assert_close(result.loss.double(), reference, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(h_s.grad, h_ref.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(w_s.grad, w_ref.grad, rtol=1e-4, atol=1e-6)
+    logit_scale = max((h_ref @ w_ref.t()).abs().max().item(), (h_t @ w_t.t()).abs().max().item())
+    assert_close_to_float64(result.loss, reference.detach(), scale=logit_scale)
+    # Gradients carry the logits' relative rounding times their own magnitude (see tests/numerics.py).
+    assert_close_to_float64(h_s.grad, h_ref.grad, scale=logit_scale * h_ref.grad.abs().max().item())
+    assert_close_to_float64(w_s.grad, w_ref.grad, scale=logit_scale * w_ref.grad.abs().max().item())
     # A rollout of weight 0 receives no gradient at all.
     assert torch.equal(h_s.grad[1], torch.zeros_like(h_s.grad[1]))
 
@@ -603,7 +605,9 @@ def test_self_distillation_teacher_prompt_changes_the_loss(arithmetic_models, pr
         privileged = trainer.compute_loss(trainer.model, inputs)
         plain = trainer.compute_loss(trainer.model, {**inputs, "teacher_prompt_ids": inputs["prompt_ids"],
                                                      "teacher_prompt_mask": inputs["prompt_mask"]})
-    assert plain.item() == pytest.approx(0.0, abs=1e-6)
+    # KL between two float32 evaluations of one distribution: zero up to the rounding of the log-partitions, a few u
+    # of the logit scale (the built-in models' logits reach ~15, so ~1e-6), far below what the privileged prompt gives.
+    assert plain.item() == pytest.approx(0.0, abs=1e-5)
     assert privileged.item() > 1e-3
 
 
@@ -657,7 +661,7 @@ def _run_example(*args, timeout=600):
 
 
 def test_example_help_lists_paced_flags():
-    result = _run_example("--help", timeout=120)
+    result = _run_example("--help")
     assert result.returncode == 0, result.stderr
     flags = ("--paced_alpha", "--paced_beta", "--pass_rate_rollouts", "--pass_rate_mode", "--pass_rate_refresh_steps",
              "--rollout_source", "--teacher_completions", "--kl_schedule", "--schedule_switch_fraction",

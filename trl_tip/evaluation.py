@@ -275,10 +275,12 @@ def sample_completions(
 
     eos = _eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    # Temperature 0 is greedy decoding, as in vLLM (transformers would divide the logits by it).
+    greedy = temperature == 0
     config = GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
+        do_sample=not greedy,
+        temperature=1.0 if greedy else temperature,
+        top_p=1.0 if greedy else top_p,
         top_k=top_k,  # 0: no top-k filtering, whatever the model's generation config says
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
@@ -619,7 +621,7 @@ def load_metric(**kwargs):
 
     ```python
     >>> metric = load_metric()
-    >>> metric.compute(predictions=[["\\boxed{4}", "\\boxed{5}"]], references=["4"], k=[1, 2])
+    >>> metric.compute(predictions=[["Answer: 4", "Answer: 5"]], references=["4"], k=[1, 2])
     {'pass@1': 0.5, 'pass@2': 1.0, 'mean@n': 0.5, 'num_ungradable': 0, 'num_problems': 1, 'num_samples': 2}
     ```
     """
