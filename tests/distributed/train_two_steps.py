@@ -86,31 +86,37 @@ def build_ace(models, dataset, output_dir):
                           train_dataset=dataset)
 
 
-def _paced_first_step_reference(trainer, inputs):
+def _first_step_reference(trainer, inputs):
     """
-    This rank's share of the first step's PACED loss, computed by hand from both models' full logits in float64:
-    Σ_i w_i · mean_t KL(student || teacher) over its rollouts, and the global weight sum W. The loss of the whole
-    two-process batch is Σ_ranks Σ_i w_i ℓ_i / W, what one process holding every rollout would compute.
+    This rank's share of the first step's loss of PACED or OPSDC (per-rollout normalisation), computed by hand from
+    both models' full logits in float64: Σ_i w_i · mean_t KL(student || teacher) over its rollouts, and the global
+    normaliser W (PACED: the weight sum; OPSDC: the rollout count, every w_i = 1). The loss of the whole two-process
+    batch is Σ_ranks Σ_i w_i ℓ_i / W, what one process holding every rollout would compute.
     """
     import copy
 
     width = inputs["completion_ids"].size(1)
     temperature = trainer.args.temperature
 
-    def log_probs(model):
+    def log_probs(model, prompt_ids, prompt_mask):
         model = copy.deepcopy(trainer.accelerator.unwrap_model(model)).double().eval()
-        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        ids = torch.cat([prompt_ids, inputs["completion_ids"]], dim=1)
+        mask = torch.cat([prompt_mask, inputs["completion_mask"]], dim=1)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits[:, -width - 1 : -1]
         return (logits / temperature).log_softmax(-1)
 
-    student, teacher = log_probs(trainer.model), log_probs(trainer.teacher_model)
+    student = log_probs(trainer.model, inputs["prompt_ids"], inputs["prompt_mask"])
+    teacher = log_probs(trainer.teacher_model, inputs.get("teacher_prompt_ids", inputs["prompt_ids"]),
+                        inputs.get("teacher_prompt_mask", inputs["prompt_mask"]))
     kl = (student.exp() * (student - teacher)).sum(-1)
     mask = inputs["completion_mask"].double()
     rollout_means = (kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    weights = inputs["paced_weights"].double()
-    return (weights * rollout_means).sum().item(), inputs["paced_weight_sum"].item()
+    if "paced_weights" in inputs:
+        weights, normaliser = inputs["paced_weights"].double(), inputs["paced_weight_sum"].item()
+    else:
+        weights, normaliser = inputs["opsdc_rollout_weights"].double(), inputs["opsdc_rollout_count"][0].item()
+    return (weights * rollout_means).sum().item(), normaliser
 
 
 TRAINERS = {"tip": build_tip, "paced": build_paced, "opsdc": build_opsdc, "ace": build_ace}
@@ -141,8 +147,8 @@ def main():
     reference = []
 
     def watched(*args, **kwargs):
-        if cli.trainer == "paced" and not reference and trainer.model.training:
-            reference.append(_paced_first_step_reference(trainer, args[1]))
+        if cli.trainer in ("paced", "opsdc") and not reference and trainer.model.training:
+            reference.append(_first_step_reference(trainer, args[1]))
         state["in_loss"] = True
         try:
             return inner(*args, **kwargs)
