@@ -274,3 +274,10 @@ def test_padded_pair_trains_with_paced_and_the_loss_is_the_reference(padded_path
     rollout_means = (per_token * keep).sum(-1) / keep.sum(-1)
     reference = (weights * rollout_means).sum() / inputs["paced_weight_sum"].double()
     assert torch.allclose(records[0]["loss"].double(), reference, rtol=0, atol=1e-6 * scale)
+
+
+def test_padding_token_and_a_missing_chat_template_are_not_differences():
+    student, teacher = build_tokenizer(), build_tokenizer()
+    teacher.pad_token = "<|im_start|>"  # masked out for both models
+    teacher.chat_template = None  # a base teacher: nothing to compare the end of turn with
+    assert first_tokenizer_difference(student, teacher) is None
