@@ -69,6 +69,11 @@ PAPER_SETTINGS = {
         "concise_instruction": "v2",
         "beta": 1.0,
         "temperature": 1.0,
+        # The paper's data, prompt length, normalisation and reported horizon (step 99).
+        "dataset_name": "open-r1/DAPO-Math-17k-Processed",
+        "max_prompt_tokens": 1024,
+        "loss_normalization": "rollout",
+        "max_steps": 100,
     },
     # SPEC §5: Qwen3-8B teacher improved by GRPO, Qwen3-1.7B student; teacher GRPO -> forward-KL warm-up -> OPD on
     # every token.

@@ -156,7 +156,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "<output_dir>/compare_pass_at_k.png (and compare_<dataset>_levels.png), e.g. --compare runs/grpo runs/ace.",
     )
     parser.add_argument(
-        "--labels", nargs="+", default=None, help="Legend labels of the --compare runs (default: their directory names)."
+        "--labels",
+        nargs="+",
+        default=None,
+        help="Legend labels of the --compare runs (default: their directory names).",
     )
 
 
@@ -236,6 +239,18 @@ def _format_summary(name: str, summary: dict) -> str:
         f"{passes}  tokens {summary['mean_completion_tokens']:.1f}"
         + (f"  ({summary['num_ungradable']} ungradable gold answers)" if summary["num_ungradable"] else "")
     )
+
+
+def _format_levels(summary: dict) -> list[str]:
+    """One line per difficulty level of a summary with `by_level` (none without)."""
+    lines = []
+    for level, part in summary.get("by_level", {}).items():
+        n = part["num_samples"]
+        lines.append(
+            f"  level {level}: {part['num_problems']} problems  mean@{n} {100 * part['mean_accuracy']:.1f}  "
+            f"pass@{n} {100 * part['pass_at_k'][n]:.1f}"
+        )
+    return lines
 
 
 def run_eval(args: argparse.Namespace) -> dict:
@@ -324,6 +339,8 @@ def run_eval(args: argparse.Namespace) -> dict:
                 file.write(json.dumps(problem, ensure_ascii=False, default=str) + "\n")
         results[name] = summary
         print(_format_summary(name, summary), flush=True)
+        for line in _format_levels(summary):
+            print(line, flush=True)
         print(f"  per-problem results: {path}", flush=True)
     report = {"model": args.model, "backend": args.backend, "num_samples": args.n, **sampling, "results": results}
     with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as file:
@@ -369,23 +386,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "eval":
+        eval_parser = args.eval_parser
         if args.compare is not None:
-            if args.model is not None:
-                parser.error("--compare reads finished runs and samples nothing: drop --model (or run it separately).")
+            # Everything but --labels and --output_dir configures sampling, which --compare does not do.
+            given = [
+                f"--{name}"
+                for name, value in vars(args).items()
+                if name not in ("command", "eval_parser", "compare", "labels", "output_dir")
+                and value != eval_parser.get_default(name)
+            ]
+            if given:
+                eval_parser.error(
+                    f"--compare reads finished runs and samples nothing: drop {' '.join(given)} (or run the "
+                    "evaluation separately)."
+                )
             if len(args.compare) < 2:
-                parser.error(f"--compare needs two or more runs to overlay, got {len(args.compare)}.")
+                eval_parser.error(f"--compare needs two or more runs to overlay, got {len(args.compare)}.")
             if args.labels is not None and len(args.labels) != len(args.compare):
-                parser.error(f"--labels needs one label per --compare run: {len(args.labels)} for {len(args.compare)}.")
+                eval_parser.error(
+                    f"--labels needs one label per --compare run: {len(args.labels)} for {len(args.compare)}."
+                )
             try:
                 run_compare(args)
-            except (FileNotFoundError, ValueError) as error:
-                parser.error(str(error))
+            except (FileNotFoundError, ValueError, ImportError) as error:
+                eval_parser.error(str(error))
             return 0
         if args.model is None:
-            parser.error("the following arguments are required: --model (or --compare RUN RUN to overlay runs)")
+            eval_parser.error("the following arguments are required: --model (or --compare RUN RUN to overlay runs)")
         if args.labels is not None:
-            parser.error("--labels names --compare runs; it needs --compare.")
-        run_eval(validate_eval_arguments(args, args.eval_parser))
+            eval_parser.error("--labels names --compare runs; it needs --compare.")
+        run_eval(validate_eval_arguments(args, eval_parser))
     return 0
 
 

@@ -621,7 +621,7 @@ def load_metric(**kwargs):
 
     ```python
     >>> metric = load_metric()
-    >>> metric.compute(predictions=[["\\boxed{4}", "\\boxed{5}"]], references=["4"], k=[1, 2])
+    >>> metric.compute(predictions=[["Answer: 4", "Answer: 5"]], references=["4"], k=[1, 2])
     {'pass@1': 0.5, 'pass@2': 1.0, 'mean@n': 0.5, 'num_ungradable': 0, 'num_problems': 1, 'num_samples': 2}
     ```
     """
