@@ -14,6 +14,7 @@ from ..hub import TrlTipHubMixin
 from ..losses import selective_divergence_loss
 from ..quantization import keep_4bit_weights_trainable
 from ..selection import SELECTION_METHODS, quadrant_counts, tokens_per_rollout
+from ..sharding import fsdp2_shard_for_inference, is_fsdp2
 
 
 TEACHER_QUANTIZATION = ("none", "4bit", "8bit")
@@ -33,6 +34,12 @@ def teacher_quantization_config(mode: str, compute_dtype: torch.dtype | None = N
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16,
     )
+
+
+def _is_quantized(model) -> bool:
+    # A quantised teacher (`teacher_quantization`) keeps TRL's preparation: one (already small) copy per rank.
+    model = getattr(model, "module", model)
+    return getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_loaded_in_4bit", False)
 
 
 @contextlib.contextmanager
@@ -221,6 +228,12 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
                 "TipDistillConfig accepts every DistillationConfig field."
             )
         keep_4bit_weights_trainable(self.model)
+        if is_fsdp2(self.accelerator) and self.teacher_model is not None and not _is_quantized(self.teacher_model):
+            # TRL prepares the teacher in evaluation mode, which under FSDP2 leaves a full copy on every rank; shard it
+            # like the student instead (inference only: no gradients, no optimiser state).
+            self.teacher_model = fsdp2_shard_for_inference(
+                self.accelerator.unwrap_model(self.teacher_model), self.accelerator
+            )
         self.token_selection = self.args.token_selection
         self.token_ratio = self.args.token_ratio
         self.entropy_clip_quantile = self.args.entropy_clip_quantile
