@@ -161,3 +161,31 @@ def test_pass_at_k_callback_uneven_problems(engine, engine_runs):
     assert result["num_problems_per_rank"] == [3, 3]
     assert set(result["pass_at_k"]) == {"1", "2"}
     assert all(0.0 <= value <= 1.0 for value in result["pass_at_k"].values())
+
+
+# The examples as the README launches them (its 8-GPU command uses deepspeed_zero3.yaml), two processes on CPU: two
+# steps on the built-in task, with the before/after evaluation every rank takes part in. `--ddp_backend gloo`: on
+# CPU, DeepSpeed would otherwise pick its oneCCL backend.
+EXAMPLE_RUNS = {
+    "tip-zero3": ("zero3", "tip_distill.py", ["--per_device_train_batch_size", "4"], "student accuracy after:"),
+    "paced-fsdp2": ("fsdp2", "paced_distill.py", ["--per_device_train_batch_size", "4", "--num_train_problems", "16",
+                                                  "--pass_rate_rollouts", "2"], "student accuracy after:"),
+    "ace-zero3": ("zero3", "ace_grpo.py", ["--per_device_train_batch_size", "8", "--num_generations", "4",
+                                           "--num_eval_samples", "2"], "pass@k on 3 test problems"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", sorted(EXAMPLE_RUNS))
+def test_example_trains_and_evaluates_sharded(run, tmp_path):
+    engine, script, extra, expected = EXAMPLE_RUNS[run]
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    output = tmp_path / "out"
+    command = launch_command(engine, str(ROOT / "examples" / script), "--max_steps", "2", "--ddp_backend", "gloo",
+                             "--num_eval_problems", "3", "--output_dir", str(output), *extra)
+    result = subprocess.run(command, capture_output=True, text=True, env=launch_env(), timeout=LAUNCH_TIMEOUT_S,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert expected in result.stdout, result.stdout[-3000:]
+    assert (output / "model.safetensors").is_file()

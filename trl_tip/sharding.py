@@ -188,3 +188,36 @@ def local_numel(tensor: torch.Tensor) -> int:
         # gathers for a forward (and may keep for reuse, up to `stage3_max_live_parameters`) are transient.
         return tensor.ds_tensor.numel() + (tensor.ds_numel if getattr(tensor, "ds_persist", False) else 0)
     return tensor.numel()
+
+
+def requested_fsdp_version(args) -> int | None:
+    """
+    The FSDP version a run asks for, read before anything is built: the training arguments' `fsdp_config`, or the
+    environment `accelerate launch` sets from its config file. `None` without FSDP.
+    """
+    import os
+
+    plugin_args = getattr(args, "fsdp_plugin_args", None) or {}
+    if "fsdp_version" in plugin_args:
+        return int(plugin_args["fsdp_version"])
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
+
+
+def requested_sharded_engine(args=None) -> str | None:
+    """
+    "DeepSpeed ZeRO-3" or "FSDP" when a run asks for sharded weights (training arguments or `accelerate launch`'s
+    environment), read before anything is built; `None` otherwise.
+    """
+    import os
+
+    if requested_fsdp_version(args) is not None:
+        return "FSDP"
+    stage = None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    deepspeed = getattr(args, "deepspeed", None)
+    if isinstance(deepspeed, dict):
+        stage = deepspeed.get("zero_optimization", {}).get("stage", stage)
+    return "DeepSpeed ZeRO-3" if str(stage) == "3" else None

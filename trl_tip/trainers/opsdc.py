@@ -36,7 +36,14 @@ from trl.trainer.utils import get_config_model_id
 from ..hub import TrlTipHubMixin
 from ..instructions import INSTRUCTION_POSITIONS, add_instruction, resolve_instruction
 from ..quantization import keep_4bit_weights_trainable
-from ..sharding import copy_into_, full_copy, is_deepspeed_zero3, is_sharded, prepare_frozen_model
+from ..sharding import (
+    copy_into_,
+    full_copy,
+    is_deepspeed_zero3,
+    is_sharded,
+    prepare_frozen_model,
+    requested_fsdp_version,
+)
 from ._teacher_prompts import pad_teacher_prompts
 
 
@@ -384,6 +391,13 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
             raise TypeError(
                 f"OPSDCTrainer needs an OPSDCConfig, got {type(args).__name__}; build one with the same fields plus "
                 "the OPSDC ones (concise_instruction, instruction_position, teacher_refresh_steps)."
+            )
+        if requested_fsdp_version(args) == 1:
+            # Before any model is loaded.
+            raise ValueError(
+                "OPSDCTrainer does not run on FSDP version 1: its teacher snapshot is refreshed shard by shard, which "
+                "needs FSDP2's per-parameter shards (FSDP1 flattens them). Use FSDP2 (`fsdp_version: 2`, "
+                "examples/accelerate_configs/fsdp2.yaml), DeepSpeed ZeRO-3 or ZeRO-2."
             )
         self.concise_instruction = resolve_instruction(args.concise_instruction)
         self.reward_funcs = _as_reward_funcs(reward_funcs)
