@@ -24,7 +24,7 @@ accelerate launch examples/paced_distill.py \
 ```
 
 Forward KL on teacher completions, then reverse KL on student rollouts: `--kl_schedule forward_then_reverse`.
-Self-distillation (no teacher; a frozen copy of the student reads the answer): `--self_distillation`.
+Self-distillation (no teacher; a frozen copy of the student reads the reference solution, or the answer): `--self_distillation`.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def _configs(argv, stages=("teacher_rl", "warmup", "opd", "student_rl")):
 
 def test_help_lists_the_pipeline_flags():
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "bridge.py"), "--help"], capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=120)
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr
     for flag in ("--stages", "--overwrite_stages", "--one_stage_per_run", "--teacher_model_name_or_path",
                  "--teacher_rl_max_steps", "--warmup_learning_rate", "--opd_max_steps", "--student_rl_learning_rate",

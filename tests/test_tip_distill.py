@@ -7,6 +7,7 @@ from trl import DistillationConfig, DistillationTrainer
 
 from trl_tip import TipDistillConfig, TipDistillTrainer
 from trl_tip.selection import tokens_per_rollout
+from numerics import GradientRecorder, assert_same_gradients
 from trl_tip.tasks import build_arithmetic_dataset
 
 
@@ -105,12 +106,13 @@ def test_gradient_accumulation_normalises_like_one_big_batch(tiny_model_paths, p
     # A rule without batch statistics selects the same tokens whatever the micro-batch, so one step over 8 rollouts
     # must equal two accumulated micro-batches of 4.
     common = {"token_selection": "divergence_topk", "max_steps": 1}
-    one, _ = _train(TipDistillTrainer, _config(TipDistillConfig, tmp_path / "a", per_device_train_batch_size=8,
-                                               **common), tiny_model_paths, prompts)
-    two, _ = _train(TipDistillTrainer, _config(TipDistillConfig, tmp_path / "b", per_device_train_batch_size=4,
-                                               gradient_accumulation_steps=2, **common), tiny_model_paths, prompts)
-    for p, q in zip(one.model.parameters(), two.model.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    one, two = GradientRecorder(), GradientRecorder()
+    _train(TipDistillTrainer, _config(TipDistillConfig, tmp_path / "a", per_device_train_batch_size=8, **common),
+           tiny_model_paths, prompts, callbacks=[one])
+    _train(TipDistillTrainer, _config(TipDistillConfig, tmp_path / "b", per_device_train_batch_size=4,
+                                      gradient_accumulation_steps=2, **common), tiny_model_paths, prompts,
+           callbacks=[two])
+    assert_same_gradients(one, two)
 
 
 def test_lora_student_trains_adapters_only(tiny_model_paths, prompts, tmp_path):
@@ -144,3 +146,53 @@ def test_dataset_without_prompt_is_a_clear_error(tiny_model_paths, tmp_path):
     with pytest.raises(ValueError, match="no `prompt` column"):
         TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model_paths["teacher"],
                           args=_config(TipDistillConfig, tmp_path, max_steps=1), train_dataset=data)
+
+
+def test_divergence_options_are_validated_at_construction():
+    with pytest.raises(ValueError, match="selection_divergence must be one of"):
+        TipDistillConfig(selection_divergence="tvd", bf16=False)
+    with pytest.raises(ValueError, match="does not rank by divergence"):
+        TipDistillConfig(token_selection="entropy_topk", selection_divergence="jsd", bf16=False)
+    with pytest.raises(ValueError, match=r"divergence_clip_quantile must be in \(0, 1\]"):
+        TipDistillConfig(divergence_clip_quantile=0.0, bf16=False)
+    with pytest.raises(ValueError, match="applies only with token_selection='soft_or'"):
+        TipDistillConfig(token_selection="soft_or", selection_divergence="jsd", divergence_clip_quantile=0.9,
+                         bf16=False)
+    with pytest.raises(ValueError, match="applies only with token_selection='soft_or'"):
+        TipDistillConfig(token_selection="divergence_topk", divergence_clip_quantile=0.9, bf16=False)
+    config = TipDistillConfig(bf16=False)
+    assert (config.divergence_clip_quantile, config.selection_divergence) == (1.0, "reverse_kl")
+
+
+@pytest.mark.parametrize("options", [{"selection_divergence": "jsd"}, {"divergence_clip_quantile": 0.9}],
+                         ids=["jsd", "clipped"])
+def test_divergence_options_train_and_log_the_spread_of_the_divergence_axis(tiny_model_paths, prompts, tmp_path,
+                                                                              options):
+    trainer, losses = _train(TipDistillTrainer, _config(TipDistillConfig, tmp_path, max_steps=2, **options),
+                             tiny_model_paths, prompts)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    logs = [entry for entry in trainer.state.log_history if "tip/divergence_hat_p50" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert 0.0 <= entry["tip/divergence_hat_p50"] <= entry["tip/divergence_hat_p90"] <= 1.0
+
+
+@pytest.mark.parametrize("token_selection", ["random", "entropy_sample"])
+def test_resume_with_sampled_selection_repeats_the_uninterrupted_run(tiny_model_paths, prompts, tmp_path,
+                                                                     token_selection):
+    # The selection generator is saved per process in every checkpoint and restored on resume, so the resumed run
+    # draws the same tokens as the uninterrupted one and ends on bit-identical parameters.
+    settings = {"token_selection": token_selection, "max_steps": 4, "per_device_train_batch_size": 4,
+                "save_strategy": "steps", "save_steps": 2}
+    whole, _ = _train(TipDistillTrainer, _config(TipDistillConfig, tmp_path / "whole", **settings), tiny_model_paths,
+                      prompts)
+    checkpoint = tmp_path / "whole" / "checkpoint-2"
+    assert (checkpoint / "tip_selection_rng_0.pth").is_file()
+    resumed = TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model_paths["teacher"],
+                                args=_config(TipDistillConfig, tmp_path / "resumed", **settings),
+                                train_dataset=prompts)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    for (name, whole_param), (_, resumed_param) in zip(whole.model.named_parameters(),
+                                                       resumed.model.named_parameters(), strict=True):
+        assert torch.equal(whole_param, resumed_param), name

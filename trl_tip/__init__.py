@@ -6,7 +6,7 @@ light: it does not import TRL's trainer stack until a trainer, config or kernel 
 
 import importlib
 
-from .instructions import CONCISE_INSTRUCTIONS, add_instruction, resolve_instruction
+from .instructions import CONCISE_INSTRUCTIONS, add_instruction, build_teacher_prompt, resolve_instruction
 from .rewards import extract_answer, grade_answer, math_reward
 from .selection import SELECTION_METHODS, select_tokens
 from .weighting import ace_confidence_shift, ace_scale_advantages, paced_weight
@@ -25,7 +25,7 @@ _LAZY = {
     "PacedConfig": "trl_tip.trainers.paced",
     "PassAtKCallback": "trl_tip.evaluation",
     "PacedTrainer": "trl_tip.trainers.paced",
-    "PassRateTable": "trl_tip.trainers.paced",
+    "PassRateTable": "trl_tip.pass_rates",
     "TipDistillConfig": "trl_tip.trainers.tip_distill",
     "TipDistillTrainer": "trl_tip.trainers.tip_distill",
     "TokenStats": "trl_tip.chunked_stats",
@@ -39,6 +39,7 @@ __all__ = [
     "ace_confidence_shift",
     "ace_scale_advantages",
     "add_instruction",
+    "build_teacher_prompt",
     "extract_answer",
     "grade_answer",
     "math_reward",

@@ -7,8 +7,12 @@ from dataclasses import dataclass
 import torch
 from trl.kernels.chunked_logprob import _use_triton
 
-from .selection import select_tokens
-from .chunked_stats import divergence_from_stats, token_stats
+from .chunked_stats import divergence_from_stats, normalized_jsd, shared_vocab_head, token_stats
+from .selection import normalized_divergence, select_tokens
+
+
+# The divergence TIP's rules rank tokens by. The trained loss is TRL's divergence with `beta` whichever is chosen.
+SELECTION_DIVERGENCES = ("reverse_kl", "jsd")
 
 
 @dataclass
@@ -24,6 +28,8 @@ class SelectiveLossOutput:
         keep (`torch.BoolTensor`): `(B, T)` kept tokens, a subset of `mask`.
         entropy (`torch.Tensor`): `(B, T)` normalised student entropy (0 outside the mask on GPU).
         reverse_kl (`torch.Tensor`): `(B, T)` per-token KL(student || teacher).
+        divergence_hat (`torch.Tensor` or `None`): `(B, T)` the divergence axis δ̂ ∈ [0, 1] soft-OR ranked by (0 outside
+            the mask); `None` for the other rules.
     """
 
     loss: torch.Tensor
@@ -33,6 +39,7 @@ class SelectiveLossOutput:
     keep: torch.Tensor
     entropy: torch.Tensor
     reverse_kl: torch.Tensor
+    divergence_hat: torch.Tensor | None = None
 
 
 def rollout_token_coefficients(
@@ -93,6 +100,9 @@ def selective_divergence_loss(
     generator: torch.Generator | None = None,
     rollout_weights: torch.Tensor | None = None,
     weight_sum: torch.Tensor | float | None = None,
+    selection_divergence: str = "reverse_kl",
+    divergence_clip_quantile: float = 1.0,
+    vocab_size: int | None = None,
 ) -> SelectiveLossOutput:
     """
     TRL's generalised-JSD distillation loss (`trl.trainer.distillation_trainer._chunked_divergence_loss`, same
@@ -100,7 +110,10 @@ def selective_divergence_loss(
 
     1. One chunked pass without gradient scores every completion token: normalised student entropy, reverse KL,
        forward KL ([`token_stats`]).
-    2. [`select_tokens`] keeps `max(1, ⌊ratio·m_i⌋)` tokens of each rollout.
+    2. [`select_tokens`] keeps `max(1, ⌊ratio·m_i⌋)` tokens of each rollout. The rules that rank by divergence
+       (`"soft_or"`, `"divergence_topk"`) use the reverse KL, or with `selection_divergence="jsd"` the bounded
+       JSD / ln 2 of a second chunked pass without gradient ([`normalized_jsd`]), which soft-OR then uses as δ̂
+       as it is; `divergence_clip_quantile` < 1 clips the reverse KL at its batch quantile before soft-OR's min-max.
     3. The divergence of the kept tokens reuses the pass-1 statistics; its backward (TRL's) runs over the kept rows
        only, so unkept tokens cost no `lm_head` backward.
 
@@ -114,6 +127,10 @@ def selective_divergence_loss(
     backward pass. When every weight is zero the loss is an exact zero whose gradient is zero (one token stays in the
     graph so that every parameter still receives a gradient, as distributed training expects).
 
+    With `vocab_size`, both heads are compared over their first `vocab_size` rows only (views of the weights, no
+    copy): the rows a shared tokenizer can produce when the two heads are padded to different sizes. The normalised
+    entropy is then `H / ln(vocab_size)`.
+
     Batch statistics of the rules are local to the tensors passed in: no cross-process communication happens here,
     so it is safe inside a DDP/FSDP-wrapped forward.
     """
@@ -126,6 +143,12 @@ def selective_divergence_loss(
         teacher_lm_head_weight = teacher_lm_head_weight.full_tensor().to(teacher_hidden_states.dtype)
         if teacher_lm_head_bias is not None:
             teacher_lm_head_bias = teacher_lm_head_bias.full_tensor()
+    student_lm_head_weight, student_lm_head_bias = shared_vocab_head(
+        student_lm_head_weight, student_lm_head_bias, vocab_size
+    )
+    teacher_lm_head_weight, teacher_lm_head_bias = shared_vocab_head(
+        teacher_lm_head_weight, teacher_lm_head_bias, vocab_size
+    )
     logits_kwargs = {
         "student_bias": student_lm_head_bias,
         "teacher_bias": teacher_lm_head_bias,
@@ -157,17 +180,35 @@ def selective_divergence_loss(
             return values.reshape(mask.shape)
         return values.new_zeros(valid.numel()).index_copy_(0, scored_rows, values).reshape(mask.shape)
 
+    if selection_divergence not in SELECTION_DIVERGENCES:
+        raise ValueError(
+            f"selection_divergence must be one of {', '.join(SELECTION_DIVERGENCES)}, got {selection_divergence!r}."
+        )
     entropy, reverse_kl = per_position(stats.entropy), per_position(stats.reverse_kl)
+    ranked_divergence, normalization = reverse_kl, "min_max"
+    if selection_divergence == "jsd" and method in ("soft_or", "divergence_topk"):
+        rows = scored_rows if compact else slice(None)
+        ranked_divergence = per_position(
+            normalized_jsd(h_s[rows].detach(), student_lm_head_weight, h_t[rows], teacher_lm_head_weight, stats,
+                           **logits_kwargs)
+        )
+        normalization = "bounded"
     keep = select_tokens(
         entropy,
-        reverse_kl,
+        ranked_divergence,
         mask,
         method=method,
         ratio=ratio,
         forward_kl=per_position(stats.forward_kl) if method == "overconfident" else None,
         entropy_clip_quantile=entropy_clip_quantile,
         generator=generator,
+        divergence_clip_quantile=divergence_clip_quantile,
+        divergence_normalization=normalization,
     )
+    divergence_hat = None
+    if method == "soft_or":
+        with torch.no_grad():
+            divergence_hat = normalized_divergence(ranked_divergence, mask, divergence_clip_quantile, normalization)
 
     coefficients = None
     if rollout_weights is not None:
@@ -219,4 +260,5 @@ def selective_divergence_loss(
         keep=keep,
         entropy=entropy,
         reverse_kl=reverse_kl,
+        divergence_hat=divergence_hat,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -9,12 +10,28 @@ import torch
 from transformers import TrainerCallback
 
 
+# transformers 5 renamed gradient checkpointing to activation checkpointing and warns on each old name that TRL still
+# uses (the `gradient_checkpointing` config field its configs default to True, and `gradient_checkpointing_enable` /
+# `_disable` / `is_gradient_checkpointing` around every generation). The aliases keep working until v6, and nothing a
+# user does can quiet them, so the example scripts hide exactly these messages.
+CHECKPOINTING_RENAME_WARNING = (
+    r"`(is_)?gradient_checkpointing(_[a-z]+)?` is deprecated and will be removed in v6\. "
+    r"Use `(is_)?activation_checkpointing(_[a-z]+)?` instead\."
+)
+
+
+def silence_checkpointing_renames() -> None:
+    """Hide transformers' FutureWarnings about the gradient → activation checkpointing renames, and nothing else."""
+    warnings.filterwarnings("ignore", message=CHECKPOINTING_RENAME_WARNING, category=FutureWarning)
+
+
 def parse_with_builtin_defaults(make_parser: Callable, builtin_defaults: dict[str, Any]) -> tuple:
     """
     Parse the command line (and `--config` YAML) the TRL way; when no model is given, parse again with the built-in
     task's settings as defaults.
 
-    Precedence stays TRL's: command-line flags over the YAML file over defaults. Only the defaults change, so
+    Transformers' warnings about the gradient-checkpointing renames are silenced first
+    ([`silence_checkpointing_renames`]). Precedence stays TRL's: command-line flags over the YAML file over defaults. Only the defaults change, so
     `python examples/x.py --max_steps 10` runs the built-in task for 10 steps, and any run that names
     `--model_name_or_path` (on the command line or in the YAML) is untouched.
 
@@ -25,8 +42,10 @@ def parse_with_builtin_defaults(make_parser: Callable, builtin_defaults: dict[st
     Returns:
         `tuple`: the parsed dataclasses, followed by `True` when the built-in task's defaults were used.
     """
-    # TRL's distillation and GRPO configs default to bf16, which transformers rejects on a machine without a GPU.
-    device_defaults = {} if torch.cuda.is_available() else {"bf16": False}
+    silence_checkpointing_renames()
+    # TRL's distillation and GRPO configs default to bf16, which transformers rejects on a machine without a GPU, and
+    # pinned dataloader memory, which has nothing to pin for (and warns about) there.
+    device_defaults = {} if torch.cuda.is_available() else {"bf16": False, "dataloader_pin_memory": False}
     parser = make_parser()
     parser.set_defaults(**device_defaults)
     parsed = parser.parse_args_and_config()

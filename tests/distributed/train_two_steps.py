@@ -105,6 +105,40 @@ def build_ace(models, dataset, output_dir):
                           train_dataset=dataset)
 
 
+def _first_step_reference(trainer, inputs):
+    """
+    This rank's share of the first step's loss of PACED or OPSDC (per-rollout normalisation), computed by hand from
+    both models' full logits in float64: Σ_i w_i · mean_t KL(student || teacher) over its rollouts, and the global
+    normaliser W (PACED: the weight sum; OPSDC: the rollout count, every w_i = 1). The loss of the whole two-process
+    batch is Σ_ranks Σ_i w_i ℓ_i / W, what one process holding every rollout would compute. Replicated weights only
+    (DDP): it deep-copies both models.
+    """
+    import copy
+
+    width = inputs["completion_ids"].size(1)
+    temperature = trainer.args.temperature
+
+    def log_probs(model, prompt_ids, prompt_mask):
+        model = copy.deepcopy(trainer.accelerator.unwrap_model(model)).double().eval()
+        ids = torch.cat([prompt_ids, inputs["completion_ids"]], dim=1)
+        mask = torch.cat([prompt_mask, inputs["completion_mask"]], dim=1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -width - 1 : -1]
+        return (logits / temperature).log_softmax(-1)
+
+    student = log_probs(trainer.model, inputs["prompt_ids"], inputs["prompt_mask"])
+    teacher = log_probs(trainer.teacher_model, inputs.get("teacher_prompt_ids", inputs["prompt_ids"]),
+                        inputs.get("teacher_prompt_mask", inputs["prompt_mask"]))
+    kl = (student.exp() * (student - teacher)).sum(-1)
+    mask = inputs["completion_mask"].double()
+    rollout_means = (kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    if "paced_weights" in inputs:
+        weights, normaliser = inputs["paced_weights"].double(), inputs["paced_weight_sum"].item()
+    else:
+        weights, normaliser = inputs["opsdc_rollout_weights"].double(), inputs["opsdc_rollout_count"][0].item()
+    return (weights * rollout_means).sum().item(), normaliser
+
+
 TRAINERS = {"tip": build_tip, "paced": build_paced, "opsdc": build_opsdc, "ace": build_ace}
 ENGINES = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp2": "FSDP"}
 
@@ -196,8 +230,11 @@ def run_one(name, engine, models, dataset, output_dir, state):
     # its loss metrics across ranks afterwards, outside the forward.
     hook = "_get_per_token_logps_and_entropies" if isinstance(trainer, GRPOTrainer) else "_compute_loss"
     inner = getattr(trainer, hook)
+    reference = []
 
     def watched(*args, **kwargs):
+        if engine == "ddp" and name in ("paced", "opsdc") and not reference and trainer.model.training:
+            reference.append(_first_step_reference(trainer, args[1]))
         state["in_loss"] = True
         try:
             return inner(*args, **kwargs)
@@ -219,6 +256,12 @@ def run_one(name, engine, models, dataset, output_dir, state):
     world_size = dist.get_world_size()
     gathered = [torch.zeros_like(flat) for _ in range(world_size)]
     dist.all_gather(gathered, flat)
+    reference_first_loss = None
+    if reference:
+        # The ranks' weighted sums add up; every rank holds the same global weight sum.
+        weighted_sum = torch.tensor([reference[0][0]], dtype=torch.float64)
+        dist.all_reduce(weighted_sum)
+        reference_first_loss = weighted_sum.item() / reference[0][1]
     initial = load_file(os.path.join(models["student"], "model.safetensors"))
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     grad_norms = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
@@ -251,6 +294,7 @@ def run_one(name, engine, models, dataset, output_dir, state):
                     "collectives_in_loss": state["collectives_in_loss"],
                     "snapshot": None if snapshot_watch is None else snapshot_watch.seen,
                     "uneven_pass_at_k": pass_at_k,
+                    "reference_first_loss": reference_first_loss,
                 },
                 handle,
             )

@@ -34,7 +34,14 @@ from trl.data_utils import is_conversational
 from trl.trainer.utils import get_config_model_id
 
 from ..hub import TrlTipHubMixin
-from ..instructions import INSTRUCTION_POSITIONS, add_instruction, resolve_instruction
+from .tip_distill import _divergence_loss_replaced_by
+from ..instructions import (
+    INSTRUCTION_POSITIONS,
+    build_teacher_prompt,
+    check_teacher_prompt_template,
+    resolve_instruction,
+)
+from ..losses import selective_divergence_loss
 from ..quantization import keep_4bit_weights_trainable
 from ..sharding import (
     copy_into_,
@@ -44,10 +51,13 @@ from ..sharding import (
     prepare_frozen_model,
     requested_fsdp_version,
 )
+from ._inputs import check_prompts, check_sampling
 from ._teacher_prompts import pad_teacher_prompts
 
 
 logger = get_logger(__name__)
+
+LOSS_NORMALIZATIONS = ("rollout", "token")
 
 TEACHER_ADAPTER_NAME = "opsdc_teacher"
 TEACHER_SNAPSHOT_NAME = "opsdc_teacher.safetensors"
@@ -74,6 +84,20 @@ class OPSDCConfig(DistillationConfig):
         instruction_position (`str`, *optional*, defaults to `"before"`):
             Where the teacher's prompt carries the instruction: `"before"` the problem in the last user turn (the
             paper's layout), `"after"` it, or in the `"system"` turn (conversational prompts only).
+        lead_instruction_pattern (`str` or `None`, *optional*, defaults to `None`):
+            Regular expression of the dataset's own lead instruction at the start of the prompt (its last user
+            turn). The teacher's prompt drops it: the conciseness instruction takes its place, as in the paper.
+            `None` recognises DAPO-Math-17k's "Solve the following math problem step by step." (its answer-format
+            sentence is kept, as in the authors' teacher prompt). Prompts it does not match get the instruction added
+            to the whole prompt; `opsdc/lead_replaced` logs the share of prompts whose lead was replaced.
+        teacher_prompt_template (`str` or `None`, *optional*, defaults to `None`):
+            Layout of the teacher's prompt text with the fields `{instruction}` and `{question}` (the prompt without
+            its recognised lead). `None`: `"{instruction}\n\n{question}"` for `instruction_position="before"`,
+            the reverse for `"after"`. Not combinable with `"system"`.
+        loss_normalization (`str`, *optional*, defaults to `"rollout"`):
+            `"rollout"`: each rollout's reverse KL is averaged over its tokens, then the rollouts are averaged (the
+            paper's Algorithm 1 divides by |y_i|), over the whole batch of every accumulation step and process.
+            `"token"`: TRL's global token mean, which gives long rollouts more weight.
         teacher_refresh_steps (`int`, *optional*, defaults to `50`):
             M: the teacher snapshot is hard-copied from the student at step 0 and every M optimiser steps. M = 1 is a
             live teacher and collapses; a very large M is a frozen teacher and compresses little.
@@ -110,6 +134,30 @@ class OPSDCConfig(DistillationConfig):
             "choices": list(INSTRUCTION_POSITIONS),
         },
     )
+    lead_instruction_pattern: str | None = field(
+        default=None,
+        metadata={
+            "help": "Regular expression of the dataset's own lead instruction at the start of the prompt; the teacher's "
+            "prompt has the conciseness instruction in its place. None recognises DAPO-Math-17k's 'Solve the "
+            "following math problem step by step.'. Without a match the instruction is added to the whole prompt."
+        },
+    )
+    teacher_prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Layout of the teacher's prompt text with the fields {instruction} and {question} (the prompt "
+            "without its recognised lead). None: instruction, a blank line, question (or the reverse for "
+            "instruction_position='after')."
+        },
+    )
+    loss_normalization: str = field(
+        default="rollout",
+        metadata={
+            "help": "'rollout': mean over each rollout's tokens, then mean over the rollouts of the whole batch (the "
+            "paper's Algorithm 1); 'token': TRL's global token mean, which weighs long rollouts more.",
+            "choices": list(LOSS_NORMALIZATIONS),
+        },
+    )
     teacher_refresh_steps: int = field(
         default=50,
         metadata={
@@ -124,6 +172,27 @@ class OPSDCConfig(DistillationConfig):
         if self.instruction_position not in INSTRUCTION_POSITIONS:
             raise ValueError(
                 f"instruction_position must be one of {INSTRUCTION_POSITIONS}, got {self.instruction_position!r}."
+            )
+        if self.lead_instruction_pattern is not None:
+            import re
+
+            try:
+                re.compile(self.lead_instruction_pattern)
+            except (re.error, TypeError) as error:
+                raise ValueError(
+                    f"lead_instruction_pattern {self.lead_instruction_pattern!r} is not a valid regular expression: "
+                    f"{error}."
+                ) from None
+        if self.teacher_prompt_template is not None:
+            check_teacher_prompt_template(self.teacher_prompt_template)
+            if self.instruction_position == "system":
+                raise ValueError(
+                    "teacher_prompt_template lays out the instruction and the question in the user turn; it cannot be "
+                    "combined with instruction_position='system'."
+                )
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(
+                f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got {self.loss_normalization!r}."
             )
         if (
             isinstance(self.teacher_refresh_steps, bool)
@@ -141,6 +210,7 @@ class OPSDCConfig(DistillationConfig):
                 "trl.DistillationTrainer to distil from a separate teacher."
             )
         super().__post_init__()
+        check_sampling(self.temperature, self.generation_kwargs)
         if self.beta == 0.0:
             warnings.warn(
                 "OPSDCConfig(beta=0.0) trains with forward KL, which collapses in self-distillation for conciseness; "
@@ -401,9 +471,25 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
             )
         self.concise_instruction = resolve_instruction(args.concise_instruction)
         self.reward_funcs = _as_reward_funcs(reward_funcs)
+        check_prompts(train_dataset, eval_dataset)
         for dataset in _map_style_datasets(train_dataset, eval_dataset):
-            # Fails now, not at the first generation, on prompts that cannot carry the instruction.
-            add_instruction(dataset[0]["prompt"], self.concise_instruction, args.instruction_position)
+            # Fails now, not at the first generation, on prompts that cannot carry the instruction; and says how the
+            # teacher's prompt is built from them.
+            example, replaced = build_teacher_prompt(
+                dataset[0]["prompt"],
+                self.concise_instruction,
+                args.instruction_position,
+                args.lead_instruction_pattern,
+                args.teacher_prompt_template,
+            )
+            if replaced:
+                logger.info(f"OPSDC teacher prompt: the dataset's lead instruction is replaced, e.g. {example!r}")
+            else:
+                logger.warning(
+                    "OPSDC teacher prompt: no lead instruction recognised in the first prompt, so the conciseness "
+                    "instruction is added to the whole prompt. If your prompts open with an instruction of their own, "
+                    "pass its regular expression as lead_instruction_pattern so the teacher does not get both."
+                )
 
         super().__init__(
             model=model,
@@ -610,10 +696,29 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
         device = output["prompt_ids"].device
-        teacher_prompts = [
-            add_instruction(example["prompt"], self.concise_instruction, self.args.instruction_position)
+        built = [
+            build_teacher_prompt(
+                example["prompt"],
+                self.concise_instruction,
+                self.args.instruction_position,
+                self.args.lead_instruction_pattern,
+                self.args.teacher_prompt_template,
+            )
             for example in inputs
         ]
+        teacher_prompts = [prompt for prompt, _ in built]
+        mode = "train" if self.model.training else "eval"
+        replaced = torch.tensor([float(was_replaced) for _, was_replaced in built], device=device)
+        self._metrics[mode]["opsdc/lead_replaced"].append(self.accelerator.gather(replaced).mean().item())
+        if self.args.loss_normalization == "rollout" and mode == "train":
+            # The number of non-empty rollouts over the whole generation batch (every accumulation step, every
+            # process) normalises the per-rollout means, as TRL's `num_items_in_batch` counts tokens.
+            loss_mask = output["completion_mask"]
+            if "tool_mask" in output:
+                loss_mask = loss_mask * output["tool_mask"]
+            non_empty = (loss_mask.sum(dim=1) > 0).float()
+            output["opsdc_rollout_weights"] = non_empty
+            output["opsdc_rollout_count"] = self.accelerator.gather(non_empty).sum().repeat(non_empty.shape[0])
         teacher_prompt_ids, _, _ = self._tokenize_prompts(teacher_prompts)
         teacher_prompt_ids = [torch.tensor(ids) for ids in teacher_prompt_ids]
         output.update(
@@ -671,8 +776,18 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
             torch.cat([inputs["teacher_prompt_ids"], inputs["completion_ids"]], dim=1),
             torch.cat([inputs["teacher_prompt_mask"], inputs["completion_mask"]], dim=1),
         )
+        per_rollout = contextlib.nullcontext()
+        if "opsdc_rollout_weights" in inputs:
+            # Per-process share of the global rollout count: DDP averages gradients over processes, as TRL divides
+            # `num_items_in_batch` by the process count.
+            per_rollout = _divergence_loss_replaced_by(
+                _per_rollout_mean_loss(
+                    inputs["opsdc_rollout_weights"], inputs["opsdc_rollout_count"][0] / self.accelerator.num_processes
+                )
+            )
         try:
-            loss, entropy_sum, n_valid = super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+            with per_rollout:
+                loss, entropy_sum, n_valid = super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
         finally:
             self._teacher_sequence = None
         if not torch.isfinite(loss):
@@ -699,6 +814,25 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
         return super()._get_last_hidden_state(
             unwrapped_model, teacher_input_ids, teacher_attention_mask, logits_to_keep
         )
+
+
+def _per_rollout_mean_loss(rollout_weights: torch.Tensor, rollout_count: torch.Tensor):
+    """
+    A stand-in for TRL's `_chunked_divergence_loss` (same arguments and return value) whose loss is
+    `Σ_i w_i · mean_t d_{i,t} / rollout_count`: each rollout's token mean, summed over the micro-batch and divided by
+    the rollout count of the whole batch, so that the accumulated gradient is that of the mean over rollouts.
+    """
+
+    def loss_fn(*args, **kwargs):
+        kwargs.pop("num_items_in_batch", None)
+        if len(args) > 6:  # positional `num_items_in_batch`, TRL's 7th argument
+            args = args[:6] + (None,) + args[7:]
+        result = selective_divergence_loss(
+            *args, method="all", rollout_weights=rollout_weights, weight_sum=rollout_count, **kwargs
+        )
+        return result.loss, result.entropy_sum, result.num_valid
+
+    return loss_fn
 
 
 def _as_reward_funcs(reward_funcs) -> list[Callable]:

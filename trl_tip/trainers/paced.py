@@ -9,11 +9,9 @@ the update. See SPEC §2.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,31 +19,36 @@ from typing import Any
 import torch
 from accelerate.logging import get_logger
 from datasets import Dataset, IterableDataset
-from tqdm.auto import tqdm
-from transformers import TrainerCallback
 from trl.data_utils import is_conversational
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import get_config_model_id, pad
 
+from ..pass_rates import (  # noqa: F401 (ema_update, pass_rates_from_rewards: importable from here as before)
+    INDEX_COLUMN,
+    PASS_RATE_FILE,
+    PassRateTable,
+    _PassRateCallback,
+    ema_update,
+    estimate_pass_rates,
+    load_pass_rate_table,
+    pass_rates_from_rewards,
+    save_pass_rate_table,
+)
 from ..rewards import math_reward
 from ..selection import SELECTION_METHODS
-from ..weighting import paced_weight
+from ._inputs import check_completion_format
 from ._teacher_prompts import pad_teacher_prompts
 from .tip_distill import TipDistillConfig, TipDistillTrainer, check_prompt_column
 
 
 logger = get_logger(__name__)
 
-PASS_RATE_FILE = "paced_pass_rates.json"
-INDEX_COLUMN = "paced_index"
 PASS_RATE_MODES = ("once", "refresh", "online")
 ROLLOUT_SOURCES = ("student", "teacher")
 KL_SCHEDULES = ("reverse", "forward", "forward_then_reverse")
 TEACHER_COMPLETION_SOURCES = ("auto", "dataset", "generate")
 # Names under which `reward_funcs` may name the built-in verifiable math reward.
 BUILTIN_REWARDS = {"math": math_reward, "math_reward": math_reward}
-# Pass-rate histogram bins logged as `paced/pass_rate_share_<name>`: exact 0 and 1, and four bins between.
-_HISTOGRAM_BINS = ("0", "0_25", "25_50", "50_75", "75_100", "1")
 
 
 @dataclass
@@ -98,12 +101,18 @@ class PacedConfig(TipDistillConfig):
             Fraction of the training steps after which `"forward_then_reverse"` switches: the switch step is
             `⌊fraction × max_steps⌋`.
         self_distillation (`bool`, *optional*, defaults to `False`):
-            Use a frozen copy of the initial student as the teacher, reading the problem with its ground-truth answer
-            (`privileged_prompt_template`); no teacher model is given.
-        privileged_prompt_template (`str`, *optional*):
-            Defaults to `"{problem}\n\nThe correct final answer is {answer}."`. The self-distillation teacher's
-            version of the last user turn, with `{problem}` (the original text) and `{answer}` (the dataset's
-            `answer`).
+            Use a frozen copy of the initial student as the teacher, reading the problem with privileged context: the
+            reference solution where the dataset has one, else the ground-truth answer (`privileged_context_column`,
+            `privileged_prompt_template`); no teacher model is given.
+        privileged_context_column (`str` or `None`, *optional*, defaults to `None`):
+            Column the self-distillation teacher reads as privileged context. `None`: `solution` (a reference
+            solution) when the dataset has that column, else `answer`.
+        privileged_prompt_template (`str` or `None`, *optional*, defaults to `None`):
+            The self-distillation teacher's version of the last user turn, with `{problem}` (the original text) and
+            `{context}` (the privileged context; `{answer}` is accepted for it too). `None`: the OPSD authors' layout
+            for a reference solution (`"## Problem\n{problem}\n\n## Reference Solution\n{context}\n\nAfter
+            understanding the reference solution, solve the problem step by step using your own approach."`), or
+            `"{problem}\n\nThe correct final answer is {context}."` when the context is the `answer` column.
 
     > [!NOTE]
     > `token_selection` defaults to `"all"` here (plain PACED); any TIP rule can be combined with the weighting. `beta`
@@ -187,10 +196,19 @@ class PacedConfig(TipDistillConfig):
             "help": "Teacher = frozen copy of the initial student that reads the ground-truth answer in its prompt."
         },
     )
-    privileged_prompt_template: str = field(
-        default="{problem}\n\nThe correct final answer is {answer}.",
+    privileged_context_column: str | None = field(
+        default=None,
         metadata={
-            "help": "The self-distillation teacher's last user turn, with placeholders {problem} and {answer}."
+            "help": "Column the self-distillation teacher reads as privileged context. None: 'solution' (a "
+            "reference solution) when the dataset has it, else 'answer'."
+        },
+    )
+    privileged_prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "The self-distillation teacher's last user turn, with placeholders {problem} and {context} (or "
+            "{answer}). None: a reference-solution layout for a solution column, 'The correct final answer is ...' "
+            "for the answer column."
         },
     )
 
@@ -259,67 +277,31 @@ class PacedConfig(TipDistillConfig):
                 "self_distillation=True uses a frozen copy of the student as the teacher; unset "
                 f"teacher_model_name_or_path (got {self.teacher_model_name_or_path!r})."
             )
-        try:
-            rendered = self.privileged_prompt_template.format(problem="\0problem\0", answer="\0answer\0")
-        except (KeyError, IndexError, ValueError) as error:
+        if self.privileged_prompt_template is not None:
+            try:
+                rendered = self.privileged_prompt_template.format(
+                    problem="\0problem\0", context="\0context\0", answer="\0context\0"
+                )
+            except (KeyError, IndexError, ValueError) as error:
+                raise ValueError(
+                    "privileged_prompt_template may only use the placeholders {problem} and {context} (or {answer}; "
+                    f"double other braces): {error!r} in {self.privileged_prompt_template!r}."
+                ) from None
+            if "\0problem\0" not in rendered or "\0context\0" not in rendered:
+                raise ValueError(
+                    "privileged_prompt_template must contain both {problem} and {context} (or {answer}), got "
+                    f"{self.privileged_prompt_template!r}."
+                )
+        if self.privileged_context_column is not None and not self.self_distillation:
             raise ValueError(
-                f"privileged_prompt_template may only use the placeholders {{problem}} and {{answer}} (double other "
-                f"braces): {error!r} in {self.privileged_prompt_template!r}."
-            ) from None
-        if "\0problem\0" not in rendered or "\0answer\0" not in rendered:
-            raise ValueError(
-                "privileged_prompt_template must contain both {problem} and {answer}, got "
-                f"{self.privileged_prompt_template!r}."
+                "privileged_context_column names what the self-distillation teacher reads; it needs "
+                "self_distillation=True."
             )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pure functions
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def pass_rates_from_rewards(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    Pass rate of each problem from the rewards of its rollouts.
-
-    Args:
-        rewards (`torch.Tensor`): `(N, K)` reward in `[0, 1]` of each of the K rollouts of N problems; `NaN` for a
-            rollout that could not be graded.
-
-    Returns:
-        `tuple[torch.Tensor, torch.Tensor]`: `(N,)` float32 pass rates (the mean over graded rollouts; `NaN` when none
-        was graded) and `(N,)` the number of graded rollouts.
-    """
-    graded = ~torch.isnan(rewards)
-    counts = graded.sum(dim=-1)
-    totals = torch.where(graded, rewards, torch.zeros_like(rewards)).sum(dim=-1)
-    rates = torch.where(counts > 0, totals / counts.clamp(min=1), torch.full_like(totals, math.nan))
-    return rates.float(), counts
-
-
-def ema_update(
-    pass_rates: torch.Tensor, indices: torch.Tensor, rewards: torch.Tensor, rate: float
-) -> torch.Tensor:
-    """
-    Online pass-rate update: `p_i ← (1 − rate) p_i + rate · r̄_i` for each problem `i` in `indices`, `r̄_i` being the
-    mean reward of its rollouts here (a problem drawn several times is updated once). Ungraded rollouts (`NaN`) are
-    ignored; an unknown pass rate (`NaN`) is replaced by `r̄_i`.
-
-    Returns:
-        `torch.Tensor`: the updated copy of `pass_rates`.
-    """
-    updated = pass_rates.clone()
-    graded = ~torch.isnan(rewards)
-    indices, rewards = indices[graded].long(), rewards[graded].float()
-    if indices.numel() == 0:
-        return updated
-    unique, inverse = torch.unique(indices, return_inverse=True)
-    sums = torch.zeros(unique.numel(), dtype=torch.float32).index_add_(0, inverse, rewards)
-    counts = torch.zeros(unique.numel(), dtype=torch.float32).index_add_(0, inverse, torch.ones_like(rewards))
-    observed = sums / counts
-    previous = updated[unique]
-    updated[unique] = torch.where(torch.isnan(previous), observed, (1 - rate) * previous + rate * observed)
-    return updated
 
 
 def schedule_switch_step(max_steps: int, fraction: float) -> int:
@@ -350,24 +332,55 @@ def completion_ids_until_eos(completion_ids: torch.Tensor, eos_token_ids: Sequen
     return [row[:length].tolist() for row, length in zip(completion_ids.cpu(), lengths.cpu().tolist(), strict=True)]
 
 
-def add_privileged_context(prompt: str | list[dict], answer: Any, template: str) -> str | list[dict]:
+# The privileged prompt of the OPSD authors' teacher, for a reference solution (HJSang/OPSD_OnPolicyDistillation,
+# config `opsd_qwen3_teacher`; its dataset-specific answer-format sentence left out), and for a bare final answer.
+SOLUTION_PROMPT_TEMPLATE = (
+    "## Problem\n{problem}\n\n## Reference Solution\n{context}\n\nAfter understanding the reference solution, solve "
+    "the problem step by step using your own approach."
+)
+ANSWER_PROMPT_TEMPLATE = "{problem}\n\nThe correct final answer is {context}."
+
+
+def privileged_context_setup(columns: Sequence[str], column: str | None, template: str | None) -> tuple[str, str]:
+    """
+    The column and the template of the self-distillation teacher's privileged context: the named column (which must
+    exist), else `solution` when the dataset has it, else `answer`; the template given, else the reference-solution
+    layout or, for the `answer` column, the final-answer one.
+    """
+    if column is None:
+        column = "solution" if "solution" in columns else "answer"
+    if column not in columns:
+        raise ValueError(
+            f"The self-distillation teacher reads the `{column}` column as privileged context, but the dataset has "
+            f"columns {list(columns)}. Add a `solution` (reference solution) or `answer` column, or name yours with "
+            "privileged_context_column."
+        )
+    if template is None:
+        template = ANSWER_PROMPT_TEMPLATE if column == "answer" else SOLUTION_PROMPT_TEMPLATE
+    return column, template
+
+
+def add_privileged_context(prompt: str | list[dict], context: Any, template: str) -> str | list[dict]:
     """
     The self-distillation teacher's prompt: the last user turn (or a plain-text prompt) rewritten with `template`,
-    e.g. `"{problem}\\n\\nThe correct final answer is {answer}."`. The input is not modified.
+    whose `{problem}` is the original text and `{context}` (or `{answer}`) the privileged context, e.g.
+    `"{problem}\\n\\nThe correct final answer is {context}."`. The input is not modified.
     """
     if isinstance(prompt, str):
-        return template.format(problem=prompt, answer=answer)
+        return template.format(problem=prompt, context=context, answer=context)
     messages = copy.deepcopy(list(prompt))
     for message in reversed(messages):
         if message.get("role") == "user":
             if not isinstance(message.get("content"), str):
                 raise ValueError(
-                    "Self-distillation adds the answer to the last user turn, which must be plain text; got "
-                    f"content of type {type(message.get('content')).__name__}."
+                    "Self-distillation adds the privileged context to the last user turn, which must be plain text; "
+                    f"got content of type {type(message.get('content')).__name__}."
                 )
-            message["content"] = template.format(problem=message["content"], answer=answer)
+            message["content"] = template.format(problem=message["content"], context=context, answer=context)
             return messages
-    raise ValueError("Self-distillation adds the answer to the last user turn, but the prompt has no user message.")
+    raise ValueError(
+        "Self-distillation adds the privileged context to the last user turn, but the prompt has no user message."
+    )
 
 
 def resolve_reward_funcs(reward_funcs) -> list[Callable]:
@@ -399,172 +412,9 @@ def _reward_name(func: Callable) -> str:
     return getattr(func, "__name__", type(func).__name__)
 
 
-def _prompts_digest(dataset: Dataset) -> str:
-    # Identifies the training problems a pass-rate table belongs to, independently of how the dataset was built.
-    digest = hashlib.sha256()
-    for prompt in dataset["prompt"]:
-        digest.update(json.dumps(prompt, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Pass-rate table
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class PassRateTable:
-    """
-    The student's pass rate on each training problem, indexed by the problem's row in the training set.
-
-    Attributes:
-        pass_rates (`torch.Tensor`): `(N,)` float32; `NaN` where unknown (not estimated yet, or no rollout graded).
-        num_graded (`torch.Tensor`): `(N,)` graded rollouts behind the last estimate of each problem.
-        estimates (`int`): full estimations done so far (1 after the initial one; more with refreshes).
-        estimated_at_step (`int` or `None`): optimiser step of the last full estimation.
-        online_updates (`int`): online moving-average updates applied since.
-    """
-
-    def __init__(self, num_problems: int):
-        self.pass_rates = torch.full((num_problems,), math.nan, dtype=torch.float32)
-        self.num_graded = torch.zeros(num_problems, dtype=torch.long)
-        self.estimates = 0
-        self.estimated_at_step: int | None = None
-        self.online_updates = 0
-
-    def __len__(self) -> int:
-        return self.pass_rates.numel()
-
-    @property
-    def is_estimated(self) -> bool:
-        return self.estimates > 0
-
-    def weights(self, alpha: float, beta: float, indices: torch.Tensor | None = None) -> torch.Tensor:
-        """PACED weights of the problems at `indices` (all when `None`); `0` where the pass rate is unknown."""
-        rates = self.pass_rates if indices is None else self.pass_rates[indices.long().cpu()]
-        known = ~torch.isnan(rates)
-        return torch.where(known, paced_weight(rates.nan_to_num(0.0), alpha, beta), torch.zeros_like(rates))
-
-    def histogram(self) -> dict[str, float]:
-        """Shares of problems with p = 0, p in (0, .25], (.25, .5], (.5, .75], (.75, 1), p = 1, and unknown p."""
-        rates = self.pass_rates
-        total = max(len(self), 1)
-        known = ~torch.isnan(rates)
-        masks = (
-            rates == 0,
-            (rates > 0) & (rates <= 0.25),
-            (rates > 0.25) & (rates <= 0.5),
-            (rates > 0.5) & (rates <= 0.75),
-            (rates > 0.75) & (rates < 1),
-            rates == 1,
-        )
-        shares = {name: (mask & known).sum().item() / total for name, mask in zip(_HISTOGRAM_BINS, masks, strict=True)}
-        shares["unknown"] = (~known).sum().item() / total
-        return shares
-
-    def summary(self, alpha: float = 1.0, beta: float = 1.0) -> str:
-        """A few lines for humans: the pass-rate histogram and the weight distribution."""
-        shares = self.histogram()
-        labels = ("p=0", "0<p<=.25", ".25<p<=.5", ".5<p<=.75", ".75<p<1", "p=1")
-        weights = self.weights(alpha, beta)
-        known = ~torch.isnan(self.pass_rates)
-        lines = [
-            f"pass rates of {len(self)} problems (mean {self.pass_rates[known].mean().item():.3f}):"
-            if known.any()
-            else f"pass rates of {len(self)} problems: none known",
-            "  "
-            + "  ".join(f"{label}: {shares[name]:.1%}" for label, name in zip(labels, _HISTOGRAM_BINS, strict=True)),
-        ]
-        if shares["unknown"]:
-            lines[-1] += f"  unknown: {shares['unknown']:.1%}"
-        positive = weights[weights > 0]
-        lines.append(
-            f"weights p^{alpha:g}(1-p)^{beta:g}: mean {weights.mean().item():.4f}, "
-            f"zero for {(weights == 0).float().mean().item():.1%}"
-            + (
-                f"; non-zero ones from {positive.min().item():.4f} to {positive.max().item():.4f}"
-                f" (median {positive.median().item():.4f})"
-                if positive.numel()
-                else ""
-            )
-        )
-        return "\n".join(lines)
-
-    def set_estimate(self, indices: torch.Tensor, pass_rates: torch.Tensor, num_graded: torch.Tensor) -> None:
-        self.pass_rates[indices.long()] = pass_rates.float()
-        self.num_graded[indices.long()] = num_graded.long()
-
-    def update_online(self, indices: torch.Tensor, rewards: torch.Tensor, rate: float) -> None:
-        self.pass_rates = ema_update(self.pass_rates, indices.cpu(), rewards.cpu(), rate)
-        self.online_updates += 1
-
-    def state_dict(self) -> dict:
-        return {
-            "num_problems": len(self),
-            "pass_rates": [None if math.isnan(p) else p for p in self.pass_rates.tolist()],
-            "num_graded": self.num_graded.tolist(),
-            "estimates": self.estimates,
-            "estimated_at_step": self.estimated_at_step,
-            "online_updates": self.online_updates,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["num_problems"] != len(self):
-            raise ValueError(
-                f"The saved pass-rate table covers {state['num_problems']} problems but the training set has "
-                f"{len(self)}; resume with the training set the table was estimated on."
-            )
-        rates = [math.nan if p is None else p for p in state["pass_rates"]]
-        self.pass_rates = torch.tensor(rates, dtype=torch.float32)
-        self.num_graded = torch.tensor(state["num_graded"], dtype=torch.long)
-        self.estimates = state["estimates"]
-        self.estimated_at_step = state["estimated_at_step"]
-        self.online_updates = state["online_updates"]
-
-    def to_dataset(self, dataset: Dataset | None = None, alpha: float = 1.0, beta: float = 1.0) -> Dataset:
-        """
-        The table as a [`~datasets.Dataset`]: `index`, `pass_rate` (`None` if unknown), `num_graded_rollouts`,
-        `weight`, and, when the training `dataset` is given, its columns (`prompt`, `answer`, ...) alongside.
-        """
-        columns = {}
-        if dataset is not None:
-            if len(dataset) != len(self):
-                raise ValueError(f"The table covers {len(self)} problems but the dataset has {len(dataset)} rows.")
-            columns = {name: dataset[name] for name in dataset.column_names if name != INDEX_COLUMN}
-        columns.update(
-            {
-                "index": list(range(len(self))),
-                "pass_rate": [None if math.isnan(p) else p for p in self.pass_rates.tolist()],
-                "num_graded_rollouts": self.num_graded.tolist(),
-                "weight": self.weights(alpha, beta).tolist(),
-            }
-        )
-        return Dataset.from_dict(columns)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Trainer
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-class _PassRateCallback(TrainerCallback):
-    """Estimates pass rates when training starts (unless restored from a checkpoint) and refreshes them on schedule."""
-
-    def __init__(self, trainer: PacedTrainer):
-        self._trainer = weakref.ref(trainer)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        trainer = self._trainer()
-        if not trainer.pass_rate_table.is_estimated:
-            trainer.estimate_pass_rates()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        trainer = self._trainer()
-        if (
-            args.pass_rate_mode == "refresh"
-            and state.global_step % args.pass_rate_refresh_steps == 0
-            and state.global_step < state.max_steps
-        ):
-            trainer.estimate_pass_rates()
 
 
 class PacedTrainer(TipDistillTrainer):
@@ -603,7 +453,8 @@ class PacedTrainer(TipDistillTrainer):
             As in [`~trl.DistillationTrainer`]. Tool calling is not supported.
 
     Logged: `paced/weight_mean`, `paced/weight_max`, `paced/zero_weight_share` (share of the batch's problems with
-    weight 0), `paced/zero_weight_batches` (running count of optimiser steps whose whole batch weighed 0),
+    weight 0), `paced/zero_weight_batches` (running count of generation batches whose whole batch weighed 0),
+    `paced/skipped_steps` (optimiser steps skipped, learning-rate schedule included, because they weighed 0),
     `paced/pass_rate_mean`, `paced/beta`, `paced/teacher_rollouts`, the training set's pass-rate histogram
     `paced/pass_rate_share_{0,0_25,25_50,50_75,75_100,1}`, `paced/table_weight_mean`, `paced/pass_rate_estimates`,
     and, in online mode, `paced/rollout_reward_mean`.
@@ -672,10 +523,10 @@ class PacedTrainer(TipDistillTrainer):
             named = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval_dataset", eval_dataset)]
             for name, dataset in named:
                 columns = getattr(dataset, "column_names", None)
-                if columns is not None and "answer" not in columns:
+                if columns is not None and self._privileged_column not in columns:
                     raise ValueError(
-                        f"`{name}` has no `answer` column, which the self-distillation teacher reads in its prompt "
-                        "during evaluation too."
+                        f"`{name}` has no `{self._privileged_column}` column, which the self-distillation teacher "
+                        "reads in its prompt during evaluation too."
                     )
         teacher_model = self._resolve_teacher(model, teacher_model, args)
 
@@ -695,6 +546,10 @@ class PacedTrainer(TipDistillTrainer):
             self.teacher_model.requires_grad_(False)
         self.pass_rate_table = PassRateTable(len(self.train_dataset))
         self._zero_weight_batches = 0
+        # Σ of the PACED weights of the micro-batches since the last optimiser step (local), and the count of steps
+        # skipped because that sum was zero on every process (see `_skip_zero_weight_steps`).
+        self._step_weight: torch.Tensor | None = None
+        self._skipped_steps = 0
         self._rollout_source = self.args.rollout_source
         self._teacher_writes_completions = False
         self._generation_rows: list[dict] | None = None
@@ -718,9 +573,13 @@ class PacedTrainer(TipDistillTrainer):
             raise ValueError("`train_dataset` is empty.")
         if "image" in columns or "images" in columns:
             raise ValueError("PacedTrainer supports text-only datasets; remove the `image`/`images` column.")
+        self._privileged_column, self._privileged_template = None, None
+        if args.self_distillation:
+            self._privileged_column, self._privileged_template = privileged_context_setup(
+                columns, args.privileged_context_column, args.privileged_prompt_template
+            )
         needs_answer = [reason for reason, needed in (
             ("the built-in math reward grades against it", math_reward in self.reward_funcs),
-            ("self-distillation shows it to the teacher", args.self_distillation),
         ) if needed]
         if needs_answer and "answer" not in columns:
             raise ValueError(
@@ -739,6 +598,9 @@ class PacedTrainer(TipDistillTrainer):
             if args.teacher_completions == "auto"
             else args.teacher_completions
         )
+        if teacher_track and self._teacher_completion_source == "dataset":
+            # Checked now rather than at the first teacher-track step, after the whole pass-rate estimation.
+            check_completion_format(train_dataset, "train_dataset")
         if INDEX_COLUMN in columns:
             raise ValueError(
                 f"`train_dataset` already has a `{INDEX_COLUMN}` column, which PacedTrainer adds to index the "
@@ -776,13 +638,12 @@ class PacedTrainer(TipDistillTrainer):
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         # With `remove_unused_columns=True`, keep what grading, self-distillation and teacher completions read.
-        for name in ("answer", "completion", INDEX_COLUMN):
-            if name not in self._signature_columns:
+        for name in ("answer", "completion", INDEX_COLUMN, self._privileged_column):
+            if name is not None and name not in self._signature_columns:
                 self._signature_columns.append(name)
 
     # ---- Pass rates ----
 
-    @torch.no_grad()
     def estimate_pass_rates(self) -> PassRateTable:
         """
         Estimate every training problem's pass rate with the current student: `pass_rate_rollouts` sampled rollouts
@@ -790,56 +651,25 @@ class PacedTrainer(TipDistillTrainer):
         batches of `pass_rate_batch_size` problems; every process ends with the whole table. Called when training
         starts (unless a checkpoint's table was restored) and, with `pass_rate_mode="refresh"`, on schedule.
         """
-        dataset = self.train_dataset
-        num_problems = len(dataset)
-        rollouts = self.args.pass_rate_rollouts
-        per_process = self.args.pass_rate_batch_size or (
-            self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        table = estimate_pass_rates(
+            self.pass_rate_table,
+            self.train_dataset,
+            tokenize_prompts=lambda prompts: self._tokenize_prompts(prompts)[0],
+            sample_completions=self._sample_student_completions,
+            grade=self._grade,
+            accelerator=self.accelerator,
+            rollouts=self.args.pass_rate_rollouts,
+            per_process=self.args.pass_rate_batch_size
+            or self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps,
+            step=self.state.global_step,
+            alpha=self.args.paced_alpha,
+            beta=self.args.paced_beta,
+            disable_progress=self.args.disable_tqdm,
         )
-        num_processes, rank = self.accelerator.num_processes, self.accelerator.process_index
-        per_call = per_process * num_processes
-        device = self.accelerator.device
-        progress = tqdm(
-            total=num_problems,
-            desc=f"Estimating pass rates ({rollouts} rollouts per problem)",
-            disable=not self.accelerator.is_local_main_process or self.args.disable_tqdm,
-        )
-        for start in range(0, num_problems, per_call):
-            # Every process takes a slice of the same size (padded with problem 0, discarded below), so that the
-            # collective generation backends (vLLM server, DeepSpeed ZeRO-3) see the same calls on every process.
-            indices = [start + rank * per_process + offset for offset in range(per_process)]
-            valid = [index < num_problems for index in indices]
-            indices = [index if ok else 0 for index, ok in zip(indices, valid, strict=True)]
-            batch = dataset[indices]
-            rows = [{key: batch[key][i] for key in batch} for i in range(len(indices))]
-            prompt_ids, _, _ = self._tokenize_prompts([row["prompt"] for row in rows])
-            completion_ids = self._sample_student_completions(prompt_ids, rollouts)
-            repeated_rows = [row for row in rows for _ in range(rollouts)]
-            rewards = self._grade(repeated_rows, completion_ids).view(len(rows), rollouts)
-            pass_rates, num_graded = pass_rates_from_rewards(rewards)
-            local = torch.tensor([index if ok else -1 for index, ok in zip(indices, valid, strict=True)])
-            all_indices = self.accelerator.gather(local.to(device)).cpu()
-            all_rates = self.accelerator.gather(pass_rates.to(device)).cpu()
-            all_graded = self.accelerator.gather(num_graded.to(device)).cpu()
-            keep = all_indices >= 0
-            self.pass_rate_table.set_estimate(all_indices[keep], all_rates[keep], all_graded[keep])
-            progress.update(int(keep.sum().item()))
-        progress.close()
-        table = self.pass_rate_table
-        table.estimates += 1
-        table.estimated_at_step = self.state.global_step
-        table.online_updates = 0
-        unknown = table.histogram()["unknown"]
-        if unknown:
-            logger.warning(
-                f"{unknown:.1%} of the training problems have no graded rollout (every reward function returned "
-                "None), so their pass rate is unknown and their weight is 0. Check the `answer` column."
-            )
-        logger.info(
-            f"Pass rates estimated at step {self.state.global_step}:\n"
-            + table.summary(self.args.paced_alpha, self.args.paced_beta),
-            main_process_only=True,
-        )
+        # Logged with the next training metrics: problems no reward function could grade (e.g. an `answer` that is
+        # not a mathematical object, such as "n/a"), which train with weight 0.
+        num_unknown = int(torch.isnan(table.pass_rates).sum().item())
+        self._metrics["train"]["paced/ungradable_problems"].append(float(num_unknown))
         return table
 
     def _sample_student_completions(self, prompt_ids: list[list[int]], num_generations: int) -> list[list[int]]:
@@ -899,25 +729,11 @@ class PacedTrainer(TipDistillTrainer):
 
     def save_pass_rates(self, path: str) -> None:
         """Write the pass-rate table (what a resumed run restores) to `path` as JSON."""
-        state = {
-            "format": "trl_tip.paced.pass_rates/1",
-            "prompts_sha256": _prompts_digest(self.train_dataset),
-            "pass_rate_rollouts": self.args.pass_rate_rollouts,
-            **self.pass_rate_table.state_dict(),
-        }
-        with open(path, "w") as file:
-            json.dump(state, file)
+        save_pass_rate_table(self.pass_rate_table, path, self.train_dataset, self.args.pass_rate_rollouts)
 
     def load_pass_rates(self, path: str) -> None:
         """Restore a table written by [`~PacedTrainer.save_pass_rates`]; training then skips the initial estimation."""
-        with open(path) as file:
-            state = json.load(file)
-        if state.get("prompts_sha256") != _prompts_digest(self.train_dataset):
-            raise ValueError(
-                f"The pass-rate table in {path} was estimated on other training prompts than `train_dataset`; resume "
-                "with the same training set (same rows, same order)."
-            )
-        self.pass_rate_table.load_state_dict(state)
+        load_pass_rate_table(self.pass_rate_table, path, self.train_dataset)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # Every resume path (DeepSpeed included) comes through here, before `on_train_begin` decides to estimate.
@@ -1024,7 +840,8 @@ class PacedTrainer(TipDistillTrainer):
 
     def _privileged_prompt_ids(self, rows: list[dict[str, Any]]) -> list[torch.Tensor]:
         prompts = [
-            add_privileged_context(row["prompt"], row["answer"], self.args.privileged_prompt_template) for row in rows
+            add_privileged_context(row["prompt"], row[self._privileged_column], self._privileged_template)
+            for row in rows
         ]
         prompt_ids, _, _ = self._tokenize_prompts(prompts)
         return [torch.tensor(ids) for ids in prompt_ids]
@@ -1081,8 +898,44 @@ class PacedTrainer(TipDistillTrainer):
 
     # ---- Loss ----
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._skip_zero_weight_steps()
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _skip_zero_weight_steps(self) -> None:
+        """
+        Make the optimiser skip, together with its learning-rate schedule, every step whose micro-batches all carry
+        zero PACED weight on every process. Their gradient is zero, but AdamW would still move the parameters (its
+        momentum, and decoupled weight decay); the skipped step is reported to the trainer as accelerate reports an
+        overflowed mixed-precision step, so the scheduler does not advance either. Installed once, on the prepared
+        optimiser. DeepSpeed steps inside its engine instead, where this guard does not reach.
+        """
+        optimizer = self.optimizer
+        if optimizer is None or getattr(optimizer, "_paced_zero_weight_guard", False) or self.is_deepspeed_enabled:
+            return
+        original_step = optimizer.step
+
+        def step(*args, **kwargs):
+            weight, self._step_weight = self._step_weight, None
+            if weight is not None:
+                # Every process calls the optimiser step together, so this collective is matched on all of them.
+                total = self.accelerator.reduce(weight.to(self.accelerator.device), reduction="sum")
+                if total.item() == 0:
+                    self._skipped_steps += 1
+                    self._metrics["train"]["paced/skipped_steps"] = [float(self._skipped_steps)]
+                    optimizer._is_overflow = True
+                    return None
+            if getattr(optimizer, "scaler", None) is None:
+                optimizer._is_overflow = False
+            return original_step(*args, **kwargs)
+
+        optimizer.step = step
+        optimizer._paced_zero_weight_guard = True
+
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         if self.model.training and "paced_weights" in inputs:
+            local = inputs["paced_weights"].detach().float().sum()
+            self._step_weight = local if self._step_weight is None else self._step_weight + local
             # The per-process share of the global weight sum: DDP averages gradients over processes, as TRL's
             # `num_items_in_batch` is divided by the process count.
             self._loss_weights = (
