@@ -103,6 +103,18 @@ def test_recipe_reaches_every_stage(tmp_path):
     assert configs["opd"].token_selection == "all"
 
 
+def test_evaluation_under_a_sharded_engine_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    # As `accelerate launch --config_file examples/accelerate_configs/fsdp2.yaml` sets it; the model paths do not
+    # exist, so reaching any loader would fail with another error.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    argv = ["--model_name_or_path", str(tmp_path / "no-student"), "--teacher_model_name_or_path",
+            str(tmp_path / "no-teacher"), "--dataset_name", "no/dataset", "--output_dir", str(tmp_path), "--bf16",
+            "false"]
+    with pytest.raises(ValueError, match="FSDP.*--evaluate false"):
+        _bridge().main(argv)
+
+
 def test_stage_selection_is_in_pipeline_order():
     parse = _bridge().parse_stages
     assert parse("opd,teacher_rl") == ["teacher_rl", "opd"]

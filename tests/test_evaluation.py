@@ -516,3 +516,15 @@ def test_callback_schedule_follows_the_eval_strategy():
         PassAtKCallback(trainer(), dataset, eval_steps=0)
     with pytest.raises(ValueError, match="needs a `answer` column"):
         PassAtKCallback(trainer(), dataset.remove_columns("answer"))
+
+
+@pytest.mark.parametrize("num_items,world_size", [(3, 2), (7, 3), (4, 4), (2, 4), (1, 1)])
+def test_padded_shard_covers_every_item_once_with_equal_shares(num_items, world_size):
+    from trl_tip.evaluation import padded_shard
+
+    shards = [padded_shard(num_items, rank, world_size) for rank in range(world_size)]
+    per_process = -(-num_items // world_size)
+    assert all(len(shard) == per_process for shard in shards)
+    real = [shard[: len(range(rank, num_items, world_size))] for rank, shard in enumerate(shards)]
+    assert sorted(index for shard in real for index in shard) == list(range(num_items))
+    assert all(index == 0 for rank, shard in enumerate(shards) for index in shard[len(real[rank]):])

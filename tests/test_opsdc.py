@@ -152,6 +152,19 @@ def test_trainer_rejects_a_teacher_and_unusable_prompts(tiny_model_paths, prompt
         make_trainer(tiny_model_paths, prompts_dataset, config, reward_funcs="some/reward-model")
 
 
+def test_fsdp1_is_refused_before_the_model_loads(prompts_dataset, tmp_path, monkeypatch):
+    # The model path does not exist: reaching the model loader would fail with another error.
+    missing_model = str(tmp_path / "never-loaded")
+    config = OPSDCConfig(str(tmp_path), bf16=False, fsdp="full_shard", fsdp_config={"version": 1})
+    with pytest.raises(ValueError, match="FSDP version 1.*FSDP2"):
+        OPSDCTrainer(model=missing_model, args=config, train_dataset=prompts_dataset)
+    # The same limit when `accelerate launch` sets FSDP from its config file.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="FSDP version 1"):
+        OPSDCTrainer(model=missing_model, args=OPSDCConfig(str(tmp_path), bf16=False), train_dataset=prompts_dataset)
+
+
 # ---- Teacher input and loss ----
 
 

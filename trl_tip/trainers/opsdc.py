@@ -32,7 +32,6 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType
 from trl import DistillationConfig, DistillationTrainer
 from trl.data_utils import is_conversational
-from trl.models import prepare_deepspeed
 from trl.trainer.utils import get_config_model_id
 
 from ..hub import TrlTipHubMixin
@@ -45,6 +44,14 @@ from ..instructions import (
 )
 from ..losses import selective_divergence_loss
 from ..quantization import keep_4bit_weights_trainable
+from ..sharding import (
+    copy_into_,
+    full_copy,
+    is_deepspeed_zero3,
+    is_sharded,
+    prepare_frozen_model,
+    requested_fsdp_version,
+)
 from ._inputs import check_prompts, check_sampling
 from ._teacher_prompts import pad_teacher_prompts
 
@@ -266,9 +273,13 @@ def module_snapshot_pairs(target: nn.Module, source: nn.Module) -> list[tuple[st
 def copy_snapshot_(pairs: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
     """Copy each source tensor into its target, in place (a hard refresh θ̄ ← θ)."""
     for name, target, source in pairs:
-        if target.shape != source.shape:
-            raise RuntimeError(f"Cannot refresh {name!r}: shape {tuple(target.shape)} vs {tuple(source.shape)}.")
-        target.copy_(source)
+        # `ds_shape`: a ZeRO-3 parameter's own shape is that of its (empty) gathered placeholder.
+        target_shape = getattr(target, "ds_shape", target.shape)
+        source_shape = getattr(source, "ds_shape", source.shape)
+        if target_shape != source_shape:
+            raise RuntimeError(f"Cannot refresh {name!r}: shape {tuple(target_shape)} vs {tuple(source_shape)}.")
+        # Each rank copies its own shards when both are sharded (ZeRO-3, FSDP2): no gather, no full copy anywhere.
+        copy_into_(target, source, name)
 
 
 def _bnb_4bit_layers(model: nn.Module) -> list[nn.Module]:
@@ -454,6 +465,13 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
                 f"OPSDCTrainer needs an OPSDCConfig, got {type(args).__name__}; build one with the same fields plus "
                 "the OPSDC ones (concise_instruction, instruction_position, teacher_refresh_steps)."
             )
+        if requested_fsdp_version(args) == 1:
+            # Before any model is loaded.
+            raise ValueError(
+                "OPSDCTrainer does not run on FSDP version 1: its teacher snapshot is refreshed shard by shard, which "
+                "needs FSDP2's per-parameter shards (FSDP1 flattens them). Use FSDP2 (`fsdp_version: 2`, "
+                "examples/accelerate_configs/fsdp2.yaml), DeepSpeed ZeRO-3 or ZeRO-2."
+            )
         self.concise_instruction = resolve_instruction(args.concise_instruction)
         self.reward_funcs = _as_reward_funcs(reward_funcs)
         check_prompts(train_dataset, eval_dataset)
@@ -497,13 +515,6 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
                 "OPSDCTrainer supports text-only models: the teacher prompt is rebuilt around the instruction, which "
                 "would misplace image tokens. Pass a tokenizer, not a processor."
             )
-        deepspeed_plugin = self.accelerator.state.deepspeed_plugin
-        if self.is_fsdp_enabled or (self.is_deepspeed_enabled and deepspeed_plugin.zero_stage == 3):
-            raise ValueError(
-                "OPSDCTrainer does not support FSDP or DeepSpeed ZeRO-3 yet: refreshing the teacher copies the "
-                "student's weights locally, which needs unsharded parameters. Use DDP or ZeRO-1/2."
-            )
-
         self._student_adapter_name: str | None = None
         self._teacher_refreshes = 0
         self._teacher_refreshed_at_step: int | None = None
@@ -512,7 +523,12 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
         # The teacher's (input_ids, attention_mask) for the micro-batch in flight; set by `_compute_loss`.
         self._teacher_sequence: tuple[torch.Tensor, torch.Tensor] | None = None
         self.teacher_model = self._create_teacher()
-        self.refresh_teacher()
+        if isinstance(self.teacher_model, _AdapterSnapshot):
+            self.refresh_teacher()
+        else:
+            # A full copy is built equal to the student (under FSDP2 from rank 0's weights, which the student's own
+            # sharding broadcasts too): it is the snapshot of step 0.
+            self._record_refresh()
         # First in line, so that every other callback's `on_step_end` (logging, checkpoints, the user's) sees the
         # teacher of the step that just ended.
         self.callback_handler.callbacks.insert(0, _TeacherRefreshCallback(self))
@@ -547,12 +563,23 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
                 teacher_weight.requires_grad_(False)
             return _AdapterSnapshot(student, TEACHER_ADAPTER_NAME)
 
-        teacher = copy.deepcopy(student)
-        teacher.requires_grad_(False)
+        if is_deepspeed_zero3(self.accelerator) and any(hasattr(p, "ds_id") for p in student.parameters()):
+            # Loaded partitioned (`zero.Init`): a deep copy would copy empty partitions. The same architecture built
+            # partitioned the same way holds the same slices on every rank; copying them is the snapshot. Done
+            # before the engine starts, which gathers the persistent parameters from these partitions.
+            # Its random initialisation (overwritten at once) must not advance the generator that generation samples
+            # from, so that ZeRO-3 runs sample what DDP runs do.
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=devices):
+                teacher = type(student)._from_config(student.config, dtype=next(student.parameters()).dtype)
+            teacher.requires_grad_(False)
+            copy_snapshot_(module_snapshot_pairs(teacher, student))
+        else:
+            teacher = copy.deepcopy(student)
+            teacher.requires_grad_(False)
         teacher.eval()
-        if self.is_deepspeed_enabled:
-            return prepare_deepspeed(teacher, self.accelerator)
-        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        # Sharded like the student: partitioned under ZeRO-3, `fully_shard`-ed per block under FSDP2.
+        return prepare_frozen_model(teacher, self.accelerator)
 
     def _snapshot_pairs(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         if isinstance(self.teacher_model, _AdapterSnapshot):
@@ -571,14 +598,28 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
     def refresh_teacher(self) -> None:
         """Hard-copy the student's current weights into the teacher snapshot (θ̄ ← θ)."""
         copy_snapshot_(self._snapshot_pairs())
+        self._record_refresh()
+
+    def _record_refresh(self) -> None:
         self._teacher_refreshes += 1
         self._teacher_refreshed_at_step = self.state.global_step
         self._metrics["train"]["opsdc/teacher_refreshes"] = [float(self._teacher_refreshes)]
 
     def save_teacher_snapshot(self, directory: str) -> None:
-        """Write the teacher snapshot and the OPSDC bookkeeping (refresh count, length baseline) to `directory`."""
+        """
+        Write the teacher snapshot and the OPSDC bookkeeping (refresh count, length baseline) to `directory`.
+
+        Under ZeRO-3 or FSDP2 every rank must call it: the snapshot is gathered one tensor at a time, and the main
+        process writes it.
+        """
+        tensors = {}
+        for name, teacher, _ in self._snapshot_pairs():
+            full = full_copy(teacher)
+            if self.args.should_save:
+                tensors[name] = full.cpu().contiguous()
+        if not self.args.should_save:
+            return
         os.makedirs(directory, exist_ok=True)
-        tensors = {name: teacher.detach().cpu().contiguous() for name, teacher, _ in self._snapshot_pairs()}
         save_file(tensors, os.path.join(directory, TEACHER_SNAPSHOT_NAME), metadata={"format": "pt"})
         state = {
             "teacher_refreshes": self._teacher_refreshes,
@@ -611,7 +652,7 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
             )
         with torch.no_grad():
             for name, teacher, _ in pairs:
-                teacher.copy_(saved[name])
+                copy_into_(teacher, saved[name], name)
         state_path = os.path.join(directory, OPSDC_STATE_NAME)
         if os.path.isfile(state_path):
             with open(state_path) as file:
@@ -624,7 +665,7 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.args.should_save:
+        if self.args.should_save or is_sharded(self.accelerator):
             run_dir = self._get_output_dir(trial=trial)
             self.save_teacher_snapshot(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
 

@@ -16,6 +16,7 @@ from ..hub import TrlTipHubMixin
 from ..losses import SELECTION_DIVERGENCES, selective_divergence_loss
 from ..quantization import keep_4bit_weights_trainable
 from ..selection import SELECTION_METHODS, quadrant_counts, quantile, tokens_per_rollout
+from ..sharding import fsdp2_shard_for_inference, is_fsdp2
 from ..vocabulary import first_tokenizer_difference, shared_vocab_size, tokenizer_of
 from ._inputs import check_prompt_column, check_prompts, check_sampling
 
@@ -39,6 +40,12 @@ def teacher_quantization_config(mode: str, compute_dtype: torch.dtype | None = N
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16,
     )
+
+
+def _is_quantized(model) -> bool:
+    # A quantised teacher (`teacher_quantization`) keeps TRL's preparation: one (already small) copy per rank.
+    model = getattr(model, "module", model)
+    return getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_loaded_in_4bit", False)
 
 
 @contextlib.contextmanager
@@ -398,6 +405,12 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
             )
         check_sampling(self.args.temperature, self.args.generation_kwargs)
         keep_4bit_weights_trainable(self.model)
+        if is_fsdp2(self.accelerator) and self.teacher_model is not None and not _is_quantized(self.teacher_model):
+            # TRL prepares the teacher in evaluation mode, which under FSDP2 leaves a full copy on every rank; shard it
+            # like the student instead (inference only: no gradients, no optimiser state).
+            self.teacher_model = fsdp2_shard_for_inference(
+                self.accelerator.unwrap_model(self.teacher_model), self.accelerator
+            )
         self.token_selection = self.args.token_selection
         self.token_ratio = self.args.token_ratio
         self.entropy_clip_quantile = self.args.entropy_clip_quantile
