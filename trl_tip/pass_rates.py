@@ -1,7 +1,7 @@
 """PACED's pass-rate machinery: the table of the student's pass rate on each training problem, its estimation from
 graded rollouts, its online update, its file format, and the callback that schedules estimations.
 
-[`~trl_tip.PacedTrainer`] wires these into TRL's training loop; nothing here depends on the trainer class. See SPEC §2.
+[`~trl_tip.PacedTrainer`] wires these into TRL's training loop; nothing here depends on the trainer class.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ def min_max_normalize(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _clipped_normalized_entropy(entropy, mask, entropy_clip_quantile):
-    # SPEC steps a–b: clip at the batch quantile (so a few near-uniform tokens don't squash the rest), then min-max.
+    # Soft-OR steps a–b: clip at the batch quantile (so a few near-uniform tokens don't squash the rest), then min-max.
     if entropy_clip_quantile < 1.0:
         entropy = torch.minimum(entropy, quantile(entropy[mask], entropy_clip_quantile))
     return min_max_normalize(entropy, mask)

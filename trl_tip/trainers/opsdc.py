@@ -4,7 +4,7 @@ The teacher is the student itself, frozen as a snapshot θ̄ and reading a conci
 dataset's own lead instruction; the student reads the prompt as it is. Both score the student's own rollouts, and the
 student minimises the reverse KL KL(π_θ(·|x, y_<t) || π_θ̄(·|c ⊕ q, y_<t)), averaged over each rollout's tokens and
 then over rollouts (the paper's Algorithm 1). The snapshot is hard-refreshed from the student every
-`teacher_refresh_steps` optimiser steps. See SPEC §3 and https://huggingface.co/papers/2603.05433.
+`teacher_refresh_steps` optimiser steps. See https://huggingface.co/papers/2603.05433.
 """
 
 from __future__ import annotations
