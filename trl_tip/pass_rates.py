@@ -210,7 +210,10 @@ class PassRateTable:
         columns = {}
         if dataset is not None:
             if len(dataset) != len(self):
-                raise ValueError(f"The table covers {len(self)} problems but the dataset has {len(dataset)} rows.")
+                raise ValueError(
+                    f"The table covers {len(self)} problems but `dataset` has {len(dataset)} rows; pass the training "
+                    "set the table was estimated on (same rows, same order), or no dataset for the table alone."
+                )
             columns = {name: dataset[name] for name in dataset.column_names if name != INDEX_COLUMN}
         columns.update(
             {

@@ -380,7 +380,8 @@ def add_privileged_context(prompt: str | list[dict], context: Any, template: str
             message["content"] = template.format(problem=message["content"], context=context, answer=context)
             return messages
     raise ValueError(
-        "Self-distillation adds the privileged context to the last user turn, but the prompt has no user message."
+        "Self-distillation adds the privileged context to the last user turn, but the prompt has no user message; "
+        "give each conversational prompt a user turn holding the problem."
     )
 
 
