@@ -1,8 +1,9 @@
 """OPSDC (CRISP): on-policy self-distillation for concise reasoning.
 
-The teacher is the student itself, frozen as a snapshot θ̄ and reading a conciseness instruction before the problem;
-the student reads the problem alone. Both score the student's own rollouts, and the student minimises the token-mean
-reverse KL KL(π_θ(·|x, y_<t) || π_θ̄(·|c ⊕ x, y_<t)). The snapshot is hard-refreshed from the student every
+The teacher is the student itself, frozen as a snapshot θ̄ and reading a conciseness instruction in place of the
+dataset's own lead instruction; the student reads the prompt as it is. Both score the student's own rollouts, and the
+student minimises the reverse KL KL(π_θ(·|x, y_<t) || π_θ̄(·|c ⊕ q, y_<t)), averaged over each rollout's tokens and
+then over rollouts (the paper's Algorithm 1). The snapshot is hard-refreshed from the student every
 `teacher_refresh_steps` optimiser steps. See SPEC §3 and https://huggingface.co/papers/2603.05433.
 """
 
@@ -351,7 +352,8 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
     [CRISP: Compressed Reasoning via Iterative Self-Policy Distillation](https://huggingface.co/papers/2603.05433).
 
     The student generates one completion per prompt; a frozen snapshot of the student, whose prompt carries a
-    conciseness instruction, scores the same completion tokens; the student minimises the reverse KL to it. Only the
+    conciseness instruction in place of the dataset's lead instruction, scores the same completion tokens; the student
+    minimises the reverse KL to it, each rollout's token mean averaged over the rollouts (`loss_normalization`). Only the
     prompts differ, so the teacher's sequence is its own prompt followed by the student's completion, and the two are
     compared on the completion positions. No answers are used for training.
 
@@ -362,7 +364,8 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
 
     Logged on top of [`~trl.DistillationTrainer`]'s metrics (`completions/mean_length` among them):
     `opsdc/compression` (mean completion length over its mean in the first logging window of training),
-    `opsdc/teacher_refreshes` (snapshots taken so far, the one at step 0 included) and, with `reward_funcs`,
+    `opsdc/teacher_refreshes` (snapshots taken so far, the one at step 0 included), `opsdc/lead_replaced` (share of
+    the batch's prompts whose own lead instruction the conciseness instruction replaced) and, with `reward_funcs`,
     `rewards/<name>/mean` per function and `opsdc/accuracy` (the mean of the first one).
 
     Example:
