@@ -5,8 +5,8 @@ Each engine is one launch (one pair of processes) that trains the four trainers 
 (tests/distributed/train_two_steps.py). DeepSpeed and FSDP2 are launched by `accelerate launch` from the configs in
 examples/accelerate_configs/ (those of the README's commands, `--num_processes 2 --mixed_precision no`), through
 tests/distributed/cpu_world.py, which lets accelerate treat the gloo world as multi-device; DDP is accelerate's CPU
-world under `torchrun`. DeepSpeed's first run on a machine compiles a CPU communication op (minutes); it is cached
-under the torch extensions directory and shared by every later launch.
+world under `torchrun`. DeepSpeed's first run on a machine compiles a CPU communication op (about 75 s on two cores);
+it is cached under the torch extensions directory and shared by every later launch (LAUNCH_TIMEOUT_S allows for it).
 
 Tolerance against DDP. The engines run the same per-rank computation; they differ in how the two ranks' gradients
 are reduced (bucketed all-reduce, reduce-scatter, pre- or post-division), so a gradient element differs by a few

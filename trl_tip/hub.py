@@ -114,7 +114,9 @@ def lora_layers(peft_model, adapter_name: str) -> dict[str, tuple[float, bool]]:
     for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
             if module.use_dora.get(adapter_name, False):
-                raise ValueError(f"merge_adapters=True merges plain LoRA; {name} uses DoRA. Push the adapters instead.")
+                raise ValueError(
+                    f"merge_adapters=True merges plain LoRA; {name} uses DoRA. Push the adapters instead."
+                )
             layers[name] = (float(module.scaling[adapter_name]), bool(getattr(module, "fan_in_fan_out", False)))
     if not layers:
         raise ValueError(f"The model has no LoRA linear layers of adapter {adapter_name!r} to merge.")

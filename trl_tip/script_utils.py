@@ -111,10 +111,10 @@ def evaluate_split_with_trainer(trainer, dataset, max_new_tokens: int, batch_siz
     [`evaluate_split`] of the trainer's own (prepared, possibly sharded) student, on every process.
 
     Every process generates for its share of the problems, padded to equal length
-    ([`~trl_tip.evaluation.padded_shard`]), inside TRL's generation unwrapping: under ZeRO-3 the weights are gathered for generation, under FSDP2 each rank
-    generates with its shards, and in both every `generate` step is a collective every rank must make. Call it on
-    every process, after the model is prepared (from `on_train_begin` on, see [`EvaluateAtTrainBegin`]); every process
-    gets the summary.
+    ([`~trl_tip.evaluation.padded_shard`]), inside TRL's generation unwrapping: under ZeRO-3 the weights are gathered
+    for generation, under FSDP2 each rank generates with its shards, and in both every `generate` step is a
+    collective every rank must make. Call it on every process, after the model is prepared (from `on_train_begin` on,
+    see [`EvaluateAtTrainBegin`]); every process gets the summary.
     """
     from accelerate.utils import gather_object
     from trl.models.utils import unwrap_model_for_generation
@@ -129,7 +129,9 @@ def evaluate_split_with_trainer(trainer, dataset, max_new_tokens: int, batch_siz
     num_real = len(range(rank, len(dataset), world))
     tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
     gather_weights = getattr(trainer.args, "ds3_gather_for_generation", True)
-    unwrapped = unwrap_model_for_generation(trainer.model_wrapped, accelerator, gather_deepspeed3_params=gather_weights)
+    unwrapped = unwrap_model_for_generation(
+        trainer.model_wrapped, accelerator, gather_deepspeed3_params=gather_weights
+    )
     with unwrapped as model:
         records = _greedy_records(model, tokenizer, dataset.select(indices), max_new_tokens, batch_size)[:num_real]
     records = gather_object(records) if world > 1 else records
