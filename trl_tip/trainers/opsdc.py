@@ -417,7 +417,7 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
 
     _tag_names = ["trl", "trl-tip", "distillation", "opsdc"]
     _name = "OPSDC"
-    _card_fields = ("concise_instruction", "instruction_position", "teacher_refresh_steps")
+    _card_fields = ("concise_instruction", "instruction_position", "teacher_refresh_steps", "loss_normalization")
 
     def _teacher_name(self) -> str:
         # For the model card: the teacher is no separate model.
