@@ -375,7 +375,8 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
     >>> from trl_tip.rewards import math_reward
     >>> from datasets import load_dataset
 
-    >>> dataset = load_dataset("HuggingFaceH4/MATH-500", split="test")  # needs "prompt"; "answer" feeds math_reward
+    >>> # A "prompt" column (here conversational); the final answer, renamed "answer", only feeds math_reward.
+    >>> dataset = load_dataset("trl-lib/DeepMath-103K", split="train").rename_column("solution", "answer")
     >>> trainer = OPSDCTrainer(
     ...     model="Qwen/Qwen3-1.7B",
     ...     args=OPSDCConfig(output_dir="Qwen3-1.7B-OPSDC", concise_instruction="v2"),
