@@ -24,7 +24,7 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer", ["tip", "paced", "opsdc", "ace"])
+@pytest.mark.parametrize("trainer", ["tip", "paced", "paced_sample", "opsdc", "ace"])
 def test_two_process_training(trainer, model_dir, tmp_path):
     output = tmp_path / "result.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
@@ -39,3 +39,5 @@ def test_two_process_training(trainer, model_dir, tmp_path):
     assert report["changed"]
     assert report["identical_across_ranks"]
     assert report["collectives_in_loss"] == []
+    if trainer == "paced_sample":
+        assert report["draw_steps"] == [0, 1] and report["draws_are_slices_of_the_global_draw"]

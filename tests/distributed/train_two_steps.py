@@ -46,13 +46,13 @@ def build_tip(models, dataset, output_dir):
                              train_dataset=dataset)
 
 
-def build_paced(models, dataset, output_dir):
+def build_paced(models, dataset, output_dir, **overrides):
     from trl_tip import PacedConfig, PacedTrainer
 
     args = PacedConfig(
         output_dir=output_dir, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, bf16=False,
         use_cpu=True, ddp_backend="gloo", report_to="none", logging_steps=1, save_strategy="no",
-        max_completion_length=8, pass_rate_rollouts=2, paced_alpha=0.0, paced_beta=0.0, seed=0,
+        max_completion_length=8, pass_rate_rollouts=2, paced_alpha=0.0, paced_beta=0.0, seed=0, **overrides,
     )
     return PacedTrainer(model=models["student"], teacher_model=models["teacher"], args=args, train_dataset=dataset,
                         reward_funcs="math")
@@ -86,7 +86,13 @@ def build_ace(models, dataset, output_dir):
                           train_dataset=dataset)
 
 
-TRAINERS = {"tip": build_tip, "paced": build_paced, "opsdc": build_opsdc, "ace": build_ace}
+def build_paced_sample(models, dataset, output_dir):
+    # α = β = 0: every problem weighs 1, so the ranks' shares are draws from the whole table.
+    return build_paced(models, dataset, output_dir, paced_sampling="sample")
+
+
+TRAINERS = {"tip": build_tip, "paced": build_paced, "paced_sample": build_paced_sample, "opsdc": build_opsdc,
+            "ace": build_ace}
 
 
 def main():
@@ -120,6 +126,17 @@ def main():
             state["in_loss"] = False
 
     setattr(trainer, hook, watched)
+    # PACED's weighted sampling: the problems each rank drew, per optimiser step.
+    drawn = {}
+    if hasattr(trainer, "_draw_problems"):
+        draw = trainer._draw_problems
+
+        def recording_draw(rows):
+            rows = draw(rows)
+            drawn[trainer.state.global_step] = [row["paced_index"] for row in rows]
+            return rows
+
+        trainer._draw_problems = recording_draw
     before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
     trainer.train()
     after = torch.cat([p.detach().flatten() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()])
@@ -131,6 +148,14 @@ def main():
     else:
         gathered = [after]
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    drawn_by_rank = [None] * world_size
+    if world_size > 1:
+        dist.all_gather_object(drawn_by_rank, drawn)
+    else:
+        drawn_by_rank = [drawn]
+    if drawn:
+        sampler = trainer.problem_sampler
+        expected = {step: sampler.draw(step, len(share) * world_size).tolist() for step, share in drawn.items()}
     if trainer.accelerator.is_main_process:
         with open(cli.output, "w") as handle:
             json.dump(
@@ -140,6 +165,11 @@ def main():
                     "changed": bool(not torch.equal(before, after)),
                     "identical_across_ranks": all(torch.equal(gathered[0], g) for g in gathered[1:]),
                     "collectives_in_loss": state["collectives_in_loss"],
+                    # Each rank's draws are its own slice of the one global draw of the step.
+                    "draws_are_slices_of_the_global_draw": all(
+                        sum((shares[step] for shares in drawn_by_rank), []) == expected[step] for step in expected
+                    ) if drawn else None,
+                    "draw_steps": sorted(drawn),
                 },
                 handle,
             )
