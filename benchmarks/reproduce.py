@@ -152,7 +152,11 @@ METHODS = {
         "settings": ACE_SETTINGS,
         "variants": {
             "grpo": {"label": "GRPO (TRL's GRPOTrainer)", "ace_alpha": 0.0},
-            "ace": {"label": "ACE-GRPO (softplus, α = 1)", "ace_alpha": 1.0},
+            # The earlier default: c as a per-token mean, which softplus turns into a near-constant factor.
+            "ace_mean": {"label": "ACE-GRPO (softplus, α = 1, c = token mean)", "ace_alpha": 1.0,
+                         "ace_confidence": "mean"},
+            # The paper's c: the sequence-level log-ratio. Last, so the figure's difference panel shows it.
+            "ace": {"label": "ACE-GRPO (softplus, α = 1, c = sum)", "ace_alpha": 1.0, "ace_confidence": "sum"},
         },
     },
     "bridge": {
@@ -362,6 +366,12 @@ def _worker_opsdc(settings: dict, prepared: dict, tokenizer, output_dir: str, di
     return result
 
 
+# ACEGRPOTrainer's logged distributions of the confidence shift c and of the factor on wrong rollouts.
+ACE_LOGGED = ("ace/confidence_shift_mean", "ace/confidence_shift_p10", "ace/confidence_shift_p50",
+              "ace/confidence_shift_p90", "ace/confidence_shift_max", "ace/scale_factor_mean", "ace/scale_factor_p50",
+              "ace/scale_factor_p90", "ace/scale_factor_max")
+
+
 def _worker_ace(settings: dict, prepared: dict, tokenizer, output_dir: str, directory: Path) -> dict:
     from trl import GRPOTrainer
 
@@ -377,7 +387,8 @@ def _worker_ace(settings: dict, prepared: dict, tokenizer, output_dir: str, dire
 
     config = ACEGRPOConfig(**_common_config(settings, settings["seed"], output_dir),
                            num_generations=settings["num_generations"], loss_type=settings["loss_type"],
-                           beta=settings["beta"], ace_alpha=settings["ace_alpha"])
+                           beta=settings["beta"], ace_alpha=settings["ace_alpha"],
+                           ace_confidence=settings.get("ace_confidence", "sum"))
     # The baseline is TRL's own trainer (ACE with α = 0 is the same update; the baseline needs no ACE code at all).
     trainer_class = GRPOTrainer if settings["ace_alpha"] == 0 else ACEGRPOTrainer
     trainer = trainer_class(model=prepared["student"], reward_funcs=[math_reward], args=config,
@@ -386,7 +397,7 @@ def _worker_ace(settings: dict, prepared: dict, tokenizer, output_dir: str, dire
     result = _train_measured(trainer)
     result["before_pass_at_k"] = before
     result["pass_at_k"] = pass_at_k(trainer.model)
-    result["history"] = _log_series(trainer, ("loss", "reward", "ace/confidence_shift_mean", "ace/scale_factor_mean"))
+    result["history"] = _log_series(trainer, ("loss", "reward", *ACE_LOGGED))
     result["model"] = trainer.model
     return result
 
@@ -1051,6 +1062,20 @@ def _ace_section(variants: dict, figures: str) -> str:
             row = " | ".join(_pm([100 * (r["pass_at_k"]["pass_at_k"][str(k)] - base[r["settings"]["seed"]][str(k)])
                                   for r in paired]) for k in ks)
             differences.append(f"| {METHODS['ace']['variants'][name]['label']} − GRPO | {row} |")
+    # What ACE did: the logged distributions of c and of the factor, averaged over the training steps of each seed.
+    acting = []
+    logged = [name for name in names
+              if all(key in r.get("history", {}) for r in variants[name] for key in ACE_LOGGED)]
+    if logged:
+        acting = ["| run | c: p10 | c: p50 | c: p90 | c: max | factor on wrong rollouts: mean | p50 | p90 | max |",
+                  "|---|" + "---:|" * 8]
+        for name in logged:
+            def over_steps(key):
+                return _pm([sum(v for _, v in r["history"][key]) / len(r["history"][key]) for r in variants[name]],
+                           digits=2)
+            acting.append(f"| {METHODS['ace']['variants'][name]['label']} | "
+                          + " | ".join(over_steps(key) for key in ACE_LOGGED if key != "ace/confidence_shift_mean")
+                          + " |")
     return "\n\n".join([
         f"Settings: the built-in *student* (the teacher solves nearly every sample, so its GRPO groups would carry no "
         f"signal), {settings['max_steps']} optimiser steps × {settings['per_device_train_batch_size']} rollouts "
@@ -1063,6 +1088,9 @@ def _ace_section(variants: dict, figures: str) -> str:
         f"mean@{settings['eval_samples']}.",
         "\n".join(lines),
         "\n".join(differences),
+        *(["What ACE did, from its logged metrics (each a per-step statistic over the step's rollouts, averaged over "
+           "the training steps, then mean ± std over seeds; c in nats per rollout):", "\n".join(acting)]
+          if acting else []),
         f"![pass@k of GRPO and ACE-GRPO]({figures}/ace.png)",
         _commands("ace", variants),
         f"Cost: {_run_totals(records)}.",

@@ -88,11 +88,56 @@ def test_confidence_shift_hand_computed():
     policy = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -0.5, -0.5], [-1.0, -1.0, -1.0]])
     reference = torch.tensor([[-1.5, -3.0, float("-inf")], [-1.0, -2.0, -0.5], [-2.0, -2.0, -2.0]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 0, 0]])
-    # row 0: (0.5 + 1.0) / 2, the masked -inf ignored; row 1: (0.5 + 1.5 + 0) / 3; row 2: no tokens -> 0
-    torch.testing.assert_close(ace_confidence_shift(policy, reference, mask), torch.tensor([0.75, 2 / 3, 0.0]))
+    # The default is the sequence-level log-ratio, the sum: row 0: 0.5 + 1.0, the masked -inf ignored;
+    # row 1: 0.5 + 1.5 + 0; row 2: no tokens -> 0
+    torch.testing.assert_close(ace_confidence_shift(policy, reference, mask), torch.tensor([1.5, 2.0, 0.0]))
     torch.testing.assert_close(
-        ace_confidence_shift(policy, reference, mask, reduction="sum"), torch.tensor([1.5, 2.0, 0.0])
+        ace_confidence_shift(policy, reference, mask, reduction="mean"), torch.tensor([0.75, 2 / 3, 0.0])
     )
+
+
+def test_sum_and_mean_confidence_give_the_hand_computed_factors():
+    # A wrong rollout of 20 tokens, each 0.5 nats more likely under the policy than under the reference: the
+    # sequence-level shift is 10, softplus(10) = 10.0000454, so its advantage is scaled by ~11; the per-token mean
+    # is 0.5, softplus(0.5) = 0.974077, a factor of ~1.97. A second wrong rollout the policy grew less sure of
+    # (−0.25 per token over 8 tokens: sum −2, mean −0.25) and a correct one that stays untouched.
+    policy = torch.zeros(3, 20)
+    reference = torch.zeros(3, 20)
+    reference[0] = -0.5
+    policy[1, :8] = -0.25
+    mask = torch.zeros(3, 20)
+    mask[0] = 1
+    mask[1, :8] = 1
+    mask[2, :5] = 1
+    advantages = torch.tensor([-1.0, -0.5, 1.5])
+    softplus = lambda c: math.log1p(math.exp(c))  # noqa: E731
+    by_sum = ace_scale_advantages(advantages, ace_confidence_shift(policy, reference, mask, "sum"))
+    by_mean = ace_scale_advantages(advantages, ace_confidence_shift(policy, reference, mask, "mean"))
+    torch.testing.assert_close(by_sum, torch.tensor([-(1 + softplus(10.0)), -0.5 * (1 + softplus(-2.0)), 1.5]))
+    torch.testing.assert_close(by_mean, torch.tensor([-(1 + softplus(0.5)), -0.5 * (1 + softplus(-0.25)), 1.5]))
+
+
+def test_max_factor_bounds_the_scale():
+    shifts = torch.tensor([30.0, 0.0, -5.0])
+    torch.testing.assert_close(
+        ace_scale_factors(shifts, alpha=1.0, max_factor=4.0), torch.tensor([4.0, 1 + math.log(2), 1 + math.log1p(math.exp(-5.0))])
+    )
+    scaled = ace_scale_advantages(torch.tensor([-2.0, 1.0, -1.0]), shifts, alpha=1.0, max_factor=4.0)
+    torch.testing.assert_close(scaled, torch.tensor([-8.0, 1.0, -(1 + math.log1p(math.exp(-5.0)))]))
+    with pytest.raises(ValueError, match="max_factor must be None or >= 1"):
+        ace_scale_factors(shifts, max_factor=0.5)
+
+
+def test_non_finite_scaled_advantage_raises():
+    # An infinite shift on a wrong rollout would give an infinite advantage; a bound makes it finite again.
+    shifts = torch.tensor([float("inf"), 0.0])
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        ace_scale_advantages(torch.tensor([-1.0, 1.0]), shifts)
+    torch.testing.assert_close(
+        ace_scale_advantages(torch.tensor([-1.0, 1.0]), shifts, max_factor=10.0), torch.tensor([-10.0, 1.0])
+    )
+    # On a correct rollout the shift is never used.
+    assert torch.equal(ace_scale_advantages(torch.tensor([1.0, 1.0]), shifts), torch.tensor([1.0, 1.0]))
 
 
 def test_confidence_shift_is_detached():
@@ -118,6 +163,7 @@ def test_confidence_shift_rejects_bad_arguments():
         ("ace_alpha", -1.0, "ace_alpha must be a number >= 0"),
         ("ace_transform", "tanh", "ace_transform must be one of"),
         ("ace_confidence", "max", "ace_confidence must be one of"),
+        ("ace_max_factor", 0.5, "ace_max_factor must be None"),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, field, value, message):
@@ -127,7 +173,8 @@ def test_config_rejects_bad_values(tmp_path, field, value, message):
 
 def test_config_defaults(tmp_path):
     args = ACEGRPOConfig(output_dir=str(tmp_path), bf16=False)
-    assert (args.ace_alpha, args.ace_transform, args.ace_confidence) == (1.0, "softplus", "mean")
+    assert (args.ace_alpha, args.ace_transform, args.ace_confidence) == (1.0, "softplus", "sum")
+    assert args.ace_max_factor is None
     assert args.beta == 0.0  # TRL's default, kept
 
 
@@ -320,10 +367,10 @@ def test_lora_reference_is_the_adapter_disabled_model(tiny_model_paths, prompts,
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"loss_type": "dr_grpo", "ace_transform": "relu", "ace_confidence": "sum"},
-        {"loss_type": "bnpo", "beta": 0.04},
+        {"loss_type": "dr_grpo", "ace_transform": "relu", "ace_confidence": "mean"},
+        {"loss_type": "bnpo", "beta": 0.04, "ace_max_factor": 1.5},
     ],
-    ids=["dr_grpo-relu-sum", "bnpo-kl"],
+    ids=["dr_grpo-relu-mean", "bnpo-kl-bounded"],
 )
 def test_trains_with_other_loss_types(tiny_model_paths, prompts, tmp_path, overrides):
     trainer = ACEGRPOTrainer(
@@ -335,10 +382,15 @@ def test_trains_with_other_loss_types(tiny_model_paths, prompts, tmp_path, overr
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2 and all(math.isfinite(entry["loss"]) for entry in logged)
-    for name in ("confidence_shift_mean", "confidence_shift_min", "confidence_shift_max", "scaled_fraction"):
-        assert all(math.isfinite(entry[f"ace/{name}"]) for entry in logged)
+    for name in ("mean", "min", "p10", "p50", "p90", "max"):
+        assert all(math.isfinite(entry[f"ace/confidence_shift_{name}"]) for entry in logged)
+        assert all(entry["ace/confidence_shift_min"] <= entry[f"ace/confidence_shift_{name}"] for entry in logged)
+        assert all(entry[f"ace/confidence_shift_{name}"] <= entry["ace/confidence_shift_max"] for entry in logged)
+    assert all(math.isfinite(entry["ace/scaled_fraction"]) for entry in logged)
     assert any(entry["ace/scaled_fraction"] > 0 for entry in logged)
-    assert all(entry["ace/scale_factor_mean"] >= 1.0 for entry in logged if "ace/scale_factor_mean" in entry)
+    bound = overrides.get("ace_max_factor", math.inf)
+    for name in ("mean", "p50", "p90", "max"):
+        assert all(1.0 <= entry[f"ace/scale_factor_{name}"] <= bound for entry in logged if f"ace/scale_factor_{name}" in entry)
     if overrides.get("beta"):
         assert all("kl" in entry for entry in logged)
 

@@ -45,9 +45,9 @@ def test_task_rejects_impossible_sizes():
 
 @pytest.mark.slow
 def test_builtin_teacher_and_student_hit_their_targets(arithmetic_models):
-    # Re-measure on the held-out test split from the saved files, rather than trusting the stored numbers.
+    # Re-measure on the held-out test split from the saved files, rather than trusting the stored numbers. How long the
+    # preparation took is recorded in the metrics and reported by the docs, never asserted: it depends on the machine.
     metrics = arithmetic_models["metrics"]
-    assert metrics["total_seconds"] < 180
     test = arithmetic_models["dataset"]["test"]
     for role, low, high in (("teacher", 0.95, 1.0), ("student", 0.10, 0.60)):
         tokenizer = AutoTokenizer.from_pretrained(arithmetic_models[role])

@@ -44,7 +44,7 @@ PAPER_SETTINGS = {
         "model_name_or_path": "Qwen/Qwen2.5-Math-7B",
         "dataset_name": "open-r1/DAPO-Math-17k-Processed",
         "ace_transform": "softplus",
-        "ace_confidence": "mean",
+        "ace_confidence": "sum",
     },
     "tip_qwen3-8b_to_qwen3-4b.yaml": {
         "model_name_or_path": "Qwen/Qwen3-4B",

@@ -65,7 +65,9 @@ def results(tmp_path, reproduce):
                                                      "75_100": 0.0, "1": 0.0, "unknown": 0.0}))
         for variant, shift in (("grpo", 0.0), ("ace", 0.01 * seed)):
             curve = {"pass_at_k": {str(k): 0.5 + shift for k in range(1, 17)}, "mean_completion_tokens": 25.0}
-            _write(out, _record(reproduce, "ace", variant, seed, 0.4, pass_at_k=curve,
+            # ACE's logged distributions over two steps: every statistic 1 + seed at step 1 and 3 + seed at step 2.
+            history = {key: [[1, 1.0 + seed], [2, 3.0 + seed]] for key in reproduce.ACE_LOGGED} if variant == "ace" else {}
+            _write(out, _record(reproduce, "ace", variant, seed, 0.4, pass_at_k=curve, history=history,
                                 before_pass_at_k={"pass_at_k": {str(k): 0.1 for k in range(1, 17)},
                                                   "mean_completion_tokens": 25.0}))
         for variant, stages in (("student_grpo", ["student_rl"]), ("bridge", ["teacher_rl", "warmup", "opd"])):
@@ -126,8 +128,11 @@ def test_render_writes_tables_commands_and_figures(tmp_path, reproduce, results)
             "| 10.0 ± 5.0 | 501 ± 1 |") in text
     assert "25.0 % (soft-OR 50 % keeps 100 %)" in text
     # ACE: pass@k of 50, 51, 52 % against 50 % at every k.
-    assert "| ACE-GRPO (softplus, α = 1) | 51.0 ± 1.0 | 51.0 ± 1.0 |" in text
-    assert "| ACE-GRPO (softplus, α = 1) − GRPO | 1.0 ± 1.0 | 1.0 ± 1.0 | 1.0 ± 1.0 | 1.0 ± 1.0 | 1.0 ± 1.0 |" in text
+    assert "| ACE-GRPO (softplus, α = 1, c = sum) | 51.0 ± 1.0 | 51.0 ± 1.0 |" in text
+    assert ("| ACE-GRPO (softplus, α = 1, c = sum) − GRPO | 1.0 ± 1.0 | 1.0 ± 1.0 | 1.0 ± 1.0 | 1.0 ± 1.0 "
+            "| 1.0 ± 1.0 |") in text
+    # Its logged statistics averaged over the two steps: 2 + seed, i.e. 3.00 ± 1.00 over the seeds; GRPO has none.
+    assert "| ACE-GRPO (softplus, α = 1, c = sum) | " + " | ".join(["3.00 ± 1.00"] * 8) + " |" in text
     assert "| student before | 10.0 ± 0.0 |" in text
     # The bridge: its final student at 70/71/72 % greedy, 30 % mean@16; direct GRPO at 50/51/52 %, 10 %.
     assert ("| student after OPD (the bridge's output) | 71.0 ± 1.0 | 30.0 ± 0.0 | 100.0 ± 0.0 | 25.0 ± 0.0 "

@@ -7,6 +7,7 @@ from trl import DistillationConfig, DistillationTrainer
 
 from trl_tip import TipDistillConfig, TipDistillTrainer
 from trl_tip.selection import tokens_per_rollout
+from numerics import GradientRecorder, assert_same_gradients
 from trl_tip.tasks import build_arithmetic_dataset
 
 
@@ -105,12 +106,13 @@ def test_gradient_accumulation_normalises_like_one_big_batch(tiny_model_paths, p
     # A rule without batch statistics selects the same tokens whatever the micro-batch, so one step over 8 rollouts
     # must equal two accumulated micro-batches of 4.
     common = {"token_selection": "divergence_topk", "max_steps": 1}
-    one, _ = _train(TipDistillTrainer, _config(TipDistillConfig, tmp_path / "a", per_device_train_batch_size=8,
-                                               **common), tiny_model_paths, prompts)
-    two, _ = _train(TipDistillTrainer, _config(TipDistillConfig, tmp_path / "b", per_device_train_batch_size=4,
-                                               gradient_accumulation_steps=2, **common), tiny_model_paths, prompts)
-    for p, q in zip(one.model.parameters(), two.model.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    one, two = GradientRecorder(), GradientRecorder()
+    _train(TipDistillTrainer, _config(TipDistillConfig, tmp_path / "a", per_device_train_batch_size=8, **common),
+           tiny_model_paths, prompts, callbacks=[one])
+    _train(TipDistillTrainer, _config(TipDistillConfig, tmp_path / "b", per_device_train_batch_size=4,
+                                      gradient_accumulation_steps=2, **common), tiny_model_paths, prompts,
+           callbacks=[two])
+    assert_same_gradients(one, two)
 
 
 def test_lora_student_trains_adapters_only(tiny_model_paths, prompts, tmp_path):

@@ -124,6 +124,38 @@ def token_stats(
     Returns:
         [`TokenStats`]: tensors of shape `student_hidden.shape[:-1]`.
     """
+    # Under ZeRO-3 the heads are partitioned to `numel 0` outside their module's forward: every read of their shapes
+    # (the vocabulary check, ln|V|) happens inside the gather, as does the tile walk (whose own gather is then a no-op).
+    with maybe_gather_lm_head_ctx(student_weight, student_bias), maybe_gather_lm_head_ctx(teacher_weight, teacher_bias):
+        return _token_stats(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            student_bias,
+            teacher_bias,
+            temperature,
+            student_logit_scale,
+            student_final_logit_softcapping,
+            teacher_logit_scale,
+            teacher_final_logit_softcapping,
+        )
+
+
+def _token_stats(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    student_bias,
+    teacher_bias,
+    temperature,
+    student_logit_scale,
+    student_final_logit_softcapping,
+    teacher_logit_scale,
+    teacher_final_logit_softcapping,
+) -> TokenStats:
+    # `token_stats` with the heads already gathered.
     if student_weight.shape[0] != teacher_weight.shape[0]:
         raise ValueError(
             f"Student and teacher vocabularies differ ({student_weight.shape[0]} vs {teacher_weight.shape[0]}); "
@@ -315,8 +347,10 @@ def divergence_from_stats(
     else:
         divergence, aux = _generalized_jsd(
             student_hidden.detach(),
-            student_weight.detach(),
-            None if student_bias is None else student_bias.detach(),
+            # Not detached (the pass runs under no_grad): a detached view of a ZeRO-3 parameter loses the handle its
+            # gather needs and stays empty.
+            student_weight,
+            student_bias,
             teacher_hidden,
             teacher_weight,
             teacher_bias,

@@ -10,6 +10,7 @@ The pieces, from the bottom up:
   `vllm.LLM` with `SamplingParams(n=...)`): sample `n` completions per problem, grade each with the math reward, and
   return mean@n, pass@1..n and mean completion tokens, optionally with every problem's samples.
 - [`PassAtKCallback`]: the same metrics during training, logged through the trainer.
+- [`load_metric`]: the same grading and estimator as a Hugging Face `evaluate` metric (`trl_tip/metrics`).
 - `trl-tip eval` (`trl_tip.cli`) runs it from the command line and writes per-problem JSONL.
 """
 
@@ -385,20 +386,29 @@ def sample_completions_vllm(
 
 
 def grade_problems(
-    answers: Sequence, completions: Sequence[str], token_counts: Sequence[int], num_samples: int
+    answers: Sequence, completions: Sequence[str], token_counts: Sequence[int] | None, num_samples: int
 ) -> list[dict]:
     """
     Grade `num_samples` completions per problem (problem `p`'s at `p * num_samples ...`) with the math reward.
+
+    Args:
+        answers (`Sequence`): one gold answer per problem.
+        completions (`Sequence[str]`): `len(answers) * num_samples` completion texts.
+        token_counts (`Sequence[int]` or `None`): tokens generated per completion; `None` for completions whose
+            length is unknown (the records then have no `completion_tokens`).
+        num_samples (`int`): completions per problem (`n`).
 
     Returns:
         `list[dict]`: one record per problem: `answer`, `completions`, `scores` (1.0 / 0.0 each), `completion_tokens`,
         `num_correct`, `gradable` (`False` when the gold answer does not parse; every sample then scores 0) and
         `pass_at_k` (`{k: estimate}` for k = 1..n).
     """
-    if len(completions) != len(answers) * num_samples or len(token_counts) != len(completions):
+    if len(completions) != len(answers) * num_samples or (
+        token_counts is not None and len(token_counts) != len(completions)
+    ):
         raise ValueError(
             f"Expected {len(answers)} × {num_samples} completions and token counts, got {len(completions)} and "
-            f"{len(token_counts)}."
+            f"{'no' if token_counts is None else len(token_counts)}."
         )
     problems = []
     for p, gold in enumerate(answers):
@@ -406,40 +416,46 @@ def grade_problems(
         grades = [grade_answer(text, gold) for text in texts]
         scores = [grade or 0.0 for grade in grades]
         correct = int(sum(scores))
-        problems.append(
+        record = {"answer": gold, "completions": texts, "scores": scores}
+        if token_counts is not None:
+            record["completion_tokens"] = [int(n) for n in token_counts[p * num_samples : (p + 1) * num_samples]]
+        record.update(
             {
-                "answer": gold,
-                "completions": texts,
-                "scores": scores,
-                "completion_tokens": [int(n) for n in token_counts[p * num_samples : (p + 1) * num_samples]],
                 "num_correct": correct,
                 "gradable": all(grade is not None for grade in grades),
                 "pass_at_k": {k: pass_at_k(num_samples, correct, k) for k in range(1, num_samples + 1)},
             }
         )
+        problems.append(record)
     return problems
 
 
 def summarize(problems: Sequence[dict], num_samples: int) -> dict:
     """
     Aggregate [`grade_problems`] records: `mean_accuracy` (mean@n, accuracy over all samples), `pass_at_k`
-    (`{k: mean over problems}` for k = 1..n), `mean_completion_tokens`, `num_problems`, `num_samples` and
-    `num_ungradable` (problems whose gold answer does not parse, counted as wrong).
+    (`{k: mean over problems}` for k = 1..n), `mean_completion_tokens` (when the records count tokens),
+    `num_problems`, `num_samples` and `num_ungradable` (problems whose gold answer does not parse, counted as wrong).
     """
     if not problems:
         raise ValueError("Nothing to summarise: no problems were evaluated.")
     scores = [score for problem in problems for score in problem["scores"]]
-    tokens = [count for problem in problems for count in problem["completion_tokens"]]
-    return {
+    summary = {
         "mean_accuracy": sum(scores) / len(scores),
         "pass_at_k": {
             k: sum(problem["pass_at_k"][k] for problem in problems) / len(problems) for k in range(1, num_samples + 1)
         },
-        "mean_completion_tokens": sum(tokens) / len(tokens),
-        "num_problems": len(problems),
-        "num_samples": num_samples,
-        "num_ungradable": sum(not problem["gradable"] for problem in problems),
     }
+    if all("completion_tokens" in problem for problem in problems):
+        tokens = [count for problem in problems for count in problem["completion_tokens"]]
+        summary["mean_completion_tokens"] = sum(tokens) / len(tokens)
+    summary.update(
+        {
+            "num_problems": len(problems),
+            "num_samples": num_samples,
+            "num_ungradable": sum(not problem["gradable"] for problem in problems),
+        }
+    )
+    return summary
 
 
 def _check_dataset(dataset, num_samples: int) -> tuple[list, list]:
@@ -563,6 +579,30 @@ def metrics_for_logging(summary: dict, prefix: str) -> dict[str, float]:
     metrics.update({f"{prefix}/pass@{k}": value for k, value in summary["pass_at_k"].items()})
     metrics[f"{prefix}/mean_completion_tokens"] = summary["mean_completion_tokens"]
     return metrics
+
+
+def load_metric(**kwargs):
+    """
+    The `math_pass_at_k` metric of Hugging Face `evaluate`, loaded from the module shipped in `trl_tip/metrics`
+    (nothing is fetched from the Hub; works with `HF_HUB_OFFLINE=1`). It grades with [`grade_problems`] and
+    aggregates with [`summarize`], so it reports the numbers `trl-tip eval` reports for the same completions.
+
+    Args:
+        kwargs: passed to `evaluate.load` (e.g. `experiment_id`, `keep_in_memory`, `num_process`, `process_id`).
+
+    Example:
+
+    ```python
+    >>> metric = load_metric()
+    >>> metric.compute(predictions=[["\\boxed{4}", "\\boxed{5}"]], references=["4"], k=[1, 2])
+    {'pass@1': 0.5, 'pass@2': 1.0, 'mean@n': 0.5, 'num_ungradable': 0, 'num_problems': 1, 'num_samples': 2}
+    ```
+    """
+    import evaluate
+
+    from .metrics import METRIC_PATHS
+
+    return evaluate.load(METRIC_PATHS["math_pass_at_k"], **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -701,6 +741,7 @@ __all__ = [
     "evaluate_pass_at_k_vllm",
     "grade_problems",
     "load_benchmark",
+    "load_metric",
     "load_vllm_engine",
     "pass_at_k",
     "summarize",

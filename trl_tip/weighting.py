@@ -51,20 +51,21 @@ def paced_weight(
 
 
 ACE_TRANSFORMS = ("softplus", "relu")
-ACE_CONFIDENCE_REDUCTIONS = ("mean", "sum")
+ACE_CONFIDENCE_REDUCTIONS = ("sum", "mean")
 
 
 def ace_confidence_shift(
     policy_logps: torch.Tensor,
     reference_logps: torch.Tensor,
     mask: torch.Tensor,
-    reduction: str = "mean",
+    reduction: str = "sum",
 ) -> torch.Tensor:
     """
-    Confidence shift of each rollout: mean (or sum) over its completion tokens of `log π_old(y_t) − log π_ref(y_t)`.
+    Confidence shift of each rollout: sum (or mean) over its completion tokens of `log π_old(y_t) − log π_ref(y_t)`.
 
-    A positive shift means the policy has become more sure of this rollout than the reference model was. The result
-    is detached: ACE uses it as a fixed coefficient, never as a path for gradients.
+    With `"sum"` this is ACE's sequence-level log-ratio `c_i = log π_old(y_i|x) − log π_ref(y_i|x)`. A positive shift
+    means the policy has become more sure of this rollout than the reference model was. The result is detached: ACE
+    uses it as a fixed coefficient, never as a path for gradients.
 
     Args:
         policy_logps (`torch.Tensor` of shape `(B, T)`):
@@ -73,8 +74,9 @@ def ace_confidence_shift(
             Per-token log-probabilities of the same tokens under the reference model.
         mask (`torch.Tensor` of shape `(B, T)`):
             1 for completion tokens that count, 0 for padding (and tool output, when there is any).
-        reduction (`str`, *optional*, defaults to `"mean"`):
-            `"mean"` (divide by the number of counted tokens) or `"sum"` of the per-token log-ratios.
+        reduction (`str`, *optional*, defaults to `"sum"`):
+            `"sum"` of the per-token log-ratios (the sequence-level log-ratio, as ACE defines it) or `"mean"` (divided
+            by the number of counted tokens; near 0 for every rollout, which makes a softplus factor ≈ `1 + α·ln 2`).
 
     Returns:
         `torch.Tensor` of shape `(B,)`: the shift per rollout, `0` for a rollout with no counted tokens.
@@ -85,6 +87,8 @@ def ace_confidence_shift(
     >>> policy = torch.tensor([[-1.0, -2.0, -9.0]])
     >>> reference = torch.tensor([[-1.5, -3.0, -1.0]])
     >>> ace_confidence_shift(policy, reference, torch.tensor([[1, 1, 0]]))
+    tensor([1.5000])
+    >>> ace_confidence_shift(policy, reference, torch.tensor([[1, 1, 0]]), reduction="mean")
     tensor([0.7500])
     ```
     """
@@ -105,9 +109,18 @@ def ace_confidence_shift(
     return total / counted.sum(dim=-1).clamp(min=1).to(total.dtype)
 
 
-def ace_scale_factors(confidence_shift: torch.Tensor, alpha: float = 1.0, transform: str = "softplus") -> torch.Tensor:
+def ace_scale_factors(
+    confidence_shift: torch.Tensor,
+    alpha: float = 1.0,
+    transform: str = "softplus",
+    max_factor: float | None = None,
+) -> torch.Tensor:
     """
     The factor `1 + α · g(c)` by which [`ace_scale_advantages`] multiplies a negative advantage, per rollout.
+
+    Its size by `c`: for `c ≪ 0`, `softplus(c) ≈ e^c` and the factor is ≈ 1; at `c = 0` it is `1 + α·ln 2`; for
+    `c ≫ 0`, `softplus(c) ≈ c` and the factor grows linearly, ≈ `1 + α·c` (a sequence-level shift of 20 nats makes
+    a wrong rollout's advantage 21 times larger at `α = 1`). `relu` gives exactly 1 for `c ≤ 0` and `1 + α·c` above.
 
     Args:
         confidence_shift (`torch.Tensor`):
@@ -117,20 +130,27 @@ def ace_scale_factors(confidence_shift: torch.Tensor, alpha: float = 1.0, transf
         transform (`str`, *optional*, defaults to `"softplus"`):
             `g`: `"softplus"` (smooth, always positive, `g(0) = ln 2`) or `"relu"` (only rollouts whose confidence
             grew get a factor above 1).
+        max_factor (`float` or `None`, *optional*, defaults to `None`):
+            Upper bound `>= 1` on the factor; `None` leaves it unbounded, as the paper does.
 
     Returns:
-        `torch.Tensor`: the factors, same shape and dtype as `confidence_shift`, each `>= 1`.
+        `torch.Tensor`: the factors, same shape and dtype as `confidence_shift`, each `>= 1` (and `<= max_factor`).
     """
     if transform not in ACE_TRANSFORMS:
         raise ValueError(f"transform must be one of {ACE_TRANSFORMS}, got {transform!r}.")
     if not alpha >= 0:  # also rejects NaN
         raise ValueError(f"alpha must be >= 0, got {alpha}.")
+    if max_factor is not None and not max_factor >= 1:
+        raise ValueError(f"max_factor must be None or >= 1, got {max_factor}.")
     confidence_shift = confidence_shift.detach()
     if alpha == 0:
         # Exactly 1 even where g(c) is not finite, so that alpha = 0 is plain GRPO whatever the shifts are.
         return torch.ones_like(confidence_shift)
     penalty = torch.nn.functional.softplus(confidence_shift) if transform == "softplus" else confidence_shift.relu()
-    return 1.0 + alpha * penalty
+    factors = 1.0 + alpha * penalty
+    if max_factor is not None:
+        factors = factors.clamp(max=max_factor)
+    return factors
 
 
 def ace_scale_advantages(
@@ -138,6 +158,7 @@ def ace_scale_advantages(
     confidence_shift: torch.Tensor,
     alpha: float = 1.0,
     transform: str = "softplus",
+    max_factor: float | None = None,
 ) -> torch.Tensor:
     """
     ACE's asymmetric confidence-aware error penalty: `Ã = A · (1 + α · g(c))` where `A < 0`, `Ã = A` elsewhere.
@@ -157,9 +178,15 @@ def ace_scale_advantages(
         transform (`str`, *optional*, defaults to `"softplus"`):
             `g`: `"softplus"` (smooth, always positive, `g(0) = ln 2`) or `"relu"` (only rollouts whose confidence
             grew are scaled).
+        max_factor (`float` or `None`, *optional*, defaults to `None`):
+            Upper bound `>= 1` on the factor (see [`ace_scale_factors`]); `None` leaves it unbounded.
 
     Returns:
         `torch.Tensor`: the scaled advantages, same shape and dtype as `advantages`.
+
+    Raises:
+        `FloatingPointError`: if a scaled advantage is not finite (an infinite or NaN confidence shift of a wrong
+        rollout, or a product beyond the dtype's range), rather than let it reach the loss.
 
     Example:
 
@@ -173,7 +200,14 @@ def ace_scale_advantages(
             f"Expected advantages of shape (B,) or (B, T) and one confidence shift per rollout, of shape (B,); got "
             f"advantages {tuple(advantages.shape)} and confidence_shift {tuple(confidence_shift.shape)}."
         )
-    factors = ace_scale_factors(confidence_shift, alpha, transform).to(advantages.dtype)
+    factors = ace_scale_factors(confidence_shift, alpha, transform, max_factor).to(advantages.dtype)
     if advantages.dim() == 2:
         factors = factors.unsqueeze(-1)
-    return torch.where(advantages < 0, advantages * factors, advantages)
+    scaled = torch.where(advantages < 0, advantages * factors, advantages)
+    if not torch.isfinite(scaled[torch.isfinite(advantages)]).all():
+        raise FloatingPointError(
+            "ACE scaled a finite advantage to a non-finite value (a confidence shift of inf/NaN, or a factor beyond "
+            f"the {advantages.dtype} range; largest factor {factors.max().item():.4g}). Set a finite `max_factor` "
+            "(ACEGRPOConfig.ace_max_factor) or lower alpha."
+        )
+    return scaled

@@ -33,8 +33,9 @@ class ACEGRPOConfig(GRPOConfig):
 
     Extends [`~trl.GRPOConfig`] with the parameters of ACE, an asymmetric confidence-aware error penalty: the advantage
     `A_i < 0` of a wrong rollout is multiplied by `1 + α · g(c_i)`, where `c_i` is the rollout's confidence shift, the
-    mean (or sum) over its completion tokens of `log π_old(y_t) − log π_ref(y_t)`. Rollouts with `A_i >= 0` are left
-    alone. With `ace_alpha=0.0` training is exactly that of [`~trl.GRPOTrainer`].
+    sequence-level log-ratio `log π_old(y_i|x) − log π_ref(y_i|x)`, i.e. the sum over its completion tokens of
+    `log π_old(y_t) − log π_ref(y_t)`. Rollouts with `A_i >= 0` are left alone. With `ace_alpha=0.0` training is
+    exactly that of [`~trl.GRPOTrainer`].
 
     Parameters:
         ace_alpha (`float`, *optional*, defaults to `1.0`):
@@ -42,9 +43,13 @@ class ACEGRPOConfig(GRPOConfig):
         ace_transform (`str`, *optional*, defaults to `"softplus"`):
             Function `g` applied to the confidence shift: `"softplus"` (smooth; every wrong rollout is scaled by at
             least `1 + α · ln 2`) or `"relu"` (only wrong rollouts the policy became more confident in are scaled).
-        ace_confidence (`str`, *optional*, defaults to `"mean"`):
-            How the per-token log-ratios of a rollout are combined into its confidence shift: `"mean"` or `"sum"`.
-            `"sum"` grows with the completion length.
+        ace_confidence (`str`, *optional*, defaults to `"sum"`):
+            How the per-token log-ratios of a rollout are combined into its confidence shift: `"sum"` (the paper's
+            sequence-level log-ratio) or `"mean"`. A per-token mean stays near 0, where softplus makes the factor a
+            near-constant `1 + α · ln 2` on every wrong rollout: a flat up-weighting of negatives, not ACE.
+        ace_max_factor (`float` or `None`, *optional*, defaults to `None`):
+            Upper bound `>= 1` on the factor `1 + α · g(c_i)`. `None` (the paper's setting) leaves it unbounded: with
+            `"sum"` the factor is ≈ `1 + α · c_i` for large shifts and can reach tens on long rollouts.
 
     The reference model `π_ref` is needed even when `beta=0.0`: with a PEFT model it is the model with the adapter
     disabled (or TRL's frozen `"ref"` copy of a pretrained adapter), otherwise a frozen copy of the initial model is
@@ -67,11 +72,19 @@ class ACEGRPOConfig(GRPOConfig):
         },
     )
     ace_confidence: str = field(
-        default="mean",
+        default="sum",
         metadata={
             "help": "How a rollout's per-token log-ratios log π_old − log π_ref are combined into its confidence "
-            "shift: 'mean' or 'sum' over its completion tokens.",
+            "shift: 'sum' (the sequence-level log-ratio log π_old(y|x) − log π_ref(y|x), as the paper defines it) or "
+            "'mean' (near 0 for every rollout, so softplus gives a flat factor ≈ 1 + α·ln 2).",
             "choices": list(ACE_CONFIDENCE_REDUCTIONS),
+        },
+    )
+    ace_max_factor: float | None = field(
+        default=None,
+        metadata={
+            "help": "Upper bound >= 1 on the factor 1 + α·g(c) of a wrong rollout. None (the paper's setting) leaves "
+            "it unbounded; for large c the factor is ≈ 1 + α·c."
         },
     )
 
@@ -84,6 +97,12 @@ class ACEGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"ace_confidence must be one of {list(ACE_CONFIDENCE_REDUCTIONS)}, got {self.ace_confidence!r}."
             )
+        if self.ace_max_factor is not None:
+            if not isinstance(self.ace_max_factor, (int, float)) or not self.ace_max_factor >= 1:
+                raise ValueError(
+                    f"ace_max_factor must be None (no bound) or a number >= 1, got {self.ace_max_factor!r}."
+                )
+            self.ace_max_factor = float(self.ace_max_factor)
         self.ace_alpha = float(self.ace_alpha)
         super().__post_init__()
 
@@ -104,7 +123,7 @@ class ACEGRPOTrainer(TrlTipHubMixin, GRPOTrainer):
     """
     Trainer for ACE-GRPO: Group Relative Policy Optimization with an asymmetric confidence-aware error penalty.
 
-    After TRL computes the group-normalised advantages, each rollout's confidence shift `c_i` (mean over its
+    After TRL computes the group-normalised advantages, each rollout's confidence shift `c_i` (sum over its
     completion tokens of `log π_old − log π_ref`, detached) is measured and the advantage of every wrong rollout
     (`A_i < 0`) is scaled by `1 + α · g(c_i)` (see [`~trl_tip.ace_scale_advantages`]). Everything else is TRL's GRPO:
     every `loss_type`, vLLM generation, PEFT/QLoRA, multi-GPU.
@@ -114,9 +133,10 @@ class ACEGRPOTrainer(TrlTipHubMixin, GRPOTrainer):
     copy of the initial model is loaded from the policy's path (the model must therefore be given as a path or have
     been loaded with `from_pretrained`).
 
-    Logged metrics (besides GRPO's): `ace/confidence_shift_mean`, `ace/confidence_shift_min`,
-    `ace/confidence_shift_max`, `ace/scaled_fraction` (share of rollouts whose advantage was changed) and
-    `ace/scale_factor_mean` (mean factor over the negative-advantage rollouts).
+    Logged metrics (besides GRPO's): the distribution of `c_i` over the generation batch of all processes
+    (`ace/confidence_shift_mean`, `_min`, `_p10`, `_p50`, `_p90`, `_max`), that of the factor over the wrong rollouts
+    (`ace/scale_factor_mean`, `_p50`, `_p90`, `_max`) and `ace/scaled_fraction` (share of rollouts whose advantage was
+    changed).
 
     Example:
 
@@ -140,7 +160,7 @@ class ACEGRPOTrainer(TrlTipHubMixin, GRPOTrainer):
         "Learning",
         "id": "2602.21420",
     }
-    _card_fields = ("ace_alpha", "ace_transform", "ace_confidence", "loss_type", "num_generations")
+    _card_fields = ("ace_alpha", "ace_transform", "ace_confidence", "ace_max_factor", "loss_type", "num_generations")
 
     def __init__(
         self,
@@ -243,7 +263,7 @@ class ACEGRPOTrainer(TrlTipHubMixin, GRPOTrainer):
             )
         advantages = output["advantages"]
         output["advantages"] = ace_scale_advantages(
-            advantages, confidence_shift, self.args.ace_alpha, self.args.ace_transform
+            advantages, confidence_shift, self.args.ace_alpha, self.args.ace_transform, self.args.ace_max_factor
         )
         self._log_ace_metrics(mode, advantages, confidence_shift)
         return output
@@ -284,12 +304,24 @@ class ACEGRPOTrainer(TrlTipHubMixin, GRPOTrainer):
     def _log_ace_metrics(self, mode, advantages, confidence_shift):
         shifts = self.accelerator.gather(confidence_shift).float()
         advantages = self.accelerator.gather(advantages)
-        factors = ace_scale_factors(shifts, self.args.ace_alpha, self.args.ace_transform)
+        if advantages.dim() == 2:  # per-token advantages: a rollout's sign is that of its first token
+            advantages = advantages[:, 0]
+        factors = ace_scale_factors(shifts, self.args.ace_alpha, self.args.ace_transform, self.args.ace_max_factor)
         negative = advantages < 0
         metrics = self._metrics[mode]
+        shift_quantiles = torch.quantile(shifts, torch.tensor([0.1, 0.5, 0.9], device=shifts.device))
         metrics["ace/confidence_shift_mean"].append(shifts.mean().item())
         metrics["ace/confidence_shift_min"].append(shifts.min().item())
+        for name, value in zip(("p10", "p50", "p90"), shift_quantiles.tolist()):
+            metrics[f"ace/confidence_shift_{name}"].append(value)
         metrics["ace/confidence_shift_max"].append(shifts.max().item())
         metrics["ace/scaled_fraction"].append((negative & (factors != 1)).float().mean().item())
-        # NaN when no rollout is wrong; TRL's `log` leaves NaN out of the average.
-        metrics["ace/scale_factor_mean"].append(factors[negative].mean().item() if negative.any() else float("nan"))
+        # The factor only acts on wrong rollouts; NaN when there is none (TRL's `log` leaves NaN out of the average).
+        wrong = factors[negative]
+        if wrong.numel():
+            factor_quantiles = torch.quantile(wrong, torch.tensor([0.5, 0.9], device=wrong.device)).tolist()
+            values = (wrong.mean().item(), *factor_quantiles, wrong.max().item())
+        else:
+            values = (float("nan"),) * 4
+        for name, value in zip(("mean", "p50", "p90", "max"), values):
+            metrics[f"ace/scale_factor_{name}"].append(value)
