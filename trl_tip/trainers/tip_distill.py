@@ -11,7 +11,7 @@ import trl.trainer.distillation_trainer as _trl_distillation
 from trl import DistillationConfig, DistillationTrainer
 
 from ..hub import TrlTipHubMixin
-from ..losses import selective_divergence_loss
+from ..losses import STUDENT_SIDE_METHODS, selective_divergence_loss
 from ..quantization import keep_4bit_weights_trainable
 from ..selection import SELECTION_METHODS, quadrant_counts, tokens_per_rollout
 
@@ -180,7 +180,9 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
     The constructor is [`~trl.DistillationTrainer`]'s. Logged per step, besides TRL's metrics: `tip/kept_fraction`,
     the quadrant shares `tip/q1_share` … `tip/q4_share` (batch-median split of entropy and divergence; Q3 = confident
     and far from the teacher), and the mean normalised entropy and reverse KL of kept vs all tokens
-    (`tip/entropy_kept`, `tip/entropy_all`, `tip/divergence_kept`, `tip/divergence_all`).
+    (`tip/entropy_kept`, `tip/entropy_all`, `tip/divergence_kept`, `tip/divergence_all`). The rules that select from
+    the student alone (`random`, `entropy_sample`, `entropy_topk`) project the teacher's `lm_head` on the kept tokens
+    only, so they log neither `tip/divergence_all` nor the quadrant shares.
 
     Example:
 
@@ -263,10 +265,12 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
         metrics["tip/kept_fraction"].append(n_kept / n_valid if n_valid else 0.0)
         metrics["tip/entropy_all"].append(h_all / n_valid if n_valid else 0.0)
         metrics["tip/entropy_kept"].append(h_kept / n_kept if n_kept else 0.0)
-        metrics["tip/divergence_all"].append(d_all / n_valid if n_valid else 0.0)
         metrics["tip/divergence_kept"].append(d_kept / n_kept if n_kept else 0.0)
-        for name, count in zip(("q1", "q2", "q3", "q4"), quadrants, strict=True):
-            metrics[f"tip/{name}_share"].append(count / n_valid if n_valid else 0.0)
+        if self.token_selection not in STUDENT_SIDE_METHODS:
+            # The entropy-only rules never score the divergence of unkept tokens.
+            metrics["tip/divergence_all"].append(d_all / n_valid if n_valid else 0.0)
+            for name, count in zip(("q1", "q2", "q3", "q4"), quadrants, strict=True):
+                metrics[f"tip/{name}_share"].append(count / n_valid if n_valid else 0.0)
         return output
 
     def _selective_divergence_loss(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -281,6 +285,9 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
         )
         mask, keep, entropy, reverse_kl = result.mask, result.keep, result.entropy, result.reverse_kl
         with torch.no_grad():
+            # Under the entropy-only rules the divergence exists on kept tokens only (NaN elsewhere): the sums over
+            # all tokens are placeholders, not logged (see `compute_loss`).
+            scored_everywhere = self.token_selection not in STUDENT_SIDE_METHODS
             self._tip_sums = torch.cat(
                 [
                     torch.stack(
@@ -289,11 +296,13 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
                             keep.sum().float(),
                             entropy[mask].sum(),
                             entropy[keep].sum(),
-                            reverse_kl[mask].sum(),
+                            reverse_kl[mask].sum() if scored_everywhere else entropy.new_zeros(()),
                             reverse_kl[keep].sum(),
                         ]
                     ),
-                    quadrant_counts(entropy, reverse_kl, mask).to(entropy.device),
+                    quadrant_counts(entropy, reverse_kl, mask).to(entropy.device)
+                    if scored_everywhere
+                    else entropy.new_zeros(4),
                 ]
             )
         return result.loss, result.entropy_sum, result.num_valid
