@@ -101,6 +101,10 @@ def test_evaluate_pass_at_k_aggregates_graded_samples(monkeypatch):
 def test_an_unparseable_gold_answer_counts_as_wrong_and_is_reported():
     problems = grade_problems(["4", ""], ["\\boxed{4}", "\\boxed{1}", "\\boxed{1}", "x"], [1, 2, 3, 4], 2)
     assert [p["gradable"] for p in problems] == [True, False]
+    # Gold answers that are not mathematical objects count as ungradable too, even when a sample repeats them.
+    for gold in ("n/a", "see solution", "\\frac{", "???"):
+        (problem,) = grade_problems([gold], [f"\\boxed{{{gold}}}", "\\boxed{1}"], [1, 1], 2)
+        assert not problem["gradable"] and problem["scores"] == [0.0, 0.0]
     assert problems[1]["scores"] == [0.0, 0.0]
     summary = summarize(problems, 2)
     assert summary["num_ungradable"] == 1 and summary["mean_accuracy"] == pytest.approx(0.25)
@@ -193,9 +197,12 @@ def test_named_benchmarks_read_problem_and_answer_columns(monkeypatch, name, pat
     dataset = load_benchmark(name)
     assert calls == [(path, None, split)]
     assert BENCHMARKS[name].path == path
-    assert sorted(dataset.column_names) == ["answer", "problem", "prompt"]
+    # MATH-500's `level` is kept (trl-tip eval reports accuracy per level); the other extra columns are not.
+    level = {"level": columns["level"][0]} if "level" in columns else {}
+    assert sorted(dataset.column_names) == sorted(["answer", "problem", "prompt", *level])
     expected = "Find $x$.\n\nPlease reason step by step, and put your final answer within \\boxed{}."
-    assert dataset[0] == {"prompt": [{"role": "user", "content": expected}], "answer": "204", "problem": "Find $x$."}
+    assert dataset[0] == {"prompt": [{"role": "user", "content": expected}], "answer": "204", "problem": "Find $x$.",
+                          **level}
 
 
 def test_hub_id_with_overrides_and_missing_columns(monkeypatch):

@@ -334,6 +334,20 @@ def test_estimation_recovers_scripted_pass_rates_and_weights(arithmetic_models, 
     assert _logged(trainer, "paced/weight_mean")[0] == pytest.approx(expected_weights[indices].mean().item())
     assert _logged(trainer, "paced/pass_rate_share_1")[0] == pytest.approx(4 / 24)
     assert _logged(trainer, "paced/pass_rate_share_unknown")[0] == pytest.approx(1 / 24)
+    assert _logged(trainer, "paced/ungradable_problems")[0] == 1
+
+
+def test_gold_answers_that_are_not_mathematical_are_counted_not_graded_zero(arithmetic_models, problems, tmp_path):
+    # math-verify reads "n/a" as n/a and "see solution" as a product of letters; they are ungradable, not p = 0.
+    answers = list(problems["answer"][:8])
+    answers[1], answers[5] = "n/a", "see solution"
+    dataset = problems.select(range(8)).remove_columns("answer").add_column("answer", answers)
+    trainer = _trainer(arithmetic_models, _config(tmp_path, max_steps=1, pass_rate_rollouts=2), dataset)
+    trainer.train()
+    table = trainer.pass_rate_table
+    assert table.num_graded.tolist() == [2, 0, 2, 2, 2, 0, 2, 2]
+    assert math.isnan(table.pass_rates[1].item()) and math.isnan(table.pass_rates[5].item())
+    assert _logged(trainer, "paced/ungradable_problems")[0] == 2
 
 
 def test_estimation_with_the_math_reward_measures_the_student(arithmetic_models, problems, tmp_path):

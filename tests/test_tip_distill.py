@@ -146,3 +146,24 @@ def test_dataset_without_prompt_is_a_clear_error(tiny_model_paths, tmp_path):
     with pytest.raises(ValueError, match="no `prompt` column"):
         TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model_paths["teacher"],
                           args=_config(TipDistillConfig, tmp_path, max_steps=1), train_dataset=data)
+
+
+@pytest.mark.parametrize("token_selection", ["random", "entropy_sample"])
+def test_resume_with_sampled_selection_repeats_the_uninterrupted_run(tiny_model_paths, prompts, tmp_path,
+                                                                     token_selection):
+    # The selection generator is saved per process in every checkpoint and restored on resume, so the resumed run
+    # draws the same tokens as the uninterrupted one and ends on bit-identical parameters.
+    settings = {"token_selection": token_selection, "max_steps": 4, "per_device_train_batch_size": 4,
+                "save_strategy": "steps", "save_steps": 2}
+    whole, _ = _train(TipDistillTrainer, _config(TipDistillConfig, tmp_path / "whole", **settings), tiny_model_paths,
+                      prompts)
+    checkpoint = tmp_path / "whole" / "checkpoint-2"
+    assert (checkpoint / "tip_selection_rng_0.pth").is_file()
+    resumed = TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model_paths["teacher"],
+                                args=_config(TipDistillConfig, tmp_path / "resumed", **settings),
+                                train_dataset=prompts)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    for (name, whole_param), (_, resumed_param) in zip(whole.model.named_parameters(),
+                                                       resumed.model.named_parameters(), strict=True):
+        assert torch.equal(whole_param, resumed_param), name

@@ -451,3 +451,16 @@ def student_entropy(
         # The closed form of `token_stats`.
         entropy_nats = (s_max + torch.log(s_sum)) - s_x_sum / s_sum
         return (entropy_nats / math.log(vocab)).reshape(leading_shape), entropy_nats.reshape(leading_shape)
+
+
+def shared_vocab_head(
+    weight: torch.Tensor, bias: torch.Tensor | None, vocab_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """
+    The first `vocab_size` rows of an `lm_head` weight and bias, as views (no copy; gradients reach the full weight,
+    with zeros on the rows left out). `vocab_size=None` returns them unchanged. Used when two heads padded to
+    different sizes share a tokenizer: both are compared over the rows the tokenizer can produce.
+    """
+    if vocab_size is None or vocab_size == weight.shape[0]:
+        return weight, bias
+    return weight[:vocab_size], None if bias is None else bias[:vocab_size]

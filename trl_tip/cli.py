@@ -2,6 +2,7 @@
 The `trl-tip` command.
 
     trl-tip eval --model Qwen/Qwen3-1.7B --dataset math500 aime24 aime25 --n 16 --backend vllm
+    trl-tip eval --compare eval_results/grpo eval_results/ace --output_dir eval_results
 
 `python -m trl_tip.cli ...` runs the same command without the console script.
 """
@@ -14,7 +15,7 @@ import os
 import sys
 import time
 
-from .evaluation import BENCHMARKS, BUILTIN
+from .evaluation import BENCHMARKS, BUILTIN, LEVEL_COLUMN
 
 
 def _slug(name: str) -> str:
@@ -41,7 +42,9 @@ def _positive_int(text: str) -> int:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `trl-tip eval`."""
     names = ", ".join([BUILTIN, *BENCHMARKS])
-    parser.add_argument("--model", required=True, help="Model path or Hub id (a saved checkpoint works).")
+    parser.add_argument(
+        "--model", default=None, help="Model path or Hub id (a saved checkpoint works). Required unless --compare."
+    )
     parser.add_argument(
         "--dataset",
         nargs="+",
@@ -101,7 +104,19 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output_dir",
         default="eval_results",
-        help="Where to write <dataset>.jsonl (one record per problem) and summary.json (default: eval_results).",
+        help="Where to write <dataset>.jsonl (one record per problem), summary.json and the pass@k plot "
+        "pass_at_k.png (default: eval_results).",
+    )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        default=None,
+        metavar="RUN",
+        help="Sample nothing: overlay two or more finished runs (their --output_dir, or their summary.json) in "
+        "<output_dir>/compare_pass_at_k.png (and compare_<dataset>_levels.png), e.g. --compare runs/grpo runs/ace.",
+    )
+    parser.add_argument(
+        "--labels", nargs="+", default=None, help="Legend labels of the --compare runs (default: their directory names)."
     )
 
 
@@ -116,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample n completions per problem of a math benchmark, grade them with math-verify (last "
         "\\boxed{} or 'Answer:' line), and report accuracy mean@n, unbiased pass@k for k = 1..n and the mean "
         "completion length in tokens. Per-problem results go to <output_dir>/<dataset>.jsonl, the summary to "
-        "<output_dir>/summary.json.",
+        "<output_dir>/summary.json, a pass@k-against-k plot to <output_dir>/pass_at_k.png (and accuracy per level "
+        "to <dataset>_levels.png when the dataset has a `level` column). --compare overlays finished runs.",
     )
     add_eval_arguments(evaluate)
     return parser
@@ -143,6 +159,7 @@ def run_eval(args: argparse.Namespace) -> dict:
         evaluate_pass_at_k_vllm,
         load_benchmark,
         load_vllm_engine,
+        summarize_by,
     )
 
     datasets = {
@@ -201,6 +218,8 @@ def run_eval(args: argparse.Namespace) -> dict:
                 **sampling,
             )
         summary = {**summary, "max_new_tokens": max_new_tokens, "seconds": time.perf_counter() - started}
+        if problems and LEVEL_COLUMN in problems[0]:
+            summary["by_level"] = summarize_by(problems, LEVEL_COLUMN, args.n)
         path = os.path.join(args.output_dir, f"{_slug(name)}.jsonl")
         with open(path, "w", encoding="utf-8") as file:
             for problem in problems:
@@ -211,7 +230,30 @@ def run_eval(args: argparse.Namespace) -> dict:
     report = {"model": args.model, "backend": args.backend, "num_samples": args.n, **sampling, "results": results}
     with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as file:
         json.dump(report, file, indent=2)
+    _write_plots(report, args.output_dir)
     return report
+
+
+def _write_plots(report: dict, output_dir: str) -> None:
+    from .eval_plots import write_run_plots
+
+    try:
+        paths = write_run_plots(report, output_dir)
+    except ImportError as error:
+        # The numbers are written; only the picture needs the optional dependency.
+        print(f"No plot written: {error}", flush=True)
+        return
+    print(f"  plots: {', '.join(str(path) for path in paths)}", flush=True)
+
+
+def run_compare(args: argparse.Namespace) -> list:
+    """Run `trl-tip eval --compare`: overlay finished runs' summaries; returns the PNGs written."""
+    from .eval_plots import compare_runs
+
+    paths = compare_runs(args.compare, args.output_dir, labels=args.labels)
+    for path in paths:
+        print(f"comparison: {path}", flush=True)
+    return paths
 
 
 def _load_model(args: argparse.Namespace):
@@ -226,8 +268,25 @@ def _load_model(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "eval":
+        if args.compare is not None:
+            if args.model is not None:
+                parser.error("--compare reads finished runs and samples nothing: drop --model (or run it separately).")
+            if len(args.compare) < 2:
+                parser.error(f"--compare needs two or more runs to overlay, got {len(args.compare)}.")
+            if args.labels is not None and len(args.labels) != len(args.compare):
+                parser.error(f"--labels needs one label per --compare run: {len(args.labels)} for {len(args.compare)}.")
+            try:
+                run_compare(args)
+            except (FileNotFoundError, ValueError) as error:
+                parser.error(str(error))
+            return 0
+        if args.model is None:
+            parser.error("the following arguments are required: --model (or --compare RUN RUN to overlay runs)")
+        if args.labels is not None:
+            parser.error("--labels names --compare runs; it needs --compare.")
         run_eval(args)
     return 0
 

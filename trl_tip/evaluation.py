@@ -17,6 +17,7 @@ The pieces, from the bottom up:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 import torch
@@ -64,6 +65,8 @@ BENCHMARKS = {
 # The built-in task's test split (`trl_tip.tasks.build_arithmetic_dataset()['test']`), prompts as they are.
 BUILTIN = "builtin"
 BUILTIN_MAX_NEW_TOKENS = 32
+# A benchmark column kept beside prompt / answer / problem when the dataset has it (MATH-500's difficulty, 1-5).
+LEVEL_COLUMN = "level"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -156,7 +159,8 @@ def load_benchmark(
 ):
     """
     A benchmark as a [`~datasets.Dataset`] with `prompt` (one user turn: the problem in the prompt template), `answer`
-    and `problem` columns, ready for [`evaluate_pass_at_k`].
+    and `problem` columns (and `level` when the Hub dataset has one, as MATH-500 does), ready for
+    [`evaluate_pass_at_k`].
 
     Args:
         name (`str`): `"builtin"` (the built-in task's 300 test problems), a name of `BENCHMARKS` (`"math500"`,
@@ -201,6 +205,8 @@ def load_benchmark(
                 # Gold answers as text (AIME stores some as integers); math-verify parses them.
                 "answer": [str(answer) for answer in dataset[benchmark.answer_column]],
                 "problem": problems,
+                # MATH's difficulty (1-5): `trl-tip eval` reports and plots accuracy per level.
+                **({LEVEL_COLUMN: list(dataset[LEVEL_COLUMN])} if LEVEL_COLUMN in dataset.column_names else {}),
             }
         )
     if num_problems is not None:
@@ -456,6 +462,25 @@ def summarize(problems: Sequence[dict], num_samples: int) -> dict:
         }
     )
     return summary
+
+
+def _natural_key(text: str) -> tuple:
+    # "Level 2" before "Level 10", numbers before words.
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text) if part)
+
+
+def summarize_by(problems: Sequence[dict], column: str, num_samples: int) -> dict[str, dict]:
+    """
+    [`summarize`] per value of a record's `column` (e.g. MATH's `level`): `{str(value): summary}`, values in natural
+    order ("2" before "10").
+    """
+    missing = sum(column not in problem for problem in problems)
+    if missing:
+        raise ValueError(f"{missing} of {len(problems)} records have no `{column}` to group by.")
+    groups: dict[str, list[dict]] = {}
+    for problem in problems:
+        groups.setdefault(str(problem[column]), []).append(problem)
+    return {key: summarize(groups[key], num_samples) for key in sorted(groups, key=_natural_key)}
 
 
 def _check_dataset(dataset, num_samples: int) -> tuple[list, list]:
@@ -745,4 +770,5 @@ __all__ = [
     "load_vllm_engine",
     "pass_at_k",
     "summarize",
+    "summarize_by",
 ]

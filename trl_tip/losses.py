@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from trl.kernels.chunked_logprob import _use_triton
 
-from .chunked_stats import divergence_from_stats, student_entropy, token_stats
+from .chunked_stats import divergence_from_stats, shared_vocab_head, student_entropy, token_stats
 from .selection import select_tokens
 
 
@@ -100,6 +100,7 @@ def selective_divergence_loss(
     generator: torch.Generator | None = None,
     rollout_weights: torch.Tensor | None = None,
     weight_sum: torch.Tensor | float | None = None,
+    vocab_size: int | None = None,
 ) -> SelectiveLossOutput:
     """
     TRL's generalised-JSD distillation loss (`trl.trainer.distillation_trainer._chunked_divergence_loss`, same
@@ -126,6 +127,10 @@ def selective_divergence_loss(
     backward pass. When every weight is zero the loss is an exact zero whose gradient is zero (one token stays in the
     graph so that every parameter still receives a gradient, as distributed training expects).
 
+    With `vocab_size`, both heads are compared over their first `vocab_size` rows only (views of the weights, no
+    copy): the rows a shared tokenizer can produce when the two heads are padded to different sizes. The normalised
+    entropy is then `H / ln(vocab_size)`.
+
     Batch statistics of the rules are local to the tensors passed in: no cross-process communication happens here,
     so it is safe inside a DDP/FSDP-wrapped forward.
     """
@@ -138,6 +143,12 @@ def selective_divergence_loss(
         teacher_lm_head_weight = teacher_lm_head_weight.full_tensor().to(teacher_hidden_states.dtype)
         if teacher_lm_head_bias is not None:
             teacher_lm_head_bias = teacher_lm_head_bias.full_tensor()
+    student_lm_head_weight, student_lm_head_bias = shared_vocab_head(
+        student_lm_head_weight, student_lm_head_bias, vocab_size
+    )
+    teacher_lm_head_weight, teacher_lm_head_bias = shared_vocab_head(
+        teacher_lm_head_weight, teacher_lm_head_bias, vocab_size
+    )
     logits_kwargs = {
         "student_bias": student_lm_head_bias,
         "teacher_bias": teacher_lm_head_bias,

@@ -295,11 +295,13 @@ def estimate_pass_rates(
     table.estimates += 1
     table.estimated_at_step = step
     table.online_updates = 0
-    unknown = table.histogram()["unknown"]
-    if unknown:
+    num_unknown = int(torch.isnan(table.pass_rates).sum().item())
+    if num_unknown:
         logger.warning(
-            f"{unknown:.1%} of the training problems have no graded rollout (every reward function returned "
-            "None), so their pass rate is unknown and their weight is 0. Check the `answer` column."
+            f"{num_unknown} of the {num_problems} training problems ({num_unknown / num_problems:.1%}) have no "
+            "graded rollout (every reward function returned None, e.g. for a gold answer that is not a mathematical "
+            "object such as 'n/a' or 'see solution'), so their pass rate is unknown and their weight is 0. Check the "
+            "`answer` column."
         )
     logger.info(f"Pass rates estimated at step {step}:\n" + table.summary(alpha, beta), main_process_only=True)
     return table

@@ -67,18 +67,55 @@ def _parse_expression(text: str) -> list:
     return []
 
 
+# Text that stands for "no answer" rather than for a value ("n/a" would otherwise read as n divided by a).
+_PLACEHOLDER = re.compile(r"^\s*(?:n\s*/\s*a|n\.a\.|tbd|unknown|none|null|nan|\?+|-+|—+)\s*$", re.IGNORECASE)
+# LaTeX text blocks (their content is text, graded as such) and commands (\frac, \sqrt, ...), removed before looking
+# for prose.
+_TEXT_BLOCK = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{[^{}]*\}")
+_COMMAND = re.compile(r"\\[A-Za-z]+")
+_WORD = re.compile(r"[A-Za-z]{3,}")
+# Function names an answer may spell without a backslash.
+_FUNCTION_NAMES = frozenset(
+    "sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh log exp sqrt infty inf mod gcd lcm max min deg "
+    "det".split()
+)
+
+
+def parse_gold_answer(gold: Any) -> list | None:
+    """
+    Parse a gold answer with math-verify, or return `None` when it is not a mathematical object.
+
+    math-verify never fails: what it cannot read it returns as the raw string, and letters it reads as a product of
+    symbols ("see solution" becomes e²·i·l·n·o²·s²·t·u, which any anagram would match). A gold answer is therefore
+    ungradable when it is empty, a placeholder ("n/a", "none", "???", "-"), parses to no mathematical object
+    ("\\frac{"), or holds a word of three or more letters outside LaTeX commands and `\\text{...}` (prose such as "see
+    solution"). Write text answers as `\\text{...}` to have them graded.
+    """
+    if gold is None:
+        return None
+    text = str(gold).strip()
+    if not text or _PLACEHOLDER.match(text):
+        return None
+    bare = _COMMAND.sub(" ", _TEXT_BLOCK.sub(" ", text))
+    if any(word.lower() not in _FUNCTION_NAMES for word in _WORD.findall(bare)):
+        return None
+    parsed = _parse_expression(text)
+    if not any(not isinstance(item, str) for item in parsed):
+        return None
+    return parsed
+
+
 def grade_answer(completion: str, gold: Any) -> float | None:
     """
     Grade one completion against a gold answer with math-verify.
 
     Returns:
         `float | None`: `1.0` when the extracted answer is mathematically equal to the gold one, `0.0` when it is not
-        or when the completion has no extractable answer, and `None` when the gold answer itself cannot be parsed.
+        or when the completion has no extractable answer, and `None` when the gold answer itself is not a
+        mathematical object ([`parse_gold_answer`]: empty, "n/a", "see solution", "\\frac{", "???").
     """
-    if gold is None:
-        return None
-    gold_parsed = _parse_expression(str(gold).strip())
-    if not gold_parsed:
+    gold_parsed = parse_gold_answer(gold)
+    if gold_parsed is None:
         return None
     predicted = extract_answer(completion)
     if predicted is None or predicted == "":

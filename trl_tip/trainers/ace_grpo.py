@@ -19,6 +19,7 @@ from ..weighting import (
     ace_scale_advantages,
     ace_scale_factors,
 )
+from ._inputs import check_prompts, check_sampling
 
 
 # Any non-zero value: while `GRPOTrainer.__init__` runs with it, TRL builds and prepares the reference model exactly
@@ -105,6 +106,12 @@ class ACEGRPOConfig(GRPOConfig):
             self.ace_max_factor = float(self.ace_max_factor)
         self.ace_alpha = float(self.ace_alpha)
         super().__post_init__()
+        check_sampling(
+            self.temperature,
+            self.generation_kwargs,
+            greedy_error="every rollout of a group would be the same completion, so every group-normalised "
+            "advantage is zero and nothing is learned. Remove do_sample from generation_kwargs.",
+        )
 
 
 @contextmanager
@@ -187,6 +194,7 @@ class ACEGRPOTrainer(TrlTipHubMixin, GRPOTrainer):
                 f"ACEGRPOTrainer needs an ACEGRPOConfig, got {type(args).__name__}; build one with the same fields "
                 "plus ace_alpha / ace_transform / ace_confidence."
             )
+        check_prompts(train_dataset, eval_dataset)
         if (
             args.beta == 0.0
             and peft_config is None

@@ -37,6 +37,7 @@ from trl.trainer.utils import get_config_model_id
 from ..hub import TrlTipHubMixin
 from ..instructions import INSTRUCTION_POSITIONS, add_instruction, resolve_instruction
 from ..quantization import keep_4bit_weights_trainable
+from ._inputs import check_prompts, check_sampling
 from ._teacher_prompts import pad_teacher_prompts
 
 
@@ -134,6 +135,7 @@ class OPSDCConfig(DistillationConfig):
                 "trl.DistillationTrainer to distil from a separate teacher."
             )
         super().__post_init__()
+        check_sampling(self.temperature, self.generation_kwargs)
         if self.beta == 0.0:
             warnings.warn(
                 "OPSDCConfig(beta=0.0) trains with forward KL, which collapses in self-distillation for conciseness; "
@@ -383,6 +385,7 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
             )
         self.concise_instruction = resolve_instruction(args.concise_instruction)
         self.reward_funcs = _as_reward_funcs(reward_funcs)
+        check_prompts(train_dataset, eval_dataset)
         for dataset in _map_style_datasets(train_dataset, eval_dataset):
             # Fails now, not at the first generation, on prompts that cannot carry the instruction.
             add_instruction(dataset[0]["prompt"], self.concise_instruction, args.instruction_position)

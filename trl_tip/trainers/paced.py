@@ -37,6 +37,7 @@ from ..pass_rates import (  # noqa: F401 (ema_update, pass_rates_from_rewards: i
 )
 from ..rewards import math_reward
 from ..selection import SELECTION_METHODS
+from ._inputs import check_completion_format
 from ._teacher_prompts import pad_teacher_prompts
 from .tip_distill import TipDistillConfig, TipDistillTrainer, check_prompt_column
 
@@ -561,6 +562,9 @@ class PacedTrainer(TipDistillTrainer):
             if args.teacher_completions == "auto"
             else args.teacher_completions
         )
+        if teacher_track and self._teacher_completion_source == "dataset":
+            # Checked now rather than at the first teacher-track step, after the whole pass-rate estimation.
+            check_completion_format(train_dataset, "train_dataset")
         if INDEX_COLUMN in columns:
             raise ValueError(
                 f"`train_dataset` already has a `{INDEX_COLUMN}` column, which PacedTrainer adds to index the "
@@ -611,7 +615,7 @@ class PacedTrainer(TipDistillTrainer):
         batches of `pass_rate_batch_size` problems; every process ends with the whole table. Called when training
         starts (unless a checkpoint's table was restored) and, with `pass_rate_mode="refresh"`, on schedule.
         """
-        return estimate_pass_rates(
+        table = estimate_pass_rates(
             self.pass_rate_table,
             self.train_dataset,
             tokenize_prompts=lambda prompts: self._tokenize_prompts(prompts)[0],
@@ -626,6 +630,11 @@ class PacedTrainer(TipDistillTrainer):
             beta=self.args.paced_beta,
             disable_progress=self.args.disable_tqdm,
         )
+        # Logged with the next training metrics: problems no reward function could grade (e.g. an `answer` that is
+        # not a mathematical object, such as "n/a"), which train with weight 0.
+        num_unknown = int(torch.isnan(table.pass_rates).sum().item())
+        self._metrics["train"]["paced/ungradable_problems"].append(float(num_unknown))
+        return table
 
     def _sample_student_completions(self, prompt_ids: list[list[int]], num_generations: int) -> list[list[int]]:
         repeated = [ids for ids in prompt_ids for _ in range(num_generations)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,9 +16,13 @@ from ..hub import TrlTipHubMixin
 from ..losses import STUDENT_SIDE_METHODS, selective_divergence_loss
 from ..quantization import keep_4bit_weights_trainable
 from ..selection import SELECTION_METHODS, quadrant_counts, tokens_per_rollout
+from ..vocabulary import first_tokenizer_difference, shared_vocab_size, tokenizer_of
+from ._inputs import check_prompt_column, check_prompts, check_sampling
 
 
 TEACHER_QUANTIZATION = ("none", "4bit", "8bit")
+# The token-selection generator's state, one file per process, saved in each checkpoint next to transformers' RNG files.
+SELECTION_RNG_FILE = "tip_selection_rng_{process_index}.pth"
 
 
 def teacher_quantization_config(mode: str, compute_dtype: torch.dtype | None = None):
@@ -82,6 +88,11 @@ class TipDistillConfig(DistillationConfig):
             Load the teacher (when given as a path or Hub id) in `"4bit"` (nf4, double quantisation) or `"8bit"`
             with bitsandbytes, independently of the student. A quantised student (`quantization_config`, or
             `--load_in_4bit` in the examples) never quantises the teacher.
+        check_teacher_tokenizer (`bool`, *optional*, defaults to `True`):
+            When the teacher comes with a tokenizer (saved next to its weights), compare it with the student's at
+            init (every id's token, the special tokens, the chat template's end-of-turn token) and fail on the first
+            difference. `False` skips the comparison: you assert that the teacher reads the student's token ids,
+            which also lets heads padded to different sizes be compared over the student tokenizer's tokens.
     """
 
     token_selection: str = field(
@@ -117,6 +128,16 @@ class TipDistillConfig(DistillationConfig):
         },
     )
 
+    check_teacher_tokenizer: bool = field(
+        default=True,
+        metadata={
+            "help": "Compare the teacher's tokenizer (when it has one) with the student's at init and fail on the "
+            "first differing token, special token or end-of-turn token. False skips the check: you assert the teacher "
+            "reads the student's token ids (heads padded to different sizes are then compared over the student "
+            "tokenizer's tokens)."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.teacher_quantization not in TEACHER_QUANTIZATION:
@@ -140,18 +161,80 @@ class TipDistillConfig(DistillationConfig):
             )
         if not 0.0 < self.entropy_clip_quantile <= 1.0:
             raise ValueError(f"entropy_clip_quantile must be in (0, 1], got {self.entropy_clip_quantile}.")
+        check_sampling(self.temperature, self.generation_kwargs)
 
 
-def check_prompt_column(dataset, name: str) -> None:
-    """Fail before any model is loaded when a map-style dataset lacks the `prompt` column on-policy training needs."""
-    columns = getattr(dataset, "column_names", None)
-    if isinstance(columns, dict):  # a DatasetDict passed where a split was expected
-        raise ValueError(f"`{name}` is a DatasetDict with splits {sorted(columns)}; pass one split, e.g. dataset['train'].")
-    if columns is not None and "prompt" not in columns:
-        raise ValueError(
-            f"`{name}` has columns {columns} but no `prompt` column. On-policy distillation generates from the "
-            "prompts: rename your prompt column to `prompt` (plain text or a list of chat messages)."
+def _load_teacher_tokenizer(teacher, args):
+    # The tokenizer saved next to the teacher's weights, if any: a path or Hub id, or an instance's `name_or_path`.
+    from transformers import AutoTokenizer
+
+    source = teacher if isinstance(teacher, str) else getattr(teacher, "name_or_path", None)
+    if not source:
+        return None
+    from transformers.utils import cached_file
+
+    revision = args.teacher_model_revision if isinstance(teacher, str) else None
+    try:
+        # transformers builds an empty tokenizer from a config alone; only a saved tokenizer is the teacher's own.
+        saved = any(
+            cached_file(
+                source,
+                name,
+                revision=revision,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
+            for name in ("tokenizer_config.json", "tokenizer.json")
         )
+        if not saved:
+            return None
+        return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _vocab_rows(model, revision=None, trust_remote_code=False) -> int:
+    # `vocab_size` of a model's (text) config, read without loading weights when the model is a path.
+    if isinstance(model, str):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    else:
+        config = model.config
+    return config.get_text_config().vocab_size
+
+
+@contextlib.contextmanager
+def _vocab_check_passed(teacher, student_rows: int):
+    # `DistillationTrainer.__init__` refuses a teacher whose config `vocab_size` differs from the student's, right
+    # after loading it. For heads padded to different sizes over one tokenizer, the teacher's config reports the
+    # student's size for the length of the constructor (a teacher given by path is marked as TRL loads it), and the
+    # real value is restored on exit.
+    marked = []
+
+    def mark(model):
+        text_config = model.config.get_text_config()
+        marked.append((text_config, text_config.vocab_size))
+        text_config.vocab_size = student_rows
+
+    load = _trl_distillation.create_model_from_path
+    if isinstance(teacher, str):
+
+        def load_and_mark(path, *args, **kwargs):
+            model = load(path, *args, **kwargs)
+            if path == teacher:
+                mark(model)
+            return model
+
+        _trl_distillation.create_model_from_path = load_and_mark
+    else:
+        mark(teacher)
+    try:
+        yield
+    finally:
+        _trl_distillation.create_model_from_path = load
+        for text_config, rows in marked:
+            text_config.vocab_size = rows
 
 
 @contextlib.contextmanager
@@ -206,22 +289,54 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
     _paper = {"title": "TIP: Token Importance in On-Policy Distillation", "id": "2604.14084"}
     _card_fields = ("token_selection", "token_ratio", "entropy_clip_quantile", "teacher_quantization")
 
-    def __init__(self, *args, **kwargs):
-        check_prompt_column(kwargs.get("train_dataset", args[3] if len(args) > 3 else None), "train_dataset")
-        config = kwargs.get("args", args[2] if len(args) > 2 else None)
-        teacher = kwargs.get("teacher_model", args[1] if len(args) > 1 else None)
-        if getattr(config, "teacher_quantization", "none") != "none" and not isinstance(teacher, str):
+    def __init__(
+        self,
+        model,
+        teacher_model=None,
+        args: TipDistillConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools=None,
+    ):
+        check_prompts(train_dataset, eval_dataset)
+        if args is not None:
+            check_sampling(args.temperature, args.generation_kwargs)
+        if getattr(args, "teacher_quantization", "none") != "none" and not isinstance(teacher_model, str):
             raise ValueError(
                 "teacher_quantization applies when the teacher is loaded by the trainer: pass `teacher_model` as a "
                 "path or Hub id, or quantise the instance you pass yourself."
             )
-        with _teacher_init_kwargs(config, teacher):
-            super().__init__(*args, **kwargs)
+        shared_rows = self._check_teacher_vocabulary(model, teacher_model, args, processing_class)
+        vocab_check = (
+            _vocab_check_passed(teacher_model, _vocab_rows(model, trust_remote_code=args.trust_remote_code))
+            if shared_rows is not None
+            else contextlib.nullcontext()
+        )
+        with _teacher_init_kwargs(args, teacher_model), vocab_check:
+            super().__init__(
+                model=model,
+                teacher_model=teacher_model,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+                tools=tools,
+            )
         if not isinstance(self.args, TipDistillConfig):
             raise TypeError(
                 f"TipDistillTrainer needs a TipDistillConfig as `args`, got {type(self.args).__name__}. "
                 "TipDistillConfig accepts every DistillationConfig field."
             )
+        check_sampling(self.args.temperature, self.args.generation_kwargs)
         keep_4bit_weights_trainable(self.model)
         self.token_selection = self.args.token_selection
         self.token_ratio = self.args.token_ratio
@@ -230,6 +345,101 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
         # that generation samples from; one stream per process.
         self._selection_generator = torch.Generator().manual_seed(self.args.seed + self.accelerator.process_index)
         self._tip_sums = None
+        self.shared_vocab_size = shared_rows
+        if shared_rows is not None:
+            self._suppress_padding_rows(shared_rows)
+
+    @staticmethod
+    def _check_teacher_vocabulary(model, teacher_model, args, processing_class) -> int | None:
+        """
+        Check that the teacher reads the student's token ids, and return how many `lm_head` rows the divergence
+        compares (`None`: all, as TRL; else the shared tokenizer's size, for heads padded to different sizes).
+        """
+        if teacher_model is None or args is None:
+            return None
+        check = getattr(args, "check_teacher_tokenizer", True)
+        student_tokenizer = processing_class
+        if student_tokenizer is None:
+            from transformers import AutoTokenizer
+
+            source = model if isinstance(model, str) else getattr(model, "name_or_path", None)
+            try:
+                student_tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+            except (OSError, ValueError, TypeError, KeyError):
+                student_tokenizer = None  # TRL's own processor loading reports this
+        teacher_tokenizer = _load_teacher_tokenizer(teacher_model, args) if check else None
+        if check and student_tokenizer is not None and teacher_tokenizer is not None:
+            difference = first_tokenizer_difference(student_tokenizer, teacher_tokenizer)
+            if difference is not None:
+                raise ValueError(
+                    f"The teacher's tokenizer differs from the student's: {difference}. Distillation compares the "
+                    "two models' distributions id by id, so the teacher would score other tokens than the student "
+                    "wrote. Use a teacher with the student's tokenizer (GOLD distils across tokenizers), or set "
+                    "check_teacher_tokenizer=False if you know the ids agree."
+                )
+        student_rows = _vocab_rows(model, trust_remote_code=args.trust_remote_code)
+        teacher_rows = _vocab_rows(
+            teacher_model,
+            revision=args.teacher_model_revision if isinstance(teacher_model, str) else None,
+            trust_remote_code=args.trust_remote_code,
+        )
+        if student_rows == teacher_rows:
+            return None
+        if student_tokenizer is None or (check and teacher_tokenizer is None):
+            raise ValueError(
+                f"The student's lm_head has {student_rows} rows and the teacher's {teacher_rows}. Heads padded to "
+                "different sizes can be distilled when both models share one tokenizer, but the teacher comes with "
+                "no tokenizer to compare with the student's. Save the teacher's tokenizer next to its weights, or set "
+                "check_teacher_tokenizer=False if you know it is the student's."
+            )
+        rows = shared_vocab_size(student_rows, teacher_rows, len(tokenizer_of(student_tokenizer)))
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            raise ValueError(
+                f"The student's and teacher's lm_heads are padded to different sizes ({student_rows} vs "
+                f"{teacher_rows} rows); comparing them over the {rows} shared tokens slices the heads, which DeepSpeed "
+                "ZeRO-3 cannot do on its partitioned weights. Use ZeRO-1/2, FSDP or DDP for this pair."
+            )
+        return rows
+
+    def _suppress_padding_rows(self, rows: int) -> None:
+        # Neither model may write an id past the shared tokenizer: the other model has no such row (and the ids are
+        # padding no text maps to). transformers' generation suppresses them; vLLM is restricted to the shared ids.
+        student_rows = self.model.config.get_text_config().vocab_size
+        teacher_rows = self.accelerator.unwrap_model(self.teacher_model).config.get_text_config().vocab_size
+        padding = list(range(rows, max(student_rows, teacher_rows)))
+        suppressed = sorted({*(self.generation_kwargs.get("suppress_tokens") or []), *padding})
+        self.generation_kwargs["suppress_tokens"] = suppressed
+        self.generation_config.suppress_tokens = suppressed
+        vllm_generation = getattr(self, "vllm_generation", None)
+        if vllm_generation is not None:
+            vllm_generation.generation_kwargs = {
+                **vllm_generation.generation_kwargs,
+                "allowed_token_ids": list(range(rows)),
+            }
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        # 'random' and 'entropy_sample' draw from the selection generator; a resumed run must continue its stream.
+        super()._save_rng_state(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, SELECTION_RNG_FILE.format(process_index=self.args.process_index))
+        torch.save(self._selection_generator.get_state(), path)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, SELECTION_RNG_FILE.format(process_index=self.args.process_index))
+        if os.path.isfile(path):
+            self._selection_generator.set_state(torch.load(path, weights_only=True))
+        elif self.token_selection in ("random", "entropy_sample"):
+            warnings.warn(
+                f"{checkpoint} holds no token-selection generator state for process {self.args.process_index} "
+                f"({os.path.basename(path)}); token_selection={self.token_selection!r} resumes with a fresh stream, "
+                "so the run will not repeat the uninterrupted one.",
+                stacklevel=2,
+            )
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
@@ -281,6 +491,7 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
             ratio=self.token_ratio,
             entropy_clip_quantile=self.entropy_clip_quantile,
             generator=self._selection_generator,
+            vocab_size=self.shared_vocab_size,
             **kwargs,
         )
         mask, keep, entropy, reverse_kl = result.mask, result.keep, result.entropy, result.reverse_kl

@@ -1,0 +1,276 @@
+"""Teachers and students whose `lm_head`s are padded to different sizes over one tokenizer, and tokenizer checks."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+import trl_tip.trainers.tip_distill as tip_module
+from trl_tip import PacedConfig, PacedTrainer, TipDistillConfig, TipDistillTrainer, selective_divergence_loss
+from trl_tip.tasks import build_arithmetic_dataset
+from trl_tip.testing import build_tokenizer, save_pretrained_pair, tiny_model
+from trl_tip.vocabulary import end_of_turn_token, first_tokenizer_difference, shared_vocab_size
+
+
+# The byte-level test tokenizer has 259 tokens; like Qwen2.5-1.5B (151,936 rows) and Qwen2.5-14B (152,064 rows) over a
+# 151,665-token tokenizer, the student and the teacher pad their heads to different sizes past it.
+TOKENS, STUDENT_ROWS, TEACHER_ROWS = 259, 272, 300
+
+
+@pytest.fixture(scope="module")
+def padded_paths(tmp_path_factory):
+    tokenizer = build_tokenizer()
+    assert len(tokenizer) == TOKENS
+    root = tmp_path_factory.mktemp("padded")
+    return {
+        "student": save_pretrained_pair(
+            tiny_model("student", seed=1, tokenizer=tokenizer, vocab_size=STUDENT_ROWS), tokenizer, root / "student"
+        ),
+        "teacher": save_pretrained_pair(
+            tiny_model("teacher", seed=2, tokenizer=tokenizer, vocab_size=TEACHER_ROWS), tokenizer, root / "teacher"
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return build_arithmetic_dataset()["train"].select(range(8))
+
+
+def _log_probs(logits):
+    return F.log_softmax(logits.double()[..., :TOKENS], dim=-1)
+
+
+def _divergence(log_s, log_t, beta):
+    # TRL's generalised JSD: β = 0 forward KL, β = 1 reverse KL, else the β-mixture JSD.
+    if beta == 1.0:
+        return (log_s.exp() * (log_s - log_t)).sum(-1)
+    if beta == 0.0:
+        return (log_t.exp() * (log_t - log_s)).sum(-1)
+    log_m = torch.logaddexp(log_s + math.log(1 - beta), log_t + math.log(beta))
+    return beta * (log_t.exp() * (log_t - log_m)).sum(-1) + (1 - beta) * (log_s.exp() * (log_s - log_m)).sum(-1)
+
+
+# ---- The loss over the shared rows ----
+
+@pytest.mark.parametrize("beta", [1.0, 0.0, 0.5])
+def test_loss_over_shared_rows_matches_a_float64_full_logit_reference(beta):
+    generator = torch.Generator().manual_seed(0)
+    h_s, h_t = torch.randn(2, 5, 16, generator=generator), torch.randn(2, 5, 24, generator=generator)
+    w_s = torch.randn(STUDENT_ROWS, 16, generator=generator).requires_grad_()
+    w_t = torch.randn(TEACHER_ROWS, 24, generator=generator)
+    b_s, b_t = torch.randn(STUDENT_ROWS, generator=generator), torch.randn(TEACHER_ROWS, generator=generator)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+
+    result = selective_divergence_loss(
+        h_s, h_t, w_s, w_t, mask, beta, student_lm_head_bias=b_s, teacher_lm_head_bias=b_t, method="all",
+        vocab_size=TOKENS,
+    )
+    result.loss.backward()
+
+    w_ref = w_s.detach().double().requires_grad_()
+    log_s = _log_probs(h_s.double() @ w_ref.t() + b_s.double())
+    log_t = _log_probs(h_t.double() @ w_t.double().t() + b_t.double())
+    per_token = _divergence(log_s, log_t, beta)
+    reference = per_token[mask.bool()].mean()
+    reference.backward()
+    entropy = -(log_s.exp() * log_s).sum(-1) / math.log(TOKENS)
+
+    # float32 logits of magnitude ~|h||w| ≈ 20 carry ~1e-6 relative error per term; a KL of these O(1) terms is good
+    # to ~1e-5 of the logit scale. A loss over all rows (the padding included) is off by O(1e-2) here.
+    scale = (h_s.double() @ w_ref.detach().t()).abs().max().item()
+    assert torch.allclose(result.loss.double(), reference.detach(), rtol=0, atol=1e-6 * scale)
+    assert torch.allclose(result.entropy[mask.bool()].double(), entropy.detach()[mask.bool()], atol=1e-6 * scale)
+    if beta == 1.0:
+        assert torch.allclose(result.reverse_kl[mask.bool()].double(), per_token.detach()[mask.bool()],
+                              atol=1e-6 * scale)
+    # The padding rows receive exactly zero gradient; the shared rows that of the reference.
+    assert torch.equal(w_s.grad[TOKENS:], torch.zeros_like(w_s.grad[TOKENS:]))
+    grad_scale = w_ref.grad.abs().max().item()
+    assert grad_scale > 0
+    assert torch.allclose(w_s.grad[:TOKENS].double(), w_ref.grad[:TOKENS], rtol=0, atol=1e-5 * grad_scale)
+
+
+def test_shared_vocab_size():
+    assert shared_vocab_size(300, 300, 259) is None
+    assert shared_vocab_size(272, 300, 259) == 259
+    with pytest.raises(ValueError, match="one head cannot score every token"):
+        shared_vocab_size(250, 300, 259)
+
+
+# ---- Tokenizer comparison ----
+
+def _swap_tokens(path, first="a", second="b"):
+    # The same tokenizer with two ids exchanged: equal size, other ids for the same text.
+    file = Path(path) / "tokenizer.json"
+    data = json.loads(file.read_text())
+    vocab = data["model"]["vocab"]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    file.write_text(json.dumps(data))
+
+
+def test_first_tokenizer_difference_names_the_token(tmp_path):
+    tokenizer = build_tokenizer()
+    assert first_tokenizer_difference(tokenizer, build_tokenizer()) is None
+    assert end_of_turn_token(tokenizer) == "<|im_end|>"
+
+    tokenizer.save_pretrained(tmp_path)
+    _swap_tokens(tmp_path)
+    from transformers import AutoTokenizer
+
+    swapped = AutoTokenizer.from_pretrained(tmp_path)
+    assert first_tokenizer_difference(tokenizer, swapped) == "id 97 is 'a' for the student but 'b' for the teacher"
+
+    other_eos = build_tokenizer()
+    other_eos.eos_token = "<|endoftext|>"
+    assert first_tokenizer_difference(tokenizer, other_eos).startswith("eos_token is '<|im_end|>' (id 258)")
+
+    other_template = build_tokenizer()
+    other_template.chat_template = other_template.chat_template.replace("'<|im_end|>'", "'<|endoftext|>'")
+    assert first_tokenizer_difference(tokenizer, other_template) == (
+        "the chat template ends a turn with '<|im_end|>' for the student but '<|endoftext|>' for the teacher"
+    )
+
+
+def _tip_config(tmp_path, **overrides):
+    settings = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 4,
+        "max_steps": 1,
+        "learning_rate": 1e-3,
+        "max_completion_length": 12,
+        "bf16": False,
+        "report_to": "none",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "seed": 0,
+        "disable_tqdm": True,
+    }
+    settings.update(overrides)
+    return TipDistillConfig(**settings)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_naming_the_token(tiny_model_paths, problems, tmp_path):
+    tokenizer = build_tokenizer()
+    teacher = save_pretrained_pair(AutoModelForCausalLM.from_pretrained(tiny_model_paths["teacher"]), tokenizer,
+                                   tmp_path / "teacher")
+    _swap_tokens(teacher)
+    with pytest.raises(ValueError, match="id 97 is 'a' for the student but 'b' for the teacher.*check_teacher_tokenizer"):
+        TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=teacher,
+                          args=_tip_config(tmp_path / "out"), train_dataset=problems)
+    trainer = TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=teacher,
+                                args=_tip_config(tmp_path / "out", check_teacher_tokenizer=False),
+                                train_dataset=problems)
+    assert trainer.shared_vocab_size is None
+
+
+def test_padded_heads_with_another_or_no_tokenizer_are_refused(padded_paths, problems, tmp_path):
+    teacher = AutoModelForCausalLM.from_pretrained(padded_paths["teacher"])
+    bare = tmp_path / "bare-teacher"
+    teacher.save_pretrained(bare)  # no tokenizer next to the weights
+    with pytest.raises(ValueError, match=r"the teacher.s 300\. .*no tokenizer to compare"):
+        TipDistillTrainer(model=padded_paths["student"], teacher_model=str(bare), args=_tip_config(tmp_path / "a"),
+                          train_dataset=problems)
+    swapped = save_pretrained_pair(teacher, build_tokenizer(), tmp_path / "swapped-teacher")
+    _swap_tokens(swapped)
+    with pytest.raises(ValueError, match="tokenizer differs from the student's"):
+        TipDistillTrainer(model=padded_paths["student"], teacher_model=swapped, args=_tip_config(tmp_path / "b"),
+                          train_dataset=problems)
+
+
+# ---- Training a padded pair ----
+
+def _record_steps(trainer, monkeypatch):
+    """Record, for each loss computed, the inputs, the loss and the kept-token mask."""
+    records = []
+    compute_loss = trainer.compute_loss
+    selective = tip_module.selective_divergence_loss
+
+    def recording_selective(*args, **kwargs):
+        result = selective(*args, **kwargs)
+        records[-1]["keep"] = result.keep.detach().clone()
+        return result
+
+    def recording_compute_loss(model, inputs, *args, **kwargs):
+        records.append({"inputs": {k: v for k, v in inputs.items()}})
+        loss = compute_loss(model, inputs, *args, **kwargs)
+        records[-1]["loss"] = loss.detach().clone()
+        return loss
+
+    monkeypatch.setattr(tip_module, "selective_divergence_loss", recording_selective)
+    trainer.compute_loss = recording_compute_loss
+    return records
+
+
+def _reference_per_token(paths, inputs, beta):
+    student = AutoModelForCausalLM.from_pretrained(paths["student"], dtype=torch.float64)
+    teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"], dtype=torch.float64)
+    assert student.lm_head.weight.shape[0] == STUDENT_ROWS and teacher.lm_head.weight.shape[0] == TEACHER_ROWS
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    width = inputs["completion_ids"].size(1)
+    with torch.no_grad():
+        logits_s = student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][:, -width:]
+        logits_t = teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][:, -width:]
+    return _divergence(_log_probs(logits_s), _log_probs(logits_t), beta), logits_s.abs().max().item()
+
+
+@pytest.mark.parametrize("token_selection", ["all", "soft_or"])
+def test_padded_pair_trains_with_tip_and_the_loss_is_the_reference(padded_paths, problems, tmp_path, monkeypatch,
+                                                                   token_selection):
+    trainer = TipDistillTrainer(model=padded_paths["student"], teacher_model=padded_paths["teacher"],
+                                args=_tip_config(tmp_path, token_selection=token_selection), train_dataset=problems)
+    assert trainer.shared_vocab_size == TOKENS
+    # TRL's init check is passed for the constructor only: the teacher's config keeps its real size.
+    assert trainer.teacher_model.config.vocab_size == TEACHER_ROWS
+    records = _record_steps(trainer, monkeypatch)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+
+    assert len(records) == 1
+    inputs, keep = records[0]["inputs"], records[0]["keep"]
+    assert int(inputs["completion_ids"].max()) < TOKENS  # neither model writes a padding id
+    per_token, scale = _reference_per_token(padded_paths, inputs, trainer.beta)
+    mask = inputs["completion_mask"].bool()
+    if token_selection == "all":
+        assert torch.equal(keep, mask)
+    else:
+        assert keep.sum() < mask.sum()
+    reference = per_token[keep].sum() / keep.sum()
+    assert torch.allclose(records[0]["loss"].double(), reference, rtol=0, atol=1e-6 * scale)
+    head = trainer.model.lm_head.weight.detach()
+    assert not torch.equal(head[:TOKENS], before["lm_head.weight"][:TOKENS])
+    # Padding rows get no gradient; only AdamW's decoupled weight decay touches them.
+    decay = 1 - trainer.args.learning_rate * trainer.args.weight_decay
+    torch.testing.assert_close(head[TOKENS:], before["lm_head.weight"][TOKENS:] * decay, rtol=1e-6, atol=0)
+
+
+def _half_pass_reward(completions, **kwargs):
+    # Every other rollout passes, so every problem's estimated pass rate is 1/2 and its PACED weight 1/4.
+    return [float(index % 2) for index in range(len(completions))]
+
+
+def test_padded_pair_trains_with_paced_and_the_loss_is_the_reference(padded_paths, problems, tmp_path, monkeypatch):
+    config = PacedConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=1e-3,
+        max_completion_length=12, bf16=False, report_to="none", logging_steps=1, save_strategy="no", seed=0,
+        disable_tqdm=True, pass_rate_rollouts=2,
+    )
+    trainer = PacedTrainer(model=padded_paths["student"], teacher_model=padded_paths["teacher"], args=config,
+                           train_dataset=problems, reward_funcs=_half_pass_reward)
+    assert trainer.shared_vocab_size == TOKENS
+    records = _record_steps(trainer, monkeypatch)
+    trainer.train()
+
+    assert len(records) == 1
+    inputs, keep = records[0]["inputs"], records[0]["keep"]
+    weights = inputs["paced_weights"].double()
+    assert weights.gt(0).all()
+    per_token, scale = _reference_per_token(padded_paths, inputs, trainer.beta)
+    rollout_means = (per_token * keep).sum(-1) / keep.sum(-1)
+    reference = (weights * rollout_means).sum() / inputs["paced_weight_sum"].double()
+    assert torch.allclose(records[0]["loss"].double(), reference, rtol=0, atol=1e-6 * scale)

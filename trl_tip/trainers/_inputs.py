@@ -1,0 +1,91 @@
+"""Checks every trainer runs on its inputs at construction, so bad data or settings fail before any rollout."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def _named_datasets(train_dataset, eval_dataset) -> list[tuple[str, Any]]:
+    named = [] if train_dataset is None else [("train_dataset", train_dataset)]
+    if isinstance(eval_dataset, dict):
+        named += [(f"eval_dataset[{key!r}]", dataset) for key, dataset in eval_dataset.items()]
+    elif eval_dataset is not None:
+        named.append(("eval_dataset", eval_dataset))
+    return named
+
+
+def check_prompt_column(dataset, name: str) -> None:
+    """Fail before any model is loaded when a map-style dataset lacks the `prompt` column on-policy training needs."""
+    columns = getattr(dataset, "column_names", None)
+    if isinstance(columns, dict):  # a DatasetDict passed where a split was expected
+        raise ValueError(f"`{name}` is a DatasetDict with splits {sorted(columns)}; pass one split, e.g. dataset['train'].")
+    if columns is not None and "prompt" not in columns:
+        raise ValueError(
+            f"`{name}` has columns {columns} but no `prompt` column. On-policy training generates from the prompts: "
+            "rename your prompt column to `prompt` (plain text or a list of chat messages)."
+        )
+
+
+def _prompt_kind(prompt: Any) -> str:
+    return "plain" if isinstance(prompt, str) else "conversational"
+
+
+def check_prompts(train_dataset, eval_dataset=None) -> None:
+    """
+    Check the `prompt` column of the training and evaluation datasets (map-style ones; a streamed dataset is read
+    lazily and cannot be checked up front): present, and no empty plain-string prompt (an empty prompt tokenises to
+    no ids, which the generation step cannot embed).
+    """
+    for name, dataset in _named_datasets(train_dataset, eval_dataset):
+        check_prompt_column(dataset, name)
+        columns = getattr(dataset, "column_names", None)
+        if columns is None or not hasattr(dataset, "__len__"):
+            continue
+        for index, prompt in enumerate(dataset["prompt"]):
+            if isinstance(prompt, str) and not prompt.strip():
+                raise ValueError(
+                    f"`{name}` row {index} has an empty `prompt`. Every prompt needs text to generate from: remove "
+                    "or fill the empty rows (e.g. dataset.filter(lambda row: row['prompt'].strip()))."
+                )
+            if not isinstance(prompt, str | list):
+                raise ValueError(
+                    f"`{name}` row {index} has a `prompt` of type {type(prompt).__name__}; a prompt is a string or "
+                    "a list of chat messages."
+                )
+
+
+def check_completion_format(dataset, name: str) -> None:
+    """
+    Fail when a dataset's `completion` column is in another format than its `prompt` column (a plain string after a
+    conversational prompt, or chat messages after a plain prompt): the two are rendered together into one sequence.
+    """
+    columns = getattr(dataset, "column_names", None)
+    if columns is None or "completion" not in columns or "prompt" not in columns:
+        return
+    for index, (prompt, completion) in enumerate(zip(dataset["prompt"], dataset["completion"], strict=True)):
+        if _prompt_kind(prompt) != _prompt_kind(completion):
+            raise ValueError(
+                f"`{name}` row {index} has a {_prompt_kind(prompt)} `prompt` but a {_prompt_kind(completion)} "
+                "`completion`; both must be plain strings or both lists of chat messages (a conversational completion "
+                "is e.g. [{'role': 'assistant', 'content': '...'}])."
+            )
+
+
+def check_sampling(temperature: float, generation_kwargs: dict | None, greedy_error: str | None = None) -> None:
+    """
+    Fail on sampling settings the losses cannot use. The logits are divided by `temperature` when rollouts are scored,
+    so it must be a positive finite number (vLLM's "temperature 0 means greedy" would divide by zero). Greedy decoding
+    is `generation_kwargs={"do_sample": False}` with a positive temperature; where it cannot work either,
+    `greedy_error` says why and `do_sample=False` is refused.
+    """
+    if isinstance(temperature, bool) or not (
+        isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(
+            f"temperature must be a positive number, got {temperature!r}: the loss divides the logits by it. Use "
+            "1.0 (the papers' setting); for greedy rollouts set generation_kwargs={'do_sample': False} and keep "
+            "temperature positive."
+        )
+    if greedy_error is not None and (generation_kwargs or {}).get("do_sample") is False:
+        raise ValueError(f"generation_kwargs sets do_sample=False, which cannot train here: {greedy_error}")
