@@ -1,5 +1,6 @@
 """PACED's pass-rate machinery: the table of the student's pass rate on each training problem, its estimation from
-graded rollouts, its online update, its file format, and the callback that schedules estimations.
+graded rollouts, its online update, its file format, the sampler that draws problems in proportion to their weight
+(`paced_sampling="sample"`), and the callback that schedules estimations.
 
 [`~trl_tip.PacedTrainer`] wires these into TRL's training loop; nothing here depends on the trainer class. See SPEC §2.
 """
