@@ -5,9 +5,11 @@ Each variant trains `1 + --steps` optimiser steps (the first is a warm-up, not r
 methods wrapped by timers, and reports the median over the measured steps of the time spent in:
 
 - `generation`: the rollouts (`_generate`; transformers' `generate` here, vLLM where enabled);
-- `teacher forward`: the teacher's trunk (every hidden state the loss reads), and, inside it, `teacher lm_head`: every
-  projection of the teacher's hidden states onto the vocabulary (in TRL's loss kernel or in trl_tip's statistics pass);
-- `student forward`: the student's trunk (GRPO: the policy's log-prob pass, head included);
+- `teacher forward`: the teacher's trunk (every hidden state the loss reads; GRPO and ACE: the log-prob passes without
+  gradient, e.g. ACE's confidence of each rollout under the policy), and `teacher lm_head`: every projection of the
+  teacher's hidden states onto the vocabulary, forward and backward (in TRL's loss kernel or in trl_tip's statistics
+  pass);
+- `student forward`: the student's trunk (GRPO and ACE: the policy's log-prob pass with gradient, head included);
 - `selection/statistics`: trl_tip's per-token statistics pass and selection rule (none in TRL's trainers);
 - `loss`: the rest of `compute_loss` (the divergence kernel with the student's projection, PACED/TIP bookkeeping);
 - `backward`, `optimiser` (`optimizer.step()`), and `other` (data, rewards, gradient clipping, logging).
