@@ -319,18 +319,25 @@ def run_all(args) -> list[dict]:
     return rows
 
 
+def _without_generation(phases: dict) -> float:
+    return phases["step"] - phases["generation"]
+
+
 def table(rows: list[dict], shape: str) -> str:
     shown = [phase for phase in PHASES if any(row["phases"][phase] > 0 for row in rows if row["shape"] == shape)]
-    header = "| variant | step (s) | vs baseline | " + " | ".join(f"{phase} (s, share)" for phase in shown)
-    lines = [header + " | peak memory (MiB) |", "|---|---:|---:|" + "---:|" * len(shown) + "---:|"]
+    header = ("| variant | step (s) | vs baseline | step without generation (s) | vs baseline | "
+              + " | ".join(f"{phase} (s, share)" for phase in shown))
+    lines = [header + " | peak memory (MiB) |", "|---|---:|---:|---:|---:|" + "---:|" * len(shown) + "---:|"]
     by_variant = {row["variant"]: row for row in rows if row["shape"] == shape}
     for variant, row in by_variant.items():
         phases = row["phases"]
-        baseline = VARIANTS[variant][2]
-        ratio = f"{phases['step'] / by_variant[baseline]['phases']['step']:.2f}x" if baseline in by_variant else "—"
+        baseline = by_variant.get(VARIANTS[variant][2], {}).get("phases")
+        ratio = f"{phases['step'] / baseline['step']:.2f}x" if baseline else "—"
+        rest = _without_generation(phases)
+        rest_ratio = f"{rest / _without_generation(baseline):.2f}x" if baseline else "—"
         cells = [f"{phases[phase]:.3f} ({phases[phase] / phases['step']:.0%})" for phase in shown]
-        lines.append(f"| {variant} | {phases['step']:.3f} | {ratio} | " + " | ".join(cells)
-                     + f" | {row['peak_bytes'] / 2**20:.1f} |")
+        lines.append(f"| {variant} | {phases['step']:.3f} | {ratio} | {rest:.3f} | {rest_ratio} | "
+                     + " | ".join(cells) + f" | {row['peak_bytes'] / 2**20:.1f} |")
     return "\n".join(lines)
 
 
@@ -343,8 +350,10 @@ def savings(rows: list[dict], shape: str) -> str:
         for variant in ("tip-soft_or-0.5", "tip-entropy_sample-0.5", "tip-entropy_topk-0.5"):
             if variant in by_variant:
                 saved = 1 - by_variant[variant]["step"] / trl["step"]
+                rest = 1 - _without_generation(by_variant[variant]) / _without_generation(trl)
                 lines.append(f"- {variant}: {saved:+.1%} of TRL's step saved end to end "
-                             f"({by_variant[variant]['step']:.3f} s vs {trl['step']:.3f} s).")
+                             f"({by_variant[variant]['step']:.3f} s vs {trl['step']:.3f} s); {rest:+.1%} of the "
+                             "step without generation (the same work for every distillation variant).")
     full = by_variant.get("tip-entropy_sample-1.0")
     for variant in ("tip-entropy_sample-0.5", "tip-entropy_topk-0.5"):
         if full and variant in by_variant and full["teacher lm_head"] > 0:
@@ -360,6 +369,8 @@ def main():
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None, help="a subset to run")
     parser.add_argument("--steps", type=int, default=3, help="measured steps after the warm-up (median reported)")
     parser.add_argument("--write", default=None, help="markdown file whose step-profile section is (re)written")
+    parser.add_argument("--save", default=None, help="JSON file the measured rows are written to")
+    parser.add_argument("--load", default=None, help="render rows saved by --save instead of measuring")
     parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--shape", choices=list(SHAPES), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -372,7 +383,13 @@ def main():
     args.cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if args.cuda else f"CPU ({os.cpu_count()} cores, one thread per worker)"
     print(f"Step profile on {device}, torch {torch.__version__}")
-    rows = run_all(args)
+    if args.load:
+        rows = json.loads(Path(args.load).read_text())
+        args.shapes = [shape for shape in args.shapes if any(row["shape"] == shape for row in rows)]
+    else:
+        rows = run_all(args)
+    if args.save:
+        Path(args.save).write_text(json.dumps(rows, indent=1))
     clock = "CUDA-event time" if args.cuda else "CPU time"
     sections = []
     for shape in args.shapes:

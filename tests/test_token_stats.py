@@ -270,3 +270,19 @@ def test_student_side_rules_match_the_full_pass_and_project_the_teacher_on_kept_
     torch.testing.assert_close(fast.entropy_sum, full.entropy_sum)
     torch.testing.assert_close(fast.reverse_kl[fast.keep], full.reverse_kl[full.keep], rtol=1e-5, atol=1e-6)
     assert torch.isnan(fast.reverse_kl[~fast.keep]).all()
+
+
+def test_student_side_rules_at_ratio_one_use_the_joint_pass(monkeypatch):
+    # Every token is kept at ρ = 1: the teacher is projected on every row once, with the divergence of every token.
+    h_s, h_t, w_s, w_t, mask = _batch(seed=13)
+    teacher_rows = []
+    project = chunked_stats_module._project
+
+    def recording_project(tile, hidden_chunk, weight, bias, start, end, dtype):
+        if weight is w_t and start == 0:
+            teacher_rows.append(hidden_chunk.shape[0])
+        return project(tile, hidden_chunk, weight, bias, start, end, dtype)
+
+    monkeypatch.setattr(chunked_stats_module, "_project", recording_project)
+    out = selective_divergence_loss(h_s, h_t, w_s, w_t, mask, 1.0, method="entropy_topk", ratio=1.0)
+    assert sum(teacher_rows) == mask.numel() and not torch.isnan(out.reverse_kl).any()

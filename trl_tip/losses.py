@@ -112,10 +112,11 @@ def selective_divergence_loss(
     3. The divergence of the kept tokens reuses the pass-1 statistics; its backward (TRL's) runs over the kept rows
        only, so unkept tokens cost no `lm_head` backward.
 
-    Rules that need no divergence to select (`random`, `entropy_sample`, `entropy_topk`) reorder this: pass 1 scores
-    the student's entropy alone ([`student_entropy`]), and both heads are projected for the statistics of the kept
-    tokens only, so unkept tokens cost no teacher `lm_head` projection either (the teacher's trunk has already run on
-    every token). Selection, loss and gradients are those of the full pass, up to float32 summation order.
+    Rules that need no divergence to select (`random`, `entropy_sample`, `entropy_topk`) with `ratio < 1` reorder
+    this: pass 1 scores the student's entropy alone ([`student_entropy`]), and both heads are projected for the
+    statistics of the kept tokens only, so unkept tokens cost no teacher `lm_head` projection either (the teacher's
+    trunk has already run on every token); the student's head is projected once more, on the kept tokens. Selection,
+    loss and gradients are those of the full pass, up to float32 summation order.
 
     The loss is `Σ_kept divergence / num_items_in_batch` (the kept-token count of the global batch, for
     gradient-accumulation- and multi-process-correct normalisation), or the mean over kept tokens when
@@ -176,7 +177,8 @@ def selective_divergence_loss(
     def student_rows(rows):
         return h_s.detach() if rows.numel() == h_s.shape[0] else h_s[rows].detach()
 
-    if method in STUDENT_SIDE_METHODS:
+    # At ratio 1 every token is kept: scoring the student first would only add a pass.
+    if method in STUDENT_SIDE_METHODS and ratio < 1.0:
         entropy, entropy_nats = student_entropy(
             student_rows(scored_rows),
             student_lm_head_weight,

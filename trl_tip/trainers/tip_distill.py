@@ -264,8 +264,8 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
     the quadrant shares `tip/q1_share` … `tip/q4_share` (batch-median split of entropy and divergence; Q3 = confident
     and far from the teacher), and the mean normalised entropy and reverse KL of kept vs all tokens
     (`tip/entropy_kept`, `tip/entropy_all`, `tip/divergence_kept`, `tip/divergence_all`). The rules that select from
-    the student alone (`random`, `entropy_sample`, `entropy_topk`) project the teacher's `lm_head` on the kept tokens
-    only, so they log neither `tip/divergence_all` nor the quadrant shares.
+    the student alone (`random`, `entropy_sample`, `entropy_topk`) at ratio < 1 project the teacher's `lm_head` on the
+    kept tokens only, so they log neither `tip/divergence_all` nor the quadrant shares.
 
     Example:
 
@@ -345,6 +345,8 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
         # that generation samples from; one stream per process.
         self._selection_generator = torch.Generator().manual_seed(self.args.seed + self.accelerator.process_index)
         self._tip_sums = None
+        # These rules project the teacher on kept tokens only (see `selective_divergence_loss`).
+        self._scores_student_first = self.token_selection in STUDENT_SIDE_METHODS and self.token_ratio < 1.0
         self.shared_vocab_size = shared_rows
         if shared_rows is not None:
             self._suppress_padding_rows(shared_rows)
@@ -476,7 +478,7 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
         metrics["tip/entropy_all"].append(h_all / n_valid if n_valid else 0.0)
         metrics["tip/entropy_kept"].append(h_kept / n_kept if n_kept else 0.0)
         metrics["tip/divergence_kept"].append(d_kept / n_kept if n_kept else 0.0)
-        if self.token_selection not in STUDENT_SIDE_METHODS:
+        if not self._scores_student_first:
             # The entropy-only rules never score the divergence of unkept tokens.
             metrics["tip/divergence_all"].append(d_all / n_valid if n_valid else 0.0)
             for name, count in zip(("q1", "q2", "q3", "q4"), quadrants, strict=True):
@@ -498,7 +500,7 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
         with torch.no_grad():
             # Under the entropy-only rules the divergence exists on kept tokens only (NaN elsewhere): the sums over
             # all tokens are placeholders, not logged (see `compute_loss`).
-            scored_everywhere = self.token_selection not in STUDENT_SIDE_METHODS
+            scored_everywhere = not self._scores_student_first
             self._tip_sums = torch.cat(
                 [
                     torch.stack(
