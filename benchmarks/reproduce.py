@@ -107,7 +107,8 @@ METHODS = {
         "title": "TIP: token selection in on-policy distillation",
         "baseline": "all",
         # Besides each rule against all tokens: the TIP rules against the random control at the same ratio.
-        "comparisons": [("soft_or_50", "random_50"), ("entropy_sample_50", "random_50")],
+        "comparisons": [("soft_or_50", "random_50"), ("entropy_sample_50", "random_50"),
+                        ("soft_or_50_dclip", "soft_or_50"), ("soft_or_50_jsd", "soft_or_50")],
         "settings": TIP_SETTINGS,
         "variants": {
             "all": {"label": "all tokens (plain OPD)", "token_selection": "all", "token_ratio": 1.0},
@@ -118,6 +119,12 @@ METHODS = {
             "overconfident_10": {"label": "overconfident (Q3) 10 %", "token_selection": "overconfident",
                                  "token_ratio": 0.1},
             "random_50": {"label": "random 50 %", "token_selection": "random", "token_ratio": 0.5},
+            # The divergence axis of soft-OR (ablation): reverse KL clipped at its batch 98th percentile before
+            # min-max, and the bounded JSD / ln 2 the TIP authors' scoring code uses.
+            "soft_or_50_dclip": {"label": "soft-OR 50 %, δ clipped at q0.98", "token_selection": "soft_or",
+                                 "token_ratio": 0.5, "divergence_clip_quantile": 0.98},
+            "soft_or_50_jsd": {"label": "soft-OR 50 %, JSD axis", "token_selection": "soft_or", "token_ratio": 0.5,
+                               "selection_divergence": "jsd"},
         },
     },
     "paced": {
@@ -281,11 +288,14 @@ def _worker_tip(settings: dict, prepared: dict, tokenizer, output_dir: str, dire
     from trl_tip import TipDistillConfig, TipDistillTrainer
 
     config = TipDistillConfig(**_common_config(settings, settings["seed"], output_dir),
-                              token_selection=settings["token_selection"], token_ratio=settings["token_ratio"])
+                              token_selection=settings["token_selection"], token_ratio=settings["token_ratio"],
+                              divergence_clip_quantile=settings.get("divergence_clip_quantile", 1.0),
+                              selection_divergence=settings.get("selection_divergence", "reverse_kl"))
     trainer = TipDistillTrainer(model=prepared["student"], teacher_model=prepared["teacher"], args=config,
                                 train_dataset=prepared["dataset"]["train"], processing_class=tokenizer)
     result = _train_measured(trainer)
-    keys = ("loss", "tip/kept_fraction", "tip/q1_share", "tip/q2_share", "tip/q3_share", "tip/q4_share")
+    keys = ("loss", "tip/kept_fraction", "tip/q1_share", "tip/q2_share", "tip/q3_share", "tip/q4_share",
+            "tip/divergence_hat_p50", "tip/divergence_hat_p90")
     result["history"] = _log_series(trainer, keys)
     result["model"] = trainer.model
     if settings["variant"] == METHODS["taxonomy"]["settings"]["tip_run"] and settings["seed"] == 0:

@@ -41,10 +41,14 @@ from accelerate import PartialState
 from datasets import load_dataset
 from transformers import AutoTokenizer
 from trl import GRPOTrainer, ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
-from trl.trainer.utils import create_model_from_path
 
-from trl_tip import ACEGRPOConfig, ACEGRPOTrainer, evaluate_pass_at_k, math_reward
-from trl_tip.script_utils import as_chat_prompts, parse_with_builtin_defaults
+from trl_tip import ACEGRPOConfig, ACEGRPOTrainer, PassAtKCallback, math_reward
+from trl_tip.script_utils import (
+    EvaluateAtTrainBegin,
+    as_chat_prompts,
+    parse_with_builtin_defaults,
+    reset_for_another_trainer,
+)
 
 
 # The built-in run: 100 steps of 8 prompts x 8 rollouts per method, about a minute and a half each on 2 CPU cores.
@@ -187,22 +191,22 @@ def main():
     if script_args.evaluate and not evaluate:
         print(f"No `answer` column in a `{script_args.dataset_test_split}` split: skipping the pass@k evaluation.")
 
-    def measure(model):
-        return evaluate_pass_at_k(
-            model,
-            tokenizer,
+    def measure(trainer):
+        # The trainer's own (prepared, possibly sharded) policy, evaluated on every process: each samples its share
+        # of the problems, padded to equal length, since under ZeRO-3 and FSDP2 every `generate` step is a collective.
+        callback = PassAtKCallback(
+            trainer,
             test_split,
             num_samples=script_args.num_eval_samples,
+            at_end=False,
             max_new_tokens=training_args.max_completion_length,
             temperature=script_args.eval_temperature,
             seed=training_args.seed,
+            prefix="eval",
         )
+        return callback.evaluate(trainer.state.global_step)
 
     results = {}
-    if evaluate and state.is_main_process:
-        initial = create_model_from_path(model_args.model_name_or_path, **training_args.model_init_kwargs)
-        results["before"] = measure(initial.to(state.device) if initial.device.type == "cpu" else initial)
-        del initial
 
     runs = []
     if script_args.compare_with_grpo:
@@ -213,7 +217,9 @@ def main():
         runs.append(("GRPO", GRPOTrainer, grpo_args))
     runs.append(("ACE-GRPO", ACEGRPOTrainer, training_args))
 
-    for name, trainer_class, args in runs:
+    for index, (name, trainer_class, args) in enumerate(runs):
+        if index > 0:
+            reset_for_another_trainer(args)
         trainer = trainer_class(
             model=model_args.model_name_or_path,
             reward_funcs=reward_funcs,
@@ -223,13 +229,20 @@ def main():
             quantization_config=get_quantization_config(model_args),
             peft_config=get_peft_config(model_args),
         )
+        before_training = None
+        if evaluate and index == 0:
+            # "before": the first run's policy as its training begins (prepared, before the first step).
+            before_training = EvaluateAtTrainBegin(lambda trainer=trainer: measure(trainer))
+            trainer.add_callback(before_training)
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint if trainer_class is ACEGRPOTrainer else None)
+        if before_training is not None:
+            results["before"] = before_training.result
         if trainer_class is ACEGRPOTrainer:
             trainer.save_model(args.output_dir)
             if args.push_to_hub:
                 trainer.push_to_hub(dataset_name=script_args.dataset_name)
-        if evaluate and trainer.accelerator.is_main_process:
-            results[name] = measure(trainer.accelerator.unwrap_model(trainer.model))
+        if evaluate:
+            results[name] = measure(trainer)
         del trainer
 
     if results and state.is_main_process:

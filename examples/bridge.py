@@ -54,6 +54,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 
 from trl_tip import ACEGRPOConfig, PacedConfig, TipDistillConfig, math_reward
 from trl_tip.script_utils import as_chat_prompts, evaluate_split, parse_with_builtin_defaults
+from trl_tip.sharding import requested_sharded_engine
 
 
 STAGES = ("teacher_rl", "warmup", "opd", "student_rl")
@@ -447,6 +448,15 @@ def run_bridge(
         raise ValueError(
             "The bridge hands full checkpoints from stage to stage and does not train adapters or quantised models; "
             "run the stage scripts (examples/tip_distill.py, examples/paced_distill.py) one by one for that."
+        )
+    engine = requested_sharded_engine(shared)
+    if script_args.evaluate and engine is not None:
+        # Before any model is loaded: the bridge evaluates each stage's checkpoint on the main process alone, which
+        # a sharded engine cannot load there.
+        raise ValueError(
+            f"The bridge's evaluation runs on the main process alone, which {engine} cannot serve. Run it with "
+            "--evaluate false, or on DDP or ZeRO-2 (examples/accelerate_configs/multi_gpu.yaml, "
+            "deepspeed_zero2.yaml), or evaluate the stage checkpoints afterwards with `trl-tip eval`."
         )
     prepared = None
     if builtin:

@@ -81,6 +81,9 @@ class OPSDCScriptArguments(ScriptArguments):
             never trained on).
         num_eval_problems (`int`, *optional*, defaults to `300`):
             Built-in task only: test problems on which accuracy and length are measured before and after training.
+        max_prompt_tokens (`int` or `None`, *optional*, defaults to `None`):
+            Drop training prompts longer than this many tokens (chat template included); the OPSDC paper uses 1,024.
+            `None` keeps every prompt.
     """
 
     answer_column: str = field(
@@ -91,6 +94,21 @@ class OPSDCScriptArguments(ScriptArguments):
         default=300,
         metadata={"help": "Built-in task only: test problems evaluated before and after training."},
     )
+    max_prompt_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Drop training prompts longer than this many tokens (chat template included); the OPSDC paper "
+            "uses 1024. None keeps every prompt."
+        },
+    )
+
+
+def prompt_token_count(tokenizer, prompt) -> int:
+    """Tokens of a prompt as the trainer encodes it: conversations through the chat template, text as it is."""
+    if isinstance(prompt, str):
+        return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+    return len(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
 def bf16_available() -> bool:
@@ -171,6 +189,16 @@ def main(script_args, training_args, model_args):
     if script_args.answer_column != "answer" and script_args.answer_column in train_columns:
         dataset = dataset.rename_column(script_args.answer_column, "answer")
     train_dataset = dataset[script_args.dataset_train_split]
+    if script_args.max_prompt_tokens is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+        before = len(train_dataset) if hasattr(train_dataset, "__len__") else None
+        train_dataset = train_dataset.filter(
+            lambda row: prompt_token_count(tokenizer, row["prompt"]) <= script_args.max_prompt_tokens
+        )
+        if before is not None:
+            print(f"Kept {len(train_dataset)} of {before} prompts of at most {script_args.max_prompt_tokens} tokens.")
     reward_funcs = [math_reward] if "answer" in (train_dataset.column_names or []) else None
     trainer = OPSDCTrainer(
         model=model_args.model_name_or_path,

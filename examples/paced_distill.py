@@ -24,7 +24,7 @@ accelerate launch examples/paced_distill.py \
 ```
 
 Forward KL on teacher completions, then reverse KL on student rollouts: `--kl_schedule forward_then_reverse`.
-Self-distillation (no teacher; a frozen copy of the student reads the answer): `--self_distillation`.
+Self-distillation (no teacher; a frozen copy of the student reads the reference solution, or the answer): `--self_distillation`.
 """
 
 from __future__ import annotations
@@ -34,11 +34,16 @@ import importlib
 import os
 
 from datasets import load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from trl_tip import PacedConfig, PacedTrainer
-from trl_tip.script_utils import as_chat_prompts, evaluate_split, parse_with_builtin_defaults
+from trl_tip.script_utils import (
+    EvaluateAtTrainBegin,
+    as_chat_prompts,
+    evaluate_split_with_trainer,
+    parse_with_builtin_defaults,
+)
 from trl_tip.trainers.paced import BUILTIN_REWARDS
 
 
@@ -145,12 +150,7 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, padding_side="left")
     eval_tokens = training_args.max_completion_length or 256
 
-    before = None
-    if script_args.evaluate:
-        student = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
-        before = evaluate_split(student, tokenizer, test_split, eval_tokens)
-        del student
-
+    evaluate = script_args.evaluate and test_split is not None and "answer" in test_split.column_names
     trainer = PacedTrainer(
         model=model_args.model_name_or_path,
         teacher_model=None if training_args.self_distillation else training_args.teacher_model_name_or_path,
@@ -161,8 +161,15 @@ def main():
         peft_config=get_peft_config(model_args),
         reward_funcs=[resolve_reward(name) for name in script_args.reward_funcs],
     )
+    # Before and after: the trainer's own student, prepared as it trains (sharded under ZeRO-3 and FSDP2), evaluated on
+    # every process; "before" when training begins (the resumed weights when resuming).
+    before_training = EvaluateAtTrainBegin(lambda: evaluate_split_with_trainer(trainer, test_split, eval_tokens))
+    if evaluate:
+        trainer.add_callback(before_training)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    after = evaluate_split_with_trainer(trainer, test_split, eval_tokens) if evaluate else None
+    before = before_training.result
 
     if trainer.accelerator.is_main_process:
         table = trainer.pass_rate_table
@@ -173,11 +180,7 @@ def main():
             path = os.path.join(training_args.output_dir, "pass_rates.jsonl")
             trainer.export_pass_rates(path)
             print(f"Pass-rate table written to {path}.")
-    if trainer.accelerator.is_main_process and before is not None:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        if hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()
-        after = evaluate_split(model, tokenizer, test_split, eval_tokens)
+    if trainer.accelerator.is_main_process and after is not None:
         print(f"\nPACED distillation (alpha={training_args.paced_alpha:g}, beta={training_args.paced_beta:g}, "
               f"{training_args.kl_schedule} KL) on {after['num_problems']} test problems:")
         print(f"  student accuracy before: {before['accuracy']:.1%}  ({before['mean_completion_tokens']:.1f} tokens)")

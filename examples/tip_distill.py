@@ -27,11 +27,16 @@ from __future__ import annotations
 import dataclasses
 
 from datasets import load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from trl_tip import TipDistillConfig, TipDistillTrainer
-from trl_tip.script_utils import as_chat_prompts, evaluate_split, parse_with_builtin_defaults
+from trl_tip.script_utils import (
+    EvaluateAtTrainBegin,
+    as_chat_prompts,
+    evaluate_split_with_trainer,
+    parse_with_builtin_defaults,
+)
 
 
 # The built-in run: 600 steps of batch 32 on the toy task, ~3 minutes on 2 CPU cores.
@@ -114,13 +119,7 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, padding_side="left")
     eval_tokens = training_args.max_completion_length or 256
 
-    before = None
-    # The student is loaded for evaluation only when there is something to grade.
-    if script_args.evaluate and test_split is not None and "answer" in test_split.column_names:
-        student = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
-        before = evaluate_split(student, tokenizer, test_split, eval_tokens)
-        del student
-
+    evaluate = script_args.evaluate and test_split is not None and "answer" in test_split.column_names
     trainer = TipDistillTrainer(
         model=model_args.model_name_or_path,
         teacher_model=training_args.teacher_model_name_or_path,
@@ -130,14 +129,17 @@ def main():
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
+    # Before and after: the trainer's own student, prepared as it trains (sharded under ZeRO-3 and FSDP2), evaluated on
+    # every process; "before" when training begins (the resumed weights when resuming).
+    before_training = EvaluateAtTrainBegin(lambda: evaluate_split_with_trainer(trainer, test_split, eval_tokens))
+    if evaluate:
+        trainer.add_callback(before_training)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
 
-    if trainer.accelerator.is_main_process and before is not None:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        if hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()
-        after = evaluate_split(model, tokenizer, test_split, eval_tokens)
+    after = evaluate_split_with_trainer(trainer, test_split, eval_tokens) if evaluate else None
+    before = before_training.result
+    if trainer.accelerator.is_main_process and after is not None:
         selection = f"{training_args.token_selection}" + (
             "" if training_args.token_selection == "all" else f", ρ={training_args.token_ratio}"
         )

@@ -58,3 +58,24 @@ def assert_same_gradients(first: GradientRecorder, second: GradientRecorder):
         assert any(grad.abs().max() > 0 for grad in step_a.values())
         for name in step_a:
             assert_reordered_close(step_a[name], step_b[name])
+
+
+# A float32 computation checked against a float64 reference of the same formula. Each float32 logit is a dot product
+# of H ≤ 128 terms, off by at most H · u ≈ 8e-6 of |h|·|w| (in practice √H · u, ≈ 7e-7), and the log-partition,
+# softmax and divergence sums add a few u of the logit scale on top; 1e-5 of the magnitude of the terms involved (the
+# logits for a divergence, the tensor's own largest element for a gradient) bounds that with margin, while a wrong
+# formula (a missing normaliser, the wrong rows, the wrong direction of a KL) is off by a sizeable fraction of it.
+FLOAT64_REFERENCE_TOLERANCE = 1e-5
+
+
+def assert_close_to_float64(actual: torch.Tensor, reference: torch.Tensor, scale: float | None = None,
+                            tolerance: float = FLOAT64_REFERENCE_TOLERANCE):
+    """
+    Asserts a float32 result agrees with its float64 reference elementwise within `tolerance · scale` (absolute) and
+    `tolerance` (relative). `scale` is the magnitude of the terms the float32 computation combined; by default the
+    larger of the two tensors' largest magnitude.
+    """
+    if scale is None:
+        scale = max(actual.abs().max().item(), reference.abs().max().item())
+    assert scale > 0, "a comparison against an all-zero reference cannot fail"
+    torch.testing.assert_close(actual.double(), reference.double(), rtol=tolerance, atol=tolerance * scale)

@@ -31,7 +31,7 @@ def _configs(argv, stages=("teacher_rl", "warmup", "opd", "student_rl")):
 
 def test_help_lists_the_pipeline_flags():
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "bridge.py"), "--help"], capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=120)
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr
     for flag in ("--stages", "--overwrite_stages", "--one_stage_per_run", "--teacher_model_name_or_path",
                  "--teacher_rl_max_steps", "--warmup_learning_rate", "--opd_max_steps", "--student_rl_learning_rate",
@@ -101,6 +101,18 @@ def test_recipe_reaches_every_stage(tmp_path):
     assert all(c.learning_rate == 1e-6 and c.max_completion_length == 8192 for c in configs.values())
     assert configs["teacher_rl"].num_generations == 16
     assert configs["opd"].token_selection == "all"
+
+
+def test_evaluation_under_a_sharded_engine_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    # As `accelerate launch --config_file examples/accelerate_configs/fsdp2.yaml` sets it; the model paths do not
+    # exist, so reaching any loader would fail with another error.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    argv = ["--model_name_or_path", str(tmp_path / "no-student"), "--teacher_model_name_or_path",
+            str(tmp_path / "no-teacher"), "--dataset_name", "no/dataset", "--output_dir", str(tmp_path), "--bf16",
+            "false"]
+    with pytest.raises(ValueError, match="FSDP.*--evaluate false"):
+        _bridge().main(argv)
 
 
 def test_stage_selection_is_in_pipeline_order():

@@ -10,6 +10,7 @@ import pytest
 from datasets import Dataset
 
 import trl_tip.cli as cli
+import trl_tip.eval_plots as eval_plots
 import trl_tip.evaluation as evaluation
 from trl_tip.eval_plots import levels_figure, pass_at_k_figure, read_report, short_name
 from trl_tip.evaluation import grade_problems, summarize, summarize_by
@@ -91,6 +92,18 @@ def test_eval_writes_plots_and_per_level_results(two_runs, capsys):
     assert not (output / "builtin_levels.png").exists()
 
 
+def test_eval_prints_one_line_per_level():
+    records = grade_problems(["4"] * 3, ["\\boxed{4}", "\\boxed{5}", "\\boxed{4}", "\\boxed{4}", "x", "y"], None, 2)
+    for record, level in zip(records, [1, 1, 2], strict=True):
+        record["level"] = level
+    summary = {**summarize(records, 2), "by_level": summarize_by(records, "level", 2)}
+    assert cli._format_levels(summary) == [
+        "  level 1: 2 problems  mean@2 75.0  pass@2 100.0",
+        "  level 2: 1 problems  mean@2 0.0  pass@2 0.0",
+    ]
+    assert cli._format_levels(summarize(records, 2)) == []
+
+
 def test_pass_at_k_figure_plots_the_summary_in_percent(two_runs):
     runs = {name: read_report(path) for name, path in two_runs.items()}
     figure = pass_at_k_figure(runs)
@@ -105,6 +118,15 @@ def test_pass_at_k_figure_plots_the_summary_in_percent(two_runs):
             expected = [100 * summary["pass_at_k"][str(k)] for k in range(1, 5)]
             assert list(line.get_ydata()) == pytest.approx(expected, abs=1e-9)
     assert [text.get_text().split("  ")[0] for text in axes[0].get_legend().get_texts()] == ["seed0", "seed1"]
+
+
+def test_a_run_keeps_its_colour_where_another_run_lacks_the_dataset():
+    one = {"results": {"x": summarize(grade_problems(["4"], ["\\boxed{4}"], None, 1), 1)}}
+    two = {"results": {name: summarize(grade_problems(["4"], ["\\boxed{4}", "y"], None, 2), 2) for name in "xy"}}
+    x_axes, y_axes = pass_at_k_figure({"one": one, "two": two}).axes
+    assert [line.get_label().split("  ")[0] for line in y_axes.get_lines()] == ["two"]
+    assert y_axes.get_lines()[0].get_color() == x_axes.get_lines()[1].get_color() != x_axes.get_lines()[0].get_color()
+    assert x_axes.get_lines()[0].get_label() == "one  (pass@1 100.0)"  # n = 1: pass@1 once
 
 
 def test_levels_figure_bars_are_mean_and_pass_at_n_per_level(two_runs):
@@ -141,6 +163,7 @@ def test_compare_rejects_bad_input(two_runs, tmp_path, capsys):
     cases = [
         (["--compare", run], "two or more runs"),
         (["--compare", run, run, "--model", "m"], "drop --model"),
+        (["--compare", run, run, "--n", "4", "--greedy"], "drop --n --greedy"),
         (["--compare", run, str(tmp_path / "missing")], "No summary.json"),
         (["--compare", run, run, "--labels", "a"], "one label per --compare run"),
         (["--compare", run, run, "--labels", "a", "a"], "distinct labels"),
@@ -157,3 +180,17 @@ def test_compare_rejects_bad_input(two_runs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--compare", run, str(tmp_path / "bad")])
     assert "not a `trl-tip eval` summary" in capsys.readouterr().err
+
+
+def test_without_matplotlib_eval_keeps_its_results_and_says_how_to_plot(two_runs, tmp_path, monkeypatch, capsys):
+    def no_matplotlib(*args, **kwargs):
+        raise ImportError("Plotting `trl-tip eval` results needs matplotlib: `pip install 'trl-tip[plots]'`")
+
+    monkeypatch.setattr(eval_plots, "_figure", no_matplotlib)
+    cli._write_plots(read_report(two_runs["seed0"]), str(tmp_path))
+    printed = capsys.readouterr().out
+    assert "No plot written" in printed and "trl-tip[plots]" in printed
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--compare", str(two_runs["seed0"]), str(two_runs["seed1"]), "--output_dir", str(tmp_path)])
+    assert "trl-tip[plots]" in capsys.readouterr().err

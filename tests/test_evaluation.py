@@ -16,6 +16,7 @@ import trl_tip.cli as cli
 import trl_tip.evaluation as evaluation
 from trl_tip import evaluate_pass_at_k, grade_answer, pass_at_k
 from trl_tip.evaluation import BENCHMARKS, grade_problems, load_benchmark, summarize
+from trl_tip.tasks.arithmetic import generate_completions
 from trl_tip.testing import build_tokenizer
 
 
@@ -279,7 +280,7 @@ def test_console_script_is_declared_and_help_works(capsys):
     assert exit_info.value.code == 0 and "eval" in capsys.readouterr().out
     # As a module, the way the console script's entry point runs it.
     result = subprocess.run([sys.executable, "-m", "trl_tip.cli", "eval", "--help"], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=120)
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr
     for flag in ("--backend {transformers,vllm}", "--dataset", "--num_problems", "--n N", "--temperature",
                  "--max_new_tokens", "--output_dir"):
@@ -332,6 +333,53 @@ def test_cli_rejects_bad_arguments(capsys):
     assert "expected a JSON object" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main([])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--top_p", "0"], "--top_p: must be in (0, 1], got 0"),
+        (["--top_p", "1.5"], "--top_p: must be in (0, 1], got 1.5"),
+        (["--temperature", "-0.5"], "--temperature: must be >= 0, got -0.5"),
+        (["--top_k", "-1"], "--top_k: must be >= 0, got -1"),
+        (["--greedy", "--n", "4"], "--n 4 would repeat it 4 times"),
+        (["--greedy", "--temperature", "0.7"], "drop --temperature 0.7"),
+        (["--temperature", "0", "--top_p", "0.9"], "drop --top_p/--top_k"),
+    ],
+)
+def test_cli_rejects_bad_sampling_arguments(capsys, arguments, message):
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["eval", "--model", "m", *arguments])
+    assert raised.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_says_a_local_model_path_does_not_exist(capsys, tmp_path):
+    for model in (str(tmp_path / "no-such-model"), "./checkpoints/run/final", "~/missing-model"):
+        with pytest.raises(SystemExit):
+            cli.main(["eval", "--model", model])
+        assert f"--model {model}: no such directory" in capsys.readouterr().err
+    file = tmp_path / "model.safetensors"
+    file.write_text("")
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--model", str(file)])
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_cli_greedy_evaluation_and_a_capped_problem_count(arithmetic_models, tmp_path, capsys):
+    # --temperature 0 is greedy decoding (one completion per problem), not a division by zero; asking for more problems
+    # than the set holds says so and evaluates them all.
+    output = tmp_path / "greedy"
+    cli.main(["eval", "--model", arithmetic_models["student"], "--dataset", "builtin", "--num_problems", "400",
+              "--temperature", "0", "--output_dir", str(output)])
+    printed = capsys.readouterr().out
+    assert "builtin has 300 problems, fewer than --num_problems 400: evaluating all 300." in printed
+    assert "builtin: 300 problems × 1 samples" in printed
+    summary = json.loads((output / "summary.json").read_text())
+    assert (summary["num_samples"], summary["temperature"], summary["top_p"]) == (1, 0.0, 1.0)
+    records = [json.loads(line) for line in (output / "builtin.jsonl").read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(arithmetic_models["student"])
+    expected = generate_completions(model, build_tokenizer(), [r["prompt"] for r in records[:16]], max_new_tokens=32)
+    assert [r["completions"][0] for r in records[:16]] == expected
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -468,3 +516,15 @@ def test_callback_schedule_follows_the_eval_strategy():
         PassAtKCallback(trainer(), dataset, eval_steps=0)
     with pytest.raises(ValueError, match="needs a `answer` column"):
         PassAtKCallback(trainer(), dataset.remove_columns("answer"))
+
+
+@pytest.mark.parametrize("num_items,world_size", [(3, 2), (7, 3), (4, 4), (2, 4), (1, 1)])
+def test_padded_shard_covers_every_item_once_with_equal_shares(num_items, world_size):
+    from trl_tip.evaluation import padded_shard
+
+    shards = [padded_shard(num_items, rank, world_size) for rank in range(world_size)]
+    per_process = -(-num_items // world_size)
+    assert all(len(shard) == per_process for shard in shards)
+    real = [shard[: len(range(rank, num_items, world_size))] for rank, shard in enumerate(shards)]
+    assert sorted(index for shard in real for index in shard) == list(range(num_items))
+    assert all(index == 0 for rank, shard in enumerate(shards) for index in shard[len(real[rank]):])

@@ -16,7 +16,7 @@ def _run_example(script, *args, timeout=600):
 
 
 def test_tip_distill_help_lists_tip_flags():
-    result = _run_example("tip_distill.py", "--help", timeout=120)
+    result = _run_example("tip_distill.py", "--help")
     assert result.returncode == 0, result.stderr
     for flag in ("--token_selection", "--token_ratio", "--entropy_clip_quantile", "--teacher_model_name_or_path",
                  "--model_name_or_path", "--dataset_name"):
@@ -77,3 +77,30 @@ def test_as_chat_prompts_wraps_plain_prompts_and_renames_the_answer():
         as_chat_prompts(Dataset.from_dict({"question": ["x"]}))
     with pytest.raises(ValueError, match="not a column"):
         as_chat_prompts(data, answer_column="gold")
+
+
+def test_checkpointing_rename_warnings_are_silenced_and_nothing_else():
+    import warnings
+
+    from trl_tip.script_utils import silence_checkpointing_renames
+
+    renames = [
+        "`gradient_checkpointing` is deprecated and will be removed in v6. Use `activation_checkpointing` instead.",
+        "`gradient_checkpointing_enable` is deprecated and will be removed in v6. Use `activation_checkpointing_enable` "
+        "instead.",
+        "`is_gradient_checkpointing` is deprecated and will be removed in v6. Use `is_activation_checkpointing` "
+        "instead.",
+    ]
+    others = [
+        (FutureWarning, "`evaluation_strategy` is deprecated and will be removed in v6. Use `eval_strategy` instead."),
+        (UserWarning, renames[1]),  # the same text in another category is not the rename notice
+        (FutureWarning, "gradient_checkpointing with use_reentrant=True is slow"),
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        silence_checkpointing_renames()
+        for message in renames:
+            warnings.warn(message, FutureWarning)
+        for category, message in others:
+            warnings.warn(message, category)
+    assert [(w.category, str(w.message)) for w in caught] == others

@@ -94,3 +94,69 @@ def test_card_helpers():
     text = render_card_section("M", {"title": "T", "id": "2401.00001"}, "base", None, None, {"x": 0.1}, {})
     assert "[T](https://huggingface.co/papers/2401.00001)" in text and "| teacher | — |" in text
     assert "Final metrics" not in text
+
+
+def _lora_student(paths, fan_in_fan_out=False):
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                      modules_to_save=["lm_head"], fan_in_fan_out=fan_in_fan_out)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(paths["student"]), lora)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                parameter.add_(torch.randn_like(parameter))  # B starts at zero: make the merge do something
+    return model
+
+
+def test_merged_state_dict_is_peft_merge_and_unload(tiny_model_paths):
+    # The merge of a gathered state dict (what ZeRO-3 / FSDP2 hand `_save`) against PEFT's own merge.
+    import copy
+
+    import torch
+
+    from trl_tip.hub import lora_layers, merge_lora_state_dict
+
+    model = _lora_student(tiny_model_paths)
+    layers = lora_layers(model, "default")
+    assert all(scaling == 12 / 4 for scaling, _ in layers.values())
+    merged = merge_lora_state_dict(model.state_dict(), layers, "default")
+    reference = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert merged.keys() == reference.keys()
+    for name, tensor in reference.items():
+        # Same float32 operations in the same order: equal up to at most one rounding of the sum.
+        tolerance = 2 * torch.finfo(torch.float32).eps * tensor.abs().max().item()
+        assert torch.allclose(merged[name], tensor, rtol=0, atol=tolerance), name
+    # The adapters moved the weights: the comparison is not trivially between two copies of the base.
+    base = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base)
+
+
+def test_push_merged_from_a_gathered_state_dict(tiny_model_paths, tmp_path, hub):
+    # Under ZeRO-3 / FSDP2 the trainer's `save_model` passes `_save` the gathered state dict; the merged upload is
+    # built from it, not from the (sharded) local model, and loads as the merged student.
+    import copy
+
+    import torch
+    from safetensors.torch import load_file
+
+    trainer = _trainer(tiny_model_paths, tmp_path, peft_config=LoraConfig(r=4, lora_alpha=8,
+                                                                           target_modules=["q_proj", "v_proj"],
+                                                                           task_type="CAUSAL_LM"))
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad():
+        for name, parameter in student.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(1.0)
+    gathered = {name: tensor.clone() for name, tensor in student.state_dict().items()}
+    with trainer._merged_adapters():
+        trainer._save(str(tmp_path / "merged"), state_dict=gathered)
+    saved = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    reference = copy.deepcopy(student).merge_and_unload().state_dict()
+    assert set(saved) <= set(reference) and "model.layers.0.self_attn.q_proj.weight" in saved
+    for name, tensor in saved.items():
+        tolerance = 2 * torch.finfo(torch.float32).eps * reference[name].abs().max().item()
+        assert torch.allclose(tensor, reference[name], rtol=0, atol=tolerance), name

@@ -5,6 +5,8 @@ The `math_pass_at_k` metric shipped for Hugging Face `evaluate`: it loads from t
 
 import json
 import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -32,6 +34,22 @@ def test_loads_from_the_package_directory_offline():
     # `evaluate.load` on the directory itself, as a user without the helper would call it.
     result = evaluate.load(str(path)).compute(predictions=[["\\boxed{7}"]], references=["7"])
     assert result == {"pass@1": 1.0, "mean@n": 1.0, "num_ungradable": 0, "num_problems": 1, "num_samples": 1}
+
+
+def test_loads_offline_in_a_fresh_process_with_an_empty_cache(tmp_path):
+    # What a user gets the first time: no module cache, the Hub switched off, only `evaluate` and the installed package.
+    code = (
+        "import evaluate, trl_tip.metrics as m; "
+        "print(evaluate.load(m.METRIC_PATHS['math_pass_at_k']).compute(predictions=[['Answer: 3', 'x']], "
+        "references=['3'])['pass@2'])"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip().splitlines()[-1] == "1.0"
+    assert (tmp_path / "modules").is_dir()  # evaluate imported the script from its own copy there
 
 
 def test_package_data_ships_the_metric_files():

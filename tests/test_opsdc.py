@@ -15,6 +15,7 @@ from trl import DistillationTrainer
 from trl_tip import CONCISE_INSTRUCTIONS, OPSDCConfig, OPSDCTrainer, add_instruction, math_reward, resolve_instruction
 from trl_tip.testing import build_tokenizer
 from trl_tip.trainers.opsdc import OPSDC_STATE_NAME, TEACHER_ADAPTER_NAME, TEACHER_SNAPSHOT_NAME
+from numerics import GradientRecorder, assert_same_gradients
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -149,6 +150,19 @@ def test_trainer_rejects_a_teacher_and_unusable_prompts(tiny_model_paths, prompt
         make_trainer(tiny_model_paths, text_prompts, make_config(tmp_path, instruction_position="system"))
     with pytest.raises(TypeError, match="reward_funcs"):
         make_trainer(tiny_model_paths, prompts_dataset, config, reward_funcs="some/reward-model")
+
+
+def test_fsdp1_is_refused_before_the_model_loads(prompts_dataset, tmp_path, monkeypatch):
+    # The model path does not exist: reaching the model loader would fail with another error.
+    missing_model = str(tmp_path / "never-loaded")
+    config = OPSDCConfig(str(tmp_path), bf16=False, fsdp="full_shard", fsdp_config={"version": 1})
+    with pytest.raises(ValueError, match="FSDP version 1.*FSDP2"):
+        OPSDCTrainer(model=missing_model, args=config, train_dataset=prompts_dataset)
+    # The same limit when `accelerate launch` sets FSDP from its config file.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="FSDP version 1"):
+        OPSDCTrainer(model=missing_model, args=OPSDCConfig(str(tmp_path), bf16=False), train_dataset=prompts_dataset)
 
 
 # ---- Teacher input and loss ----
@@ -330,16 +344,19 @@ def test_lora_teacher_is_a_frozen_second_adapter(tiny_model_paths, prompts_datas
 def test_lora_update_is_the_same_with_gradient_checkpointing(tiny_model_paths, prompts_dataset, tmp_path):
     # Checkpointing recomputes the student's forward during backward, after the teacher's forward switched adapters:
     # the update must still be the one computed with the student adapter (dropout on, as in training).
-    updated = []
+    # Compared on the gradients before the optimiser step (AdamW's first step amplifies float32 noise; see
+    # tests/numerics.py), of the student adapter only.
+    recorders = []
     for checkpointing in (False, True):
         lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1, init_lora_weights=False)
         config = make_config(tmp_path, max_steps=1, gradient_checkpointing=checkpointing, learning_rate=1e-2)
-        trainer = make_trainer(tiny_model_paths, prompts_dataset, config, peft_config=lora)
+        recorder = GradientRecorder()
+        trainer = make_trainer(tiny_model_paths, prompts_dataset, config, peft_config=lora, callbacks=[recorder])
         trainer.train()
-        peft_model = trainer.accelerator.unwrap_model(trainer.model)
-        updated.append({n: p.detach().clone() for n, p in peft_model.named_parameters() if ".default." in n})
-    assert updated[0].keys() == updated[1].keys()
-    assert all(torch.allclose(updated[0][name], updated[1][name], atol=1e-6) for name in updated[0])
+        recorder.steps = [{n: g for n, g in step.items() if ".default." in n} for step in recorder.steps]
+        recorders.append(recorder)
+    assert recorders[0].steps[0].keys() == recorders[1].steps[0].keys()
+    assert_same_gradients(*recorders)
 
 
 # ---- Checkpoints ----
@@ -400,3 +417,193 @@ def test_example_runs_on_the_builtin_task(arithmetic_models, tmp_path):
     metrics = json.loads((tmp_path / "run" / "opsdc_builtin_metrics.json").read_text())
     for stage in ("before", "after"):
         assert 0.0 <= metrics[stage]["accuracy"] <= 1.0 and metrics[stage]["mean_completion_tokens"] > 0
+
+
+# ---- The teacher prompt: the instruction replaces the dataset's lead ----
+
+# Real prompt texts. DAPO-Math-17k (BytedTsinghua-SIA/DAPO-Math-17k), its first problem, as the dataset stores it:
+DAPO_LEAD = (
+    "Solve the following math problem step by step. The last line of your response should be of the form Answer: "
+    "$Answer (without quotes) where $Answer is the answer to the problem."
+)
+DAPO_PROBLEM = (
+    "In triangle $ABC$, $\\sin \\angle A = \\frac{4}{5}$ and $\\angle A < 90^\\circ$. Let $D$ be a point outside "
+    "triangle $ABC$ such that $\\angle BAD = \\angle DAC$ and $\\angle BDC = 90^\\circ$. Suppose that $AD = 1$ and that "
+    "$\\frac{BD}{CD} = \\frac{3}{2}$. If $AB + AC$ can be expressed in the form $\\frac{a\\sqrt{b}}{c}$ where $a, b, c$ "
+    "are pairwise relatively prime integers, find $a + b + c$."
+)
+DAPO_REMINDER = 'Remember to put your answer on its own line after "Answer:".'
+DAPO_PROMPT = [{"role": "user", "content": f"{DAPO_LEAD}\n\n{DAPO_PROBLEM}\n\n{DAPO_REMINDER}"}]
+# MATH-500 (HuggingFaceH4/MATH-500), its first problem: the `problem` column is the bare question.
+MATH500_PROBLEM = (
+    "Convert the point $(0,3)$ in rectangular coordinates to polar coordinates.  Enter your answer in the form "
+    "$(r,\\theta),$ where $r > 0$ and $0 \\le \\theta < 2 \\pi.$"
+)
+
+
+def test_dapo_teacher_prompt_has_the_instruction_once_and_no_step_by_step_lead():
+    from trl_tip.instructions import build_teacher_prompt
+
+    v2 = CONCISE_INSTRUCTIONS["v2"]
+    teacher, replaced = build_teacher_prompt(DAPO_PROMPT, v2)
+    assert replaced
+    content = teacher[0]["content"]
+    assert content.count(v2) == 1 and content.startswith(v2)
+    assert "step by step" not in content
+    # The answer format the student is graded on stays, as in the authors' teacher prompt; so do the problem and the
+    # dataset's closing reminder.
+    answer_format = DAPO_LEAD.removeprefix("Solve the following math problem step by step. ")
+    assert content == f"{v2}\n\n{answer_format}\n\n{DAPO_PROBLEM}\n\n{DAPO_REMINDER}"
+    assert DAPO_PROMPT[0]["content"].startswith(DAPO_LEAD)  # the student's prompt is untouched
+    # The same as plain text, and with the instruction in the system turn.
+    text, replaced = build_teacher_prompt(DAPO_PROMPT[0]["content"], v2)
+    assert replaced and text == content
+    system, replaced = build_teacher_prompt(DAPO_PROMPT, v2, position="system")
+    assert replaced and system[0] == {"role": "system", "content": v2}
+    assert system[1]["content"] == f"{answer_format}\n\n{DAPO_PROBLEM}\n\n{DAPO_REMINDER}"
+
+
+def test_math500_prompt_has_no_lead_so_the_instruction_is_prepended():
+    from trl_tip.instructions import build_teacher_prompt
+
+    teacher, replaced = build_teacher_prompt([{"role": "user", "content": MATH500_PROBLEM}], INSTRUCTION)
+    assert not replaced
+    assert teacher == [{"role": "user", "content": f"{INSTRUCTION}\n\n{MATH500_PROBLEM}"}]
+    # The same as `add_instruction` when nothing is recognised.
+    assert teacher == add_instruction([{"role": "user", "content": MATH500_PROBLEM}], INSTRUCTION)
+
+
+def test_user_lead_pattern_and_template():
+    from trl_tip.instructions import build_teacher_prompt
+
+    prompt = f"Please reason step by step, and put your final answer within \\boxed{{}}.\n{MATH500_PROBLEM}"
+    teacher, replaced = build_teacher_prompt(
+        prompt, INSTRUCTION, lead_pattern=r"Please reason step by step[^\n]*\n",
+        template="{instruction}\n## Problem\n{question}\nAnswer in \\boxed{{}}.",
+    )
+    assert replaced
+    assert teacher == f"{INSTRUCTION}\n## Problem\n{MATH500_PROBLEM}\nAnswer in \\boxed{{}}."
+    # No match: the template still lays the instruction out, around the whole prompt.
+    teacher, replaced = build_teacher_prompt(MATH500_PROBLEM, INSTRUCTION, template="{question}\n\n({instruction})")
+    assert not replaced and teacher == f"{MATH500_PROBLEM}\n\n({INSTRUCTION})"
+    with pytest.raises(ValueError, match="once each"):
+        build_teacher_prompt(MATH500_PROBLEM, INSTRUCTION, template="{instruction} only")
+    with pytest.raises(ValueError, match="once each"):
+        build_teacher_prompt(MATH500_PROBLEM, INSTRUCTION, template="{instruction} {question} {answer}")
+
+
+def test_teacher_prompt_options_are_validated(tmp_path):
+    config = OPSDCConfig(str(tmp_path), bf16=False)
+    assert (config.lead_instruction_pattern, config.teacher_prompt_template, config.loss_normalization) == (
+        None, None, "rollout")
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        OPSDCConfig(str(tmp_path), bf16=False, lead_instruction_pattern="(unclosed")
+    with pytest.raises(ValueError, match="once each"):
+        OPSDCConfig(str(tmp_path), bf16=False, teacher_prompt_template="{question}")
+    with pytest.raises(ValueError, match="instruction_position='system'"):
+        OPSDCConfig(str(tmp_path), bf16=False, teacher_prompt_template="{instruction} {question}",
+                    instruction_position="system")
+    with pytest.raises(ValueError, match="loss_normalization must be one of"):
+        OPSDCConfig(str(tmp_path), bf16=False, loss_normalization="sequence")
+
+
+def test_trainer_replaces_the_dapo_lead_and_logs_it(tiny_model_paths, tmp_path, hidden_state_calls):
+    dataset = Dataset.from_dict({"prompt": [DAPO_PROMPT] * 4})
+    trainer = make_trainer(tiny_model_paths, dataset, make_config(tmp_path, max_steps=1, max_completion_length=4))
+    trainer.train()
+    (_, student_ids, _, keep), (_, teacher_ids, _, _) = hidden_state_calls
+    tokenizer = build_tokenizer()
+    for row in range(student_ids.size(0)):
+        teacher_prompt = tokenizer.decode(teacher_ids[row, :-keep], skip_special_tokens=True)
+        student_prompt = tokenizer.decode(student_ids[row, :-keep], skip_special_tokens=True)
+        assert teacher_prompt.count(INSTRUCTION) == 1 and "step by step" not in teacher_prompt
+        assert DAPO_PROBLEM in teacher_prompt and DAPO_LEAD in student_prompt
+    assert trainer.state.log_history[0]["opsdc/lead_replaced"] == 1.0
+
+
+# ---- Normalisation: per-rollout mean, then mean over rollouts ----
+
+
+def _float64_reverse_kl(trainer, inputs):
+    """Per-token KL(student || teacher) of the completion tokens, from both models' full logits in float64."""
+    import copy as copy_module
+
+    width = inputs["completion_ids"].size(1)
+
+    def logits(model, prompt_ids, prompt_mask):
+        model = copy_module.deepcopy(trainer.accelerator.unwrap_model(model)).double().eval()
+        ids = torch.cat([prompt_ids, inputs["completion_ids"]], dim=1)
+        mask = torch.cat([prompt_mask, inputs["completion_mask"]], dim=1)
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).logits[:, -width - 1 : -1]
+
+    student = logits(trainer.model, inputs["prompt_ids"], inputs["prompt_mask"]).log_softmax(-1)
+    teacher = logits(trainer.teacher_model, inputs["teacher_prompt_ids"], inputs["teacher_prompt_mask"]).log_softmax(-1)
+    return (student.exp() * (student - teacher)).sum(-1)
+
+
+def _loss_inputs(trainer, prompts_dataset):
+    tokenizer = build_tokenizer()
+    student_ids, _, _ = trainer._tokenize_prompts(prompts_dataset["prompt"][:3])
+    teacher_ids, _, _ = trainer._tokenize_prompts([add_instruction(p, INSTRUCTION) for p in prompts_dataset["prompt"][:3]])
+
+    def left_pad(rows):
+        width = max(map(len, rows))
+        return (torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + list(r) for r in rows]),
+                torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]))
+
+    prompt_ids, prompt_mask = left_pad(student_ids)
+    teacher_prompt_ids, teacher_prompt_mask = left_pad(teacher_ids)
+    # Rollouts of 8, 2 and 5 tokens: a token mean and a mean of rollout means differ.
+    completion_mask = torch.tensor([[1] * 8, [1] * 2 + [0] * 6, [1] * 5 + [0] * 3])
+    return {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+        "completion_ids": torch.randint(0, 256, (3, 8), generator=torch.Generator().manual_seed(0)),
+        "completion_mask": completion_mask,
+        "teacher_prompt_ids": teacher_prompt_ids, "teacher_prompt_mask": teacher_prompt_mask,
+        "opsdc_rollout_weights": torch.ones(3), "opsdc_rollout_count": torch.full((3,), 3.0),
+    }
+
+
+def test_rollout_and_token_normalisation_match_a_float64_reference(tiny_model_paths, prompts_dataset, tmp_path):
+    trainer = make_trainer(tiny_model_paths, prompts_dataset, make_config(tmp_path))
+    with torch.no_grad():  # a teacher different from the student, so every token has a visible divergence
+        for parameter in trainer.accelerator.unwrap_model(trainer.teacher_model).parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+    inputs = _loss_inputs(trainer, prompts_dataset)
+    kl = _float64_reverse_kl(trainer, inputs)
+    mask = inputs["completion_mask"].double()
+    per_rollout = ((kl * mask).sum(-1) / mask.sum(-1)).mean()
+    token_mean = (kl * mask).sum() / mask.sum()
+    # The two normalisations differ by ten times the tolerance used below, so each check tells them apart.
+    assert abs(per_rollout - token_mean) > 10 * 1e-4 * token_mean
+
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    loss, _, n_valid = trainer._compute_loss(student, inputs, None)
+    assert n_valid.item() == 15
+    # float32 forward passes against float64: relative error ~1e-6 per logit; 1e-4 relative leaves a wide margin.
+    torch.testing.assert_close(loss.double(), per_rollout, rtol=1e-4, atol=1e-7)
+
+    # Accumulation: two micro-batches, each normalised by the count of the whole batch, sum to the same loss.
+    halves = [{key: value[rows] for key, value in inputs.items()} for rows in (slice(0, 1), slice(1, 3))]
+    accumulated = sum(trainer._compute_loss(student, half, None)[0] for half in halves)
+    torch.testing.assert_close(accumulated.double(), per_rollout, rtol=1e-4, atol=1e-7)
+
+    # The option: TRL's global token mean (its `num_items_in_batch` = the batch's tokens).
+    trainer.args.loss_normalization = "token"
+    token_inputs = {k: v for k, v in inputs.items() if not k.startswith("opsdc_rollout")}
+    loss, _, _ = trainer._compute_loss(student, token_inputs, torch.tensor(15.0))
+    torch.testing.assert_close(loss.double(), token_mean, rtol=1e-4, atol=1e-7)
+
+
+def test_generation_batch_carries_the_rollout_count_of_all_accumulation_steps(tiny_model_paths, prompts_dataset,
+                                                                                 tmp_path):
+    trainer = make_trainer(tiny_model_paths, prompts_dataset, make_config(tmp_path, gradient_accumulation_steps=2))
+    trainer.model.train()
+    output = trainer._generate_and_score_completions([dict(prompts_dataset[i]) for i in range(8)])
+    non_empty = (output["completion_mask"].sum(-1) > 0).float()
+    assert torch.equal(output["opsdc_rollout_weights"], non_empty)
+    assert output["opsdc_rollout_count"].tolist() == [non_empty.sum().item()] * 8
+    trainer.args.loss_normalization = "token"
+    output = trainer._generate_and_score_completions([dict(prompts_dataset[i]) for i in range(8)])
+    assert "opsdc_rollout_weights" not in output

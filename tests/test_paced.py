@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import DistillationConfig
 
 from trl_tip import PacedConfig, PacedTrainer, PassRateTable, math_reward, paced_weight, selective_divergence_loss
 import trl_tip.losses as losses_module
-from numerics import REORDERING_TOLERANCE, GradientRecorder, assert_same_gradients
+from numerics import REORDERING_TOLERANCE, GradientRecorder, assert_close_to_float64, assert_same_gradients
 from trl_tip.losses import rollout_token_coefficients
 from trl_tip.pass_rates import ProblemSampler, sampling_probabilities
 from trl_tip.tasks import build_arithmetic_dataset
@@ -176,9 +176,11 @@ def test_weighted_loss_is_the_weighted_mean_of_rollout_means(method, beta, compa
 
     if method == "all":
         assert torch.equal(result.keep, mask.bool())
-    torch.testing.assert_close(result.loss.double(), reference, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(h_s.grad, h_ref.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(w_s.grad, w_ref.grad, rtol=1e-4, atol=1e-6)
+    logit_scale = max((h_ref @ w_ref.t()).abs().max().item(), (h_t @ w_t.t()).abs().max().item())
+    assert_close_to_float64(result.loss, reference.detach(), scale=logit_scale)
+    # Gradients carry the logits' relative rounding times their own magnitude (see tests/numerics.py).
+    assert_close_to_float64(h_s.grad, h_ref.grad, scale=logit_scale * h_ref.grad.abs().max().item())
+    assert_close_to_float64(w_s.grad, w_ref.grad, scale=logit_scale * w_ref.grad.abs().max().item())
     # A rollout of weight 0 receives no gradient at all.
     assert torch.equal(h_s.grad[1], torch.zeros_like(h_s.grad[1]))
 
@@ -230,6 +232,25 @@ def test_helpers_for_completions_and_privileged_prompts():
     teacher_prompt = add_privileged_context(prompt, "125", "{problem} (answer: {answer})")
     assert teacher_prompt[-1]["content"] == "58+67 (answer: 125)" and prompt[-1]["content"] == "58+67"
     assert add_privileged_context("2+2", 4, "{problem}={answer}") == "2+2=4"
+    assert add_privileged_context("2+2", 4, "{problem}={context}") == "2+2=4"
+
+
+def test_privileged_context_is_the_reference_solution_when_there_is_one():
+    from trl_tip.trainers.paced import ANSWER_PROMPT_TEMPLATE, SOLUTION_PROMPT_TEMPLATE, privileged_context_setup
+
+    assert privileged_context_setup(["prompt", "solution", "answer"], None, None) == ("solution", SOLUTION_PROMPT_TEMPLATE)
+    assert privileged_context_setup(["prompt", "answer"], None, None) == ("answer", ANSWER_PROMPT_TEMPLATE)
+    assert privileged_context_setup(["prompt", "worked", "answer"], "worked", None) == ("worked", SOLUTION_PROMPT_TEMPLATE)
+    assert privileged_context_setup(["prompt", "answer"], None, "{problem}|{context}") == ("answer", "{problem}|{context}")
+    with pytest.raises(ValueError, match="privileged_context_column"):
+        privileged_context_setup(["prompt", "answer"], "worked", None)
+    with pytest.raises(ValueError, match="Add a `solution`"):
+        privileged_context_setup(["prompt"], None, None)
+    # The OPSD authors' teacher layout for a reference solution.
+    assert add_privileged_context("1+1?", "1+1 = 2.", SOLUTION_PROMPT_TEMPLATE) == (
+        "## Problem\n1+1?\n\n## Reference Solution\n1+1 = 2.\n\nAfter understanding the reference solution, solve the "
+        "problem step by step using your own approach."
+    )
 
 
 def test_pass_rate_table_weights_histogram_and_export():
@@ -273,7 +294,8 @@ def test_config_validation():
         ({"kl_schedule": "forward_then_reverse", "rollout_source": "teacher"}, "must stay 'student'"),
         ({"pass_rate_mode": "online", "rollout_source": "teacher"}, "draws none"),
         ({"self_distillation": True, "teacher_model_name_or_path": "x"}, "unset teacher_model_name_or_path"),
-        ({"privileged_prompt_template": "{problem}"}, "both {problem} and {answer}"),
+        ({"privileged_prompt_template": "{problem}"}, r"both \{problem\} and \{context\}"),
+        ({"privileged_context_column": "solution"}, "needs self_distillation=True"),
         ({"privileged_prompt_template": "{problem} {answer} {hint}"}, "only use the placeholders"),
         ({"teacher_completions": "cache"}, "teacher_completions must be one of"),
     ]
@@ -529,6 +551,50 @@ def test_self_distillation_teacher_is_a_frozen_student_that_sees_the_answer(arit
     assert any(not torch.equal(p, q) for p, q in zip(student.parameters(), trainer.model.parameters(), strict=True))
 
 
+def test_self_distillation_teacher_reads_the_solution_column(arithmetic_models, problems, tmp_path):
+    solutions = [completion[0]["content"] for completion in problems["completion"]]
+    dataset = problems.add_column("solution", solutions)
+    trainer = _trainer(arithmetic_models, _config(tmp_path, self_distillation=True, max_steps=1), dataset)
+    batches = _capture_batches(trainer)
+    trainer.train()
+    tokenizer = build_tokenizer()
+    output, rows = batches[0]["output"], batches[0]["inputs"]
+    for index, row in enumerate(rows):
+        teacher_prompt = tokenizer.decode(output["teacher_prompt_ids"][index], skip_special_tokens=True)
+        assert f"## Problem\n{row['prompt'][0]['content']}\n\n## Reference Solution\n{row['solution']}" in teacher_prompt
+        assert "The correct final answer" not in teacher_prompt
+
+
+def test_zero_weight_step_after_a_real_step_moves_nothing(arithmetic_models, problems, tmp_path):
+    # Step 1 trains on problems of pass rate 1/2; then every pass rate is set to 1 (weight 0), so step 2's batch
+    # weighs nothing. With weight decay on, AdamW would still move every parameter (momentum from step 1, and decay);
+    # the step must be skipped, and the learning-rate schedule must not advance.
+    contents = [prompt[-1]["content"] for prompt in problems["prompt"]]
+    reward = ScriptedReward({content: 2 for content in contents})  # 2 of K = 4 rollouts pass: p = 0.5
+    trainer = _trainer(arithmetic_models, _config(tmp_path, weight_decay=0.1, lr_scheduler_type="linear",
+                                                  learning_rate=1e-2, max_steps=3), problems, reward_funcs=reward)
+    snapshots = {}
+
+    class ZeroTheWeightsAfterStepOne(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots[state.global_step] = ([p.detach().clone() for p in trainer.model.parameters()],
+                                            trainer.lr_scheduler.get_last_lr()[0])
+            if state.global_step == 1:
+                size = len(trainer.pass_rate_table.pass_rates)
+                trainer.pass_rate_table.set_estimate(torch.arange(size), torch.ones(size), torch.full((size,), 4))
+
+    trainer.add_callback(ZeroTheWeightsAfterStepOne())
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    after_first, lr_first = snapshots[1]
+    assert any(not torch.equal(p, q) for p, q in zip(before, after_first, strict=True))  # step 1 was real
+    for step in (2, 3):
+        parameters, learning_rate = snapshots[step]
+        assert all(torch.equal(p, q) for p, q in zip(after_first, parameters, strict=True)), step
+        assert learning_rate == lr_first, step
+    assert _logged(trainer, "paced/skipped_steps")[-1] == 2.0
+
+
 def test_self_distillation_teacher_prompt_changes_the_loss(arithmetic_models, problems, tmp_path):
     # Scored on the same completions, a teacher that reads the plain prompt is the student itself (zero divergence);
     # with the answer in its prompt it is not.
@@ -541,7 +607,9 @@ def test_self_distillation_teacher_prompt_changes_the_loss(arithmetic_models, pr
         privileged = trainer.compute_loss(trainer.model, inputs)
         plain = trainer.compute_loss(trainer.model, {**inputs, "teacher_prompt_ids": inputs["prompt_ids"],
                                                      "teacher_prompt_mask": inputs["prompt_mask"]})
-    assert plain.item() == pytest.approx(0.0, abs=1e-6)
+    # KL between two float32 evaluations of one distribution: zero up to the rounding of the log-partitions, a few u
+    # of the logit scale (the built-in models' logits reach ~15, so ~1e-6), far below what the privileged prompt gives.
+    assert plain.item() == pytest.approx(0.0, abs=1e-5)
     assert privileged.item() > 1e-3
 
 
@@ -595,7 +663,7 @@ def _run_example(*args, timeout=600):
 
 
 def test_example_help_lists_paced_flags():
-    result = _run_example("--help", timeout=120)
+    result = _run_example("--help")
     assert result.returncode == 0, result.stderr
     flags = ("--paced_alpha", "--paced_beta", "--pass_rate_rollouts", "--pass_rate_mode", "--pass_rate_refresh_steps",
              "--rollout_source", "--teacher_completions", "--kl_schedule", "--schedule_switch_fraction",

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import trl_tip.trainers.tip_distill as tip_module
 from trl_tip import PacedConfig, PacedTrainer, TipDistillConfig, TipDistillTrainer, selective_divergence_loss
+from trl_tip.selection import SELECTION_METHODS
 from trl_tip.tasks import build_arithmetic_dataset
 from trl_tip.testing import build_tokenizer, save_pretrained_pair, tiny_model
 from trl_tip.vocabulary import end_of_turn_token, first_tokenizer_difference, shared_vocab_size
@@ -274,3 +275,31 @@ def test_padded_pair_trains_with_paced_and_the_loss_is_the_reference(padded_path
     rollout_means = (per_token * keep).sum(-1) / keep.sum(-1)
     reference = (weights * rollout_means).sum() / inputs["paced_weight_sum"].double()
     assert torch.allclose(records[0]["loss"].double(), reference, rtol=0, atol=1e-6 * scale)
+
+
+def test_padding_token_and_a_missing_chat_template_are_not_differences():
+    student, teacher = build_tokenizer(), build_tokenizer()
+    teacher.pad_token = "<|im_start|>"  # masked out for both models
+    teacher.chat_template = None  # a base teacher: nothing to compare the end of turn with
+    assert first_tokenizer_difference(student, teacher) is None
+
+
+@pytest.mark.parametrize("method", [m for m in SELECTION_METHODS if m != "all"])
+def test_every_rule_scores_and_trains_over_the_shared_rows(method):
+    generator = torch.Generator().manual_seed(3)
+    h_s, h_t = torch.randn(3, 8, 16, generator=generator), torch.randn(3, 8, 24, generator=generator)
+    w_s, w_t = torch.randn(STUDENT_ROWS, 16, generator=generator), torch.randn(TEACHER_ROWS, 24, generator=generator)
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    result = selective_divergence_loss(h_s, h_t, w_s, w_t, mask, 1.0, method=method, ratio=0.5,
+                                       generator=torch.Generator().manual_seed(0), vocab_size=TOKENS)
+    log_s, log_t = _log_probs(h_s.double() @ w_s.double().t()), _log_probs(h_t.double() @ w_t.double().t())
+    reverse = _divergence(log_s, log_t, 1.0)
+    entropy = -(log_s.exp() * log_s).sum(-1) / math.log(TOKENS)
+    scale = max((h_s @ w_s.t()).abs().max().item(), (h_t @ w_t.t()).abs().max().item())
+    valid = mask.bool()
+    # The statistics the rule ranks by are those of the shared rows, and the loss is the kept tokens' mean.
+    assert torch.allclose(result.reverse_kl[valid].double(), reverse[valid], rtol=0, atol=1e-5 * scale)
+    assert torch.allclose(result.entropy[valid].double(), entropy[valid], rtol=0, atol=1e-5 * scale)
+    assert 0 < result.keep.sum() < valid.sum()
+    assert torch.allclose(result.loss.double(), reverse[result.keep].mean(), rtol=0, atol=1e-5 * scale)

@@ -6,6 +6,7 @@ import torch
 from trl_tip import SELECTION_METHODS, select_tokens
 from trl_tip.selection import (
     min_max_normalize,
+    normalized_divergence,
     overconfidence_score,
     quadrant_counts,
     quantile,
@@ -190,3 +191,78 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="same \\(batch, tokens\\) shape"):
         select_tokens(x, torch.rand(2, 4), mask)
     assert math.isclose(quantile(torch.tensor([5.0]), 0.98).item(), 5.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tests that pin soft-OR's formula and the scope of its statistics (each fails under the named mutation)
+
+
+def test_soft_or_is_not_the_max_of_the_two_axes():
+    # Rollout 0 fixes the batch ranges: h and δ both span [0, 1], so ĥ = h and δ̂ = δ for every token. In rollout 1,
+    # token a has ĥ = δ̂ = 0.6 (soft-OR 1 − 0.4·0.4 = 0.84, max 0.6) and token b has ĥ = 0.8, δ̂ = 0 (soft-OR 0.8,
+    # max 0.8): soft-OR keeps a, max(ĥ, δ̂) would keep b.
+    entropy = torch.tensor([[0.0, 1.0], [0.6, 0.8]])
+    divergence = torch.tensor([[0.0, 1.0], [0.6, 0.0]])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    score = soft_or_score(entropy, divergence, mask, entropy_clip_quantile=1.0)
+    torch.testing.assert_close(score, torch.tensor([[0.0, 1.0], [0.84, 0.8]]))
+    keep = select_tokens(entropy, divergence, mask, "soft_or", ratio=0.5, entropy_clip_quantile=1.0)
+    assert keep.tolist() == [[False, True], [True, False]]
+
+
+def test_divergence_is_normalised_over_the_batch_not_per_rollout():
+    # Rollout 0 holds the batch's δ range [0, 10] and h range [0, 1]. In rollout 1, a = (h 0.5, δ 0.1) and
+    # b = (h 0.3, δ 0.2). Over the batch δ̂ = δ / 10: s_a = 0.5 + 0.01 − 0.005 = 0.505, s_b = 0.3 + 0.02 − 0.006 =
+    # 0.314, so a is kept. Min-max within rollout 1 alone would give δ̂_a = 0, δ̂_b = 1 and keep b.
+    entropy = torch.tensor([[0.0, 1.0], [0.5, 0.3]])
+    divergence = torch.tensor([[0.0, 10.0], [0.1, 0.2]])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    score = soft_or_score(entropy, divergence, mask, entropy_clip_quantile=1.0)
+    torch.testing.assert_close(score[1], torch.tensor([0.505, 0.314]))
+    keep = select_tokens(entropy, divergence, mask, "soft_or", ratio=0.5, entropy_clip_quantile=1.0)
+    assert keep[1].tolist() == [True, False]
+
+
+def test_divergence_clip_quantile_hand_computed():
+    # One outlier (100) among δ = 0, 1, 2, 3: unclipped, δ̂ = δ / 100 squashes the others below 0.03. Clipped at the
+    # 75th percentile (linear interpolation over 5 values: position 3, i.e. 3.0), δ̂ = min(δ, 3) / 3.
+    divergence = torch.tensor([[0.0, 1.0, 2.0, 3.0, 100.0]])
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    torch.testing.assert_close(normalized_divergence(divergence, mask), divergence / 100)
+    torch.testing.assert_close(
+        normalized_divergence(divergence, mask, divergence_clip_quantile=0.75),
+        torch.tensor([[0.0, 1 / 3, 2 / 3, 1.0, 1.0]]),
+    )
+    # In soft-OR: with zero entropy everywhere the score is δ̂ itself.
+    torch.testing.assert_close(
+        soft_or_score(torch.zeros(1, 5), divergence, mask, entropy_clip_quantile=1.0, divergence_clip_quantile=0.75),
+        torch.tensor([[0.0, 1 / 3, 2 / 3, 1.0, 1.0]]),
+    )
+
+
+def test_log_normal_outlier_squashes_divergence_axis_unless_clipped():
+    # Heavy-tailed δ (log-normal, σ = 2): without a clip the median δ̂ is tiny; clipping at the 0.98 quantile restores
+    # a spread. Bound: the median of a log-normal is e^μ = 1, its maximum over 4096 draws is above e^{2·3} ≈ 400.
+    generator = torch.Generator().manual_seed(0)
+    divergence = torch.exp(2.0 * torch.randn(1, 4096, generator=generator))
+    mask = torch.ones_like(divergence, dtype=torch.bool)
+    unclipped = normalized_divergence(divergence, mask)
+    clipped = normalized_divergence(divergence, mask, divergence_clip_quantile=0.98)
+    assert unclipped.median() < 1 / 100
+    assert clipped.median() > 5 * unclipped.median()
+
+
+def test_bounded_divergence_axis_is_used_as_is():
+    jsd = torch.tensor([[0.1, 0.4, 0.0, 0.9]])
+    mask = torch.tensor([[True, True, True, False]])
+    torch.testing.assert_close(normalized_divergence(jsd, mask, normalization="bounded"), torch.tensor([[0.1, 0.4, 0.0, 0.0]]))
+    # soft-OR with ĥ = [0, 0.5, 1]: 1 − (1 − ĥ)(1 − δ̂) = [0.1, 0.7, 1.0]; min-max would have made δ̂ = [0.25, 1, 0].
+    entropy = torch.tensor([[0.0, 0.5, 1.0, 0.0]])
+    score = soft_or_score(entropy, jsd, mask, entropy_clip_quantile=1.0, divergence_normalization="bounded")
+    torch.testing.assert_close(score, torch.tensor([[0.1, 0.7, 1.0, 0.0]]))
+    with pytest.raises(ValueError, match="divergence_clip_quantile must be 1.0"):
+        normalized_divergence(jsd, mask, divergence_clip_quantile=0.9, normalization="bounded")
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        normalized_divergence(jsd, mask, normalization="softmax")
+    with pytest.raises(ValueError, match="divergence_clip_quantile must be in"):
+        select_tokens(entropy, jsd, mask, "soft_or", divergence_clip_quantile=0.0)

@@ -148,6 +148,35 @@ def test_dataset_without_prompt_is_a_clear_error(tiny_model_paths, tmp_path):
                           args=_config(TipDistillConfig, tmp_path, max_steps=1), train_dataset=data)
 
 
+def test_divergence_options_are_validated_at_construction():
+    with pytest.raises(ValueError, match="selection_divergence must be one of"):
+        TipDistillConfig(selection_divergence="tvd", bf16=False)
+    with pytest.raises(ValueError, match="does not rank by divergence"):
+        TipDistillConfig(token_selection="entropy_topk", selection_divergence="jsd", bf16=False)
+    with pytest.raises(ValueError, match=r"divergence_clip_quantile must be in \(0, 1\]"):
+        TipDistillConfig(divergence_clip_quantile=0.0, bf16=False)
+    with pytest.raises(ValueError, match="applies only with token_selection='soft_or'"):
+        TipDistillConfig(token_selection="soft_or", selection_divergence="jsd", divergence_clip_quantile=0.9,
+                         bf16=False)
+    with pytest.raises(ValueError, match="applies only with token_selection='soft_or'"):
+        TipDistillConfig(token_selection="divergence_topk", divergence_clip_quantile=0.9, bf16=False)
+    config = TipDistillConfig(bf16=False)
+    assert (config.divergence_clip_quantile, config.selection_divergence) == (1.0, "reverse_kl")
+
+
+@pytest.mark.parametrize("options", [{"selection_divergence": "jsd"}, {"divergence_clip_quantile": 0.9}],
+                         ids=["jsd", "clipped"])
+def test_divergence_options_train_and_log_the_spread_of_the_divergence_axis(tiny_model_paths, prompts, tmp_path,
+                                                                              options):
+    trainer, losses = _train(TipDistillTrainer, _config(TipDistillConfig, tmp_path, max_steps=2, **options),
+                             tiny_model_paths, prompts)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    logs = [entry for entry in trainer.state.log_history if "tip/divergence_hat_p50" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert 0.0 <= entry["tip/divergence_hat_p50"] <= entry["tip/divergence_hat_p90"] <= 1.0
+
+
 @pytest.mark.parametrize("token_selection", ["random", "entropy_sample"])
 def test_resume_with_sampled_selection_repeats_the_uninterrupted_run(tiny_model_paths, prompts, tmp_path,
                                                                      token_selection):

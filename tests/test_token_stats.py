@@ -10,6 +10,7 @@ import importlib
 from trl_tip import selective_divergence_loss, token_stats
 from trl_tip.selection import select_tokens
 from trl_tip.chunked_stats import divergence_from_stats
+from numerics import assert_close_to_float64
 
 
 chunked_stats_module = importlib.import_module("trl_tip.chunked_stats")
@@ -74,9 +75,11 @@ def test_token_stats_match_full_logits(small_chunks, logit_kwargs, with_bias):
     t_logits = _logits(h_t, w_t, b_t, logit_kwargs.get("teacher_logit_scale", 1.0),
                        logit_kwargs.get("teacher_final_logit_softcapping"), temperature)
     entropy, reverse, forward, _ = _reference(s_logits, t_logits, 1.0)
-    torch.testing.assert_close(stats.entropy.double(), entropy, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(stats.reverse_kl.double(), reverse, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(stats.forward_kl.double(), forward, rtol=1e-4, atol=1e-5)
+    # Every statistic is a log-partition difference of these logits: its float32 error scales with their magnitude.
+    logit_scale = max(s_logits.abs().max().item(), t_logits.abs().max().item())
+    assert_close_to_float64(stats.entropy, entropy, scale=logit_scale)
+    assert_close_to_float64(stats.reverse_kl, reverse, scale=logit_scale)
+    assert_close_to_float64(stats.forward_kl, forward, scale=logit_scale)
     assert ((stats.entropy >= 0) & (stats.entropy <= 1 + 1e-6)).all()
 
 
@@ -114,10 +117,12 @@ def test_divergence_from_stats_value_and_gradient_on_chosen_rows(small_chunks, b
     reference = _reference(s_logits, t_logits, beta)[3][rows]
     reference.sum().backward()
 
-    torch.testing.assert_close(ours.double(), reference, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(leaf_h.grad.double(), ref_h.grad, rtol=1e-3, atol=1e-5)
-    torch.testing.assert_close(leaf_w.grad.double(), ref_w.grad, rtol=1e-3, atol=1e-5)
-    torch.testing.assert_close(leaf_b.grad.double(), ref_b.grad, rtol=1e-3, atol=1e-5)
+    logit_scale = max(s_logits.abs().max().item(), t_logits.abs().max().item())
+    assert_close_to_float64(ours, reference, scale=logit_scale)
+    # A gradient is a sum of (probability differences) × (hidden states or weights); the probabilities carry the
+    # logits' relative rounding, so its error scales with the logit magnitude times the gradient's own.
+    for ours_grad, reference_grad in ((leaf_h.grad, ref_h.grad), (leaf_w.grad, ref_w.grad), (leaf_b.grad, ref_b.grad)):
+        assert_close_to_float64(ours_grad, reference_grad, scale=logit_scale * reference_grad.abs().max().item())
     # Rows that were not chosen get no gradient at all.
     unchosen = torch.ones(n, dtype=torch.bool)
     unchosen[rows] = False
@@ -286,3 +291,48 @@ def test_student_side_rules_at_ratio_one_use_the_joint_pass(monkeypatch):
     monkeypatch.setattr(chunked_stats_module, "_project", recording_project)
     out = selective_divergence_loss(h_s, h_t, w_s, w_t, mask, 1.0, method="entropy_topk", ratio=1.0)
     assert sum(teacher_rows) == mask.numel() and not torch.isnan(out.reverse_kl).any()
+
+
+@pytest.mark.parametrize("logit_kwargs", [{}, {"temperature": 0.7, "student_final_logit_softcapping": 3.0}])
+def test_normalized_jsd_matches_full_logits(small_chunks, logit_kwargs):
+    from trl_tip.chunked_stats import normalized_jsd
+
+    torch.manual_seed(2)
+    vocab, n = 23, 13
+    h_s, h_t = torch.randn(n, 8), 3 * torch.randn(n, 12)  # a sharp teacher, so some JSDs come near ln 2
+    w_s, w_t = torch.randn(vocab, 8), torch.randn(vocab, 12)
+    stats = token_stats(h_s, w_s, h_t, w_t, **logit_kwargs)
+    ours = normalized_jsd(h_s, w_s, h_t, w_t, stats, **logit_kwargs)
+    temperature = logit_kwargs.get("temperature", 1.0)
+    s_logits = _logits(h_s, w_s, None, 1.0, logit_kwargs.get("student_final_logit_softcapping"), temperature)
+    t_logits = _logits(h_t, w_t, None, 1.0, None, temperature)
+    jsd = _reference(s_logits, t_logits, 0.5)[3]
+    # Values in [0, 1]: float32 rounding of terms of size <= 1 is ~1e-6 each, summed over 23 entries.
+    torch.testing.assert_close(ours.double(), jsd / math.log(2.0), rtol=0, atol=1e-5)
+    assert ((ours >= 0) & (ours <= 1)).all() and ours.max() > 0.5
+
+
+def test_jsd_selection_ranks_by_jsd_and_trains_the_beta_divergence():
+    from trl_tip.chunked_stats import normalized_jsd
+
+    h_s, h_t, w_s, w_t, mask = _batch(seed=7)
+    stats = token_stats(h_s, w_s, h_t, w_t)
+    jsd = normalized_jsd(h_s.reshape(-1, h_s.shape[-1]), w_s, h_t.reshape(-1, h_t.shape[-1]), w_t,
+                         token_stats(h_s.reshape(-1, h_s.shape[-1]), w_s, h_t.reshape(-1, h_t.shape[-1]), w_t)
+                         ).reshape(mask.shape)
+    for method in ("soft_or", "divergence_topk"):
+        out = selective_divergence_loss(h_s, h_t, w_s, w_t, mask, 1.0, method=method, ratio=0.5,
+                                        selection_divergence="jsd")
+        expected = select_tokens(stats.entropy, jsd, mask, method, 0.5, divergence_normalization="bounded")
+        assert torch.equal(out.keep, expected)
+        # On this batch the two axes keep different tokens, so the check above tells them apart.
+        assert not torch.equal(expected, select_tokens(stats.entropy, stats.reverse_kl, mask, method, 0.5))
+        # Ranking only: the loss is still the reverse KL (beta = 1) of the kept tokens.
+        torch.testing.assert_close(out.loss, stats.reverse_kl[out.keep].mean())
+    by_kl = selective_divergence_loss(h_s, h_t, w_s, w_t, mask, 1.0, method="divergence_topk", ratio=0.5)
+    assert torch.equal(by_kl.keep, select_tokens(stats.entropy, stats.reverse_kl, mask, "divergence_topk", 0.5))
+    soft_or = selective_divergence_loss(h_s, h_t, w_s, w_t, mask, 1.0, method="soft_or", ratio=0.5,
+                                        selection_divergence="jsd")
+    torch.testing.assert_close(soft_or.divergence_hat, jsd.masked_fill(mask == 0, 0.0))
+    with pytest.raises(ValueError, match="selection_divergence must be one of"):
+        selective_divergence_loss(h_s, h_t, w_s, w_t, mask, 1.0, selection_divergence="tvd")

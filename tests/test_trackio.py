@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "trl_tip-metrics"
 
 # The trl_tip metrics every trainer logs on every training step of the runs below. A name missing from trackio's
-# series fails the test, so a metric that stops being logged (or is renamed) is noticed.
+# series fails the test, so a metric that stops being logged (or is renamed) is noticed. Others logged under the
+# prefix (e.g. `paced/ungradable_problems`, once, with the first step) are checked against the trainer's logs.
 EXPECTED = {
     "tip": ["tip/kept_fraction", "tip/entropy_all", "tip/entropy_kept", "tip/divergence_all", "tip/divergence_kept"],
     "paced": [
@@ -38,9 +39,15 @@ EXPECTED = {
     "ace": [
         "ace/confidence_shift_mean",
         "ace/confidence_shift_min",
+        "ace/confidence_shift_p10",
+        "ace/confidence_shift_p50",
+        "ace/confidence_shift_p90",
         "ace/confidence_shift_max",
         "ace/scaled_fraction",
         "ace/scale_factor_mean",
+        "ace/scale_factor_p50",
+        "ace/scale_factor_p90",
+        "ace/scale_factor_max",
     ],
 }
 PREFIXES = {"tip": "tip/", "paced": "paced/", "opsdc": "opsdc/", "ace": "ace/"}
@@ -63,7 +70,10 @@ def _common(output_dir: Path, run: str) -> dict:
 
 
 def train_all(student: str, teacher: str, output_dir: Path) -> dict:
-    """Train each trainer 2 steps reporting to trackio; returns, per run, the trl_tip metric names it logged."""
+    """
+    Train each trainer 2 steps reporting to trackio; returns, per run, `{metric: [(step, value), ...]}` of the trl_tip
+    metrics in the trainer's own log history.
+    """
     from datasets import Dataset
 
     from trl_tip import (
@@ -114,8 +124,12 @@ def train_all(student: str, teacher: str, output_dir: Path) -> dict:
     for run, build in trainers.items():
         trainer = build()
         trainer.train()
-        logged[run] = sorted({key for entry in trainer.state.log_history for key in entry
-                              if key.startswith(PREFIXES[run])})
+        series: dict[str, list] = {}
+        for entry in trainer.state.log_history:
+            for key, value in entry.items():
+                if key.startswith(PREFIXES[run]):
+                    series.setdefault(key, []).append((entry["step"], value))
+        logged[run] = series
     return logged
 
 
@@ -141,7 +155,7 @@ def main(student: str, teacher: str, output_dir: str) -> None:
     # The storage is the temporary directory, nothing else: a stray default would leave the test's data in ~/.cache.
     assert Path(trackio.utils.TRACKIO_DIR) == Path(os.environ["TRACKIO_DIR"]), trackio.utils.TRACKIO_DIR
     logged = train_all(student, teacher, Path(output_dir))
-    report = {run: {"logged": names, "series": read_series(run)} for run, names in logged.items()}
+    report = {run: {"logged": series, "series": read_series(run)} for run, series in logged.items()}
     Path(output_dir, "report.json").write_text(json.dumps(report))
 
 
@@ -173,11 +187,12 @@ def test_trl_tip_metrics_reach_trackio_finite(trackio_report, run):
     for name in EXPECTED[run]:
         assert name in report["logged"], f"{name} is no longer in the trainer's logs"
         assert f"train/{name}" in series, f"{name} did not reach trackio; it stored {sorted(series)}"
-    # Everything the trainer logged under its prefix reached trackio: one finite value per training step.
-    for name in report["logged"]:
+        assert [step for step, _ in report["logged"][name]] == [1, 2], (name, report["logged"][name])
+    # Everything the trainer logged under its prefix reached trackio, at the same steps, with the same finite values.
+    for name, logged in report["logged"].items():
         stored = series.get(f"train/{name}")
         assert stored is not None, f"{name} was logged by the trainer but not stored by trackio"
-        assert [step for step, _ in stored] == [1, 2], (name, stored)
+        assert stored == logged, (name, stored, logged)
         assert all(math.isfinite(value) for _, value in stored), (name, stored)
 
 

@@ -21,6 +21,8 @@ class RecordingVLLMGeneration:
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
+        # As `VLLMGeneration` keeps them: merged into every request's sampling parameters.
+        self.generation_kwargs = kwargs.get("generation_kwargs") or {}
         self.calls = []
         RecordingVLLMGeneration.instances.append(self)
         # GRPO asks a vLLM server how it computes log-probs when it starts; answer as a correctly started one.
@@ -86,6 +88,24 @@ def test_tip_distill_vllm_plumbing(recorder, tiny_model_paths, prompts, tmp_path
     with pytest.raises(ReachedVLLM):
         trainer.train()
     _check_reached_vllm(recorder, mode, prompts)
+
+
+def test_padded_heads_restrict_vllm_to_the_shared_tokens(recorder, prompts, tmp_path):
+    # A student and a teacher whose heads are padded differently past the 259-token tokenizer: vLLM may only sample
+    # ids both models have rows for, which are the tokenizer's.
+    from trl_tip.testing import save_pretrained_pair, tiny_model
+
+    tokenizer = build_tokenizer()
+    paths = {
+        size: save_pretrained_pair(tiny_model(size, tokenizer=tokenizer, vocab_size=rows), tokenizer, tmp_path / size)
+        for size, rows in (("student", 272), ("teacher", 300))
+    }
+    trainer = TipDistillTrainer(model=paths["student"], teacher_model=paths["teacher"],
+                                args=TipDistillConfig(**_vllm_settings(tmp_path / "out", "colocate")),
+                                train_dataset=prompts)
+    (engine,) = recorder.instances
+    assert engine.generation_kwargs["allowed_token_ids"] == list(range(len(tokenizer)))
+    assert trainer.generation_kwargs["suppress_tokens"] == list(range(len(tokenizer), 300))
 
 
 @pytest.mark.parametrize("mode", ["colocate", "server"])

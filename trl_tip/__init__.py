@@ -6,7 +6,7 @@ light: it does not import TRL's trainer stack until a trainer, config or kernel 
 
 import importlib
 
-from .instructions import CONCISE_INSTRUCTIONS, add_instruction, resolve_instruction
+from .instructions import CONCISE_INSTRUCTIONS, add_instruction, build_teacher_prompt, resolve_instruction
 from .rewards import extract_answer, grade_answer, math_reward
 from .selection import SELECTION_METHODS, select_tokens
 from .weighting import ace_confidence_shift, ace_scale_advantages, paced_weight
@@ -39,6 +39,7 @@ __all__ = [
     "ace_confidence_shift",
     "ace_scale_advantages",
     "add_instruction",
+    "build_teacher_prompt",
     "extract_answer",
     "grade_answer",
     "math_reward",

@@ -464,3 +464,59 @@ def shared_vocab_head(
     if vocab_size is None or vocab_size == weight.shape[0]:
         return weight, bias
     return weight[:vocab_size], None if bias is None else bias[:vocab_size]
+
+
+@torch.no_grad()
+def normalized_jsd(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    stats: TokenStats,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    student_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_final_logit_softcapping: float | None = None,
+) -> torch.Tensor:
+    """
+    Per-token Jensen-Shannon divergence of student and teacher divided by ln 2, in [0, 1], without gradient.
+
+    `JSD = ½ KL(S || M) + ½ KL(T || M)` with `M = ½ (S + T)`, TRL's generalised JSD at β = ½, computed by the same
+    chunked second pass that TRL runs for 0 < β < 1, from the normalisers that [`token_stats`] already holds (one more
+    walk over the tiles, no `(tokens × V)` tensor). It is a bounded divergence for ranking tokens, as the TIP authors'
+    scoring code uses it; it is not what any loss here trains on.
+
+    Args:
+        student_hidden, student_weight, teacher_hidden, teacher_weight, biases, and logit options:
+            as for [`token_stats`], for the rows that `stats` scored, in the same order.
+        stats ([`TokenStats`]): the statistics of those rows.
+
+    Returns:
+        `torch.Tensor`: `(N,)` float32 values in [0, 1], one per row.
+    """
+    student_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    kernel_args = _kernel_args(
+        temperature,
+        student_logit_scale,
+        student_final_logit_softcapping,
+        teacher_logit_scale,
+        teacher_final_logit_softcapping,
+    )
+    jsd, _ = _generalized_jsd(
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        stats.student_log_z.reshape(-1),
+        stats.teacher_log_z.reshape(-1),
+        0.5,
+        kernel_args,
+    )
+    # Rounding can put a value a hair outside [0, ln 2]; the axis is meant to be bounded.
+    return (jsd / math.log(2.0)).clamp(0.0, 1.0)

@@ -39,6 +39,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `trl-tip eval`."""
     names = ", ".join([BUILTIN, *BENCHMARKS])
@@ -62,10 +83,26 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "reason step by step, and put your final answer within \\boxed{}.' ({problem} alone for the built-in task).",
     )
     parser.add_argument("--num_problems", type=_positive_int, default=None, help="Evaluate the first N problems only.")
-    parser.add_argument("--n", type=_positive_int, default=16, help="Completions sampled per problem (default: 16).")
-    parser.add_argument("--temperature", type=float, default=0.6, help="Sampling temperature (default: 0.6).")
-    parser.add_argument("--top_p", type=float, default=0.95, help="Nucleus sampling threshold (default: 0.95).")
-    parser.add_argument("--top_k", type=int, default=0, help="Top-k filtering; 0 turns it off (default: 0).")
+    parser.add_argument(
+        "--n", type=_positive_int, default=None, help="Completions sampled per problem (default: 16; 1 with --greedy)."
+    )
+    parser.add_argument(
+        "--temperature",
+        type=_non_negative_float,
+        default=None,
+        help="Sampling temperature (default: 0.6); 0 means greedy decoding, as --greedy.",
+    )
+    parser.add_argument(
+        "--greedy",
+        action="store_true",
+        help="Greedy decoding: one deterministic completion per problem (temperature 0, no top-p/top-k).",
+    )
+    parser.add_argument(
+        "--top_p", type=_unit_interval, default=None, help="Nucleus sampling threshold in (0, 1] (default: 0.95)."
+    )
+    parser.add_argument(
+        "--top_k", type=_non_negative_int, default=0, help="Top-k filtering; 0 turns it off (default: 0)."
+    )
     parser.add_argument(
         "--max_new_tokens",
         type=_positive_int,
@@ -96,7 +133,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--tensor_parallel_size", type=_positive_int, default=1, help="GPUs per vLLM engine (vllm backend)."
     )
     parser.add_argument(
-        "--gpu_memory_utilization", type=float, default=0.9, help="GPU memory share vLLM may take (vllm backend)."
+        "--gpu_memory_utilization",
+        type=_unit_interval,
+        default=0.9,
+        help="GPU memory share vLLM may take, in (0, 1] (vllm backend).",
     )
     parser.add_argument(
         "--max_model_len", type=_positive_int, default=None, help="vLLM context length (vllm backend)."
@@ -116,7 +156,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "<output_dir>/compare_pass_at_k.png (and compare_<dataset>_levels.png), e.g. --compare runs/grpo runs/ace.",
     )
     parser.add_argument(
-        "--labels", nargs="+", default=None, help="Legend labels of the --compare runs (default: their directory names)."
+        "--labels",
+        nargs="+",
+        default=None,
+        help="Legend labels of the --compare runs (default: their directory names).",
     )
 
 
@@ -135,7 +178,56 @@ def build_parser() -> argparse.ArgumentParser:
         "to <dataset>_levels.png when the dataset has a `level` column). --compare overlays finished runs.",
     )
     add_eval_arguments(evaluate)
+    evaluate.set_defaults(eval_parser=evaluate)  # for usage errors found after parsing (validate_eval_arguments)
     return parser
+
+
+def _looks_like_a_path(name: str) -> bool:
+    # A Hub id is `name` or `owner/name`; anything else (absolute, relative, home, deeper) names a local directory.
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
+
+
+def validate_eval_arguments(
+    args: argparse.Namespace, parser: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
+    """
+    Resolve the sampling defaults and check what argparse cannot: greedy decoding (`--greedy`, or `--temperature 0`)
+    draws one completion per problem, and a model given as a local path must exist. Errors go through
+    `parser.error` (usage and a message, exit status 2) when a parser is given, else raise `ValueError`; either way
+    before anything is loaded. Running it twice changes nothing.
+    """
+
+    def error(message: str):
+        if parser is not None:
+            parser.error(message)
+        raise ValueError(message)
+
+    if args.temperature == 0 and not args.greedy:
+        args.greedy = True
+    if args.greedy:
+        if args.temperature not in (None, 0):
+            error(f"--greedy decodes at temperature 0; drop --temperature {args.temperature}.")
+        if args.top_p not in (None, 1.0) or args.top_k:
+            error("--greedy takes the most likely token at every step; drop --top_p/--top_k.")
+        if args.n not in (None, 1):
+            error(
+                f"greedy decoding gives one deterministic completion per problem, so --n {args.n} would repeat it "
+                f"{args.n} times; drop --n (or sample with --temperature > 0)."
+            )
+        args.temperature, args.top_p, args.n = 0.0, 1.0, 1
+    else:
+        args.temperature = 0.6 if args.temperature is None else args.temperature
+        args.top_p = 0.95 if args.top_p is None else args.top_p
+        args.n = 16 if args.n is None else args.n
+    model = os.path.expanduser(args.model)
+    if not os.path.isdir(model):
+        if os.path.exists(model):
+            error(f"--model {args.model} is a file; pass the directory a model was saved to.")
+        if _looks_like_a_path(args.model):
+            error(f"--model {args.model}: no such directory. Pass a saved model's directory or a Hub id.")
+    else:
+        args.model = model
+    return args
 
 
 def _format_summary(name: str, summary: dict) -> str:
@@ -149,8 +241,21 @@ def _format_summary(name: str, summary: dict) -> str:
     )
 
 
+def _format_levels(summary: dict) -> list[str]:
+    """One line per difficulty level of a summary with `by_level` (none without)."""
+    lines = []
+    for level, part in summary.get("by_level", {}).items():
+        n = part["num_samples"]
+        lines.append(
+            f"  level {level}: {part['num_problems']} problems  mean@{n} {100 * part['mean_accuracy']:.1f}  "
+            f"pass@{n} {100 * part['pass_at_k'][n]:.1f}"
+        )
+    return lines
+
+
 def run_eval(args: argparse.Namespace) -> dict:
     """Run `trl-tip eval` with parsed arguments; returns the summary written to `summary.json`."""
+    args = validate_eval_arguments(args)
     from transformers import AutoTokenizer
 
     from .evaluation import (
@@ -174,6 +279,14 @@ def run_eval(args: argparse.Namespace) -> dict:
         )
         for name in args.dataset
     }
+    if args.num_problems is not None:
+        for name, dataset in datasets.items():
+            if len(dataset) < args.num_problems:
+                print(
+                    f"{name} has {len(dataset)} problems, fewer than --num_problems {args.num_problems}: evaluating "
+                    f"all {len(dataset)}.",
+                    flush=True,
+                )
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
     results = {}
@@ -226,6 +339,8 @@ def run_eval(args: argparse.Namespace) -> dict:
                 file.write(json.dumps(problem, ensure_ascii=False, default=str) + "\n")
         results[name] = summary
         print(_format_summary(name, summary), flush=True)
+        for line in _format_levels(summary):
+            print(line, flush=True)
         print(f"  per-problem results: {path}", flush=True)
     report = {"model": args.model, "backend": args.backend, "num_samples": args.n, **sampling, "results": results}
     with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as file:
@@ -271,23 +386,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "eval":
+        eval_parser = args.eval_parser
         if args.compare is not None:
-            if args.model is not None:
-                parser.error("--compare reads finished runs and samples nothing: drop --model (or run it separately).")
+            # Everything but --labels and --output_dir configures sampling, which --compare does not do.
+            given = [
+                f"--{name}"
+                for name, value in vars(args).items()
+                if name not in ("command", "eval_parser", "compare", "labels", "output_dir")
+                and value != eval_parser.get_default(name)
+            ]
+            if given:
+                eval_parser.error(
+                    f"--compare reads finished runs and samples nothing: drop {' '.join(given)} (or run the "
+                    "evaluation separately)."
+                )
             if len(args.compare) < 2:
-                parser.error(f"--compare needs two or more runs to overlay, got {len(args.compare)}.")
+                eval_parser.error(f"--compare needs two or more runs to overlay, got {len(args.compare)}.")
             if args.labels is not None and len(args.labels) != len(args.compare):
-                parser.error(f"--labels needs one label per --compare run: {len(args.labels)} for {len(args.compare)}.")
+                eval_parser.error(
+                    f"--labels needs one label per --compare run: {len(args.labels)} for {len(args.compare)}."
+                )
             try:
                 run_compare(args)
-            except (FileNotFoundError, ValueError) as error:
-                parser.error(str(error))
+            except (FileNotFoundError, ValueError, ImportError) as error:
+                eval_parser.error(str(error))
             return 0
         if args.model is None:
-            parser.error("the following arguments are required: --model (or --compare RUN RUN to overlay runs)")
+            eval_parser.error("the following arguments are required: --model (or --compare RUN RUN to overlay runs)")
         if args.labels is not None:
-            parser.error("--labels names --compare runs; it needs --compare.")
-        run_eval(args)
+            eval_parser.error("--labels names --compare runs; it needs --compare.")
+        run_eval(validate_eval_arguments(args, eval_parser))
     return 0
 
 

@@ -32,12 +32,13 @@ def _figure(width: float, height: float):
 
 
 def read_report(path: str | Path) -> dict:
-    """The report of a finished `trl-tip eval` run: its `summary.json`, given the file or the run's output directory."""
+    """The report of a finished `trl-tip eval` run: its `summary.json`, given the file or the run's directory."""
     path = Path(path)
     file = path / SUMMARY_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(
-            f"No {SUMMARY_FILE} at {path}: pass the --output_dir of a finished `trl-tip eval` run, or its {SUMMARY_FILE}."
+            f"No {SUMMARY_FILE} at {path}: pass the --output_dir of a finished `trl-tip eval` run, or its "
+            f"{SUMMARY_FILE}."
         )
     report = json.loads(file.read_text(encoding="utf-8"))
     if not isinstance(report, dict) or not isinstance(report.get("results"), dict) or not report["results"]:
@@ -110,16 +111,19 @@ def pass_at_k_figure(runs: Mapping[str, Mapping], title: str | None = None):
     for ax, name in zip(axes, datasets, strict=True):
         largest = 1
         shapes = []
-        for label, report in runs.items():
+        for index, (label, report) in enumerate(runs.items()):
             summary = report["results"].get(name)
             if summary is None:
                 continue
             ks, values = pass_at_k_curve(summary)
             largest = max(largest, ks[-1])
             marked = set(_k_ticks(ks[-1]))
-            ax.plot(ks, [100 * v for v in values], marker="o", markersize=4,
-                    markevery=[i for i, k in enumerate(ks) if k in marked],
-                    label=f"{label}  (pass@1 {100 * values[0]:.1f}, pass@{ks[-1]} {100 * values[-1]:.1f})")
+            numbers = f"pass@1 {100 * values[0]:.1f}"
+            if ks[-1] > 1:
+                numbers += f", pass@{ks[-1]} {100 * values[-1]:.1f}"
+            # A run keeps its colour in every panel, also where another run is missing.
+            ax.plot(ks, [100 * v for v in values], marker="o", markersize=4, color=f"C{index % 10}",
+                    markevery=[i for i, k in enumerate(ks) if k in marked], label=f"{label}  ({numbers})")
             shapes.append(f"{summary['num_problems']} problems × {summary['num_samples']} samples")
         ax.set_xscale("log", base=2)
         ticks = _k_ticks(largest)
@@ -154,12 +158,13 @@ def levels_figure(runs: Mapping[str, Mapping], dataset: str, title: str | None =
     """
     with_levels = {label: report["results"][dataset]["by_level"] for label, report in runs.items()
                    if "by_level" in report["results"].get(dataset, {})}
+    colours = {label: f"C{index % 10}" for index, label in enumerate(runs)}
     if not with_levels:
         raise ValueError(f"No run has per-level results for {dataset!r} (its dataset has no `level` column).")
     levels: list[str] = []
     for by_level in with_levels.values():
         levels += [level for level in by_level if level not in levels]
-    figure = _figure(max(6.0, 1.1 * len(levels) * len(with_levels) + 2.5), 3.8)
+    figure = _figure(min(16.0, max(6.0, 1.1 * len(levels) * len(with_levels) + 2.5)), 3.8)
     axes = figure.subplots(1, 2, sharey=True)
     width = 0.8 / len(with_levels)
     sizes = {summary["num_samples"] for by_level in with_levels.values() for summary in by_level.values()}
@@ -173,7 +178,7 @@ def levels_figure(runs: Mapping[str, Mapping], dataset: str, title: str | None =
                     _, values = pass_at_k_curve(summary)
                     xs.append(position - 0.4 + width * (index + 0.5))
                     heights.append(100 * (summary["mean_accuracy"] if metric == "mean" else values[-1]))
-            bars = ax.bar(xs, heights, width=width * 0.95, label=label)
+            bars = ax.bar(xs, heights, width=width * 0.95, label=label, color=colours[label])
             ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
         counts = []
         for level in levels:

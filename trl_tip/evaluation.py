@@ -275,10 +275,12 @@ def sample_completions(
 
     eos = _eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    # Temperature 0 is greedy decoding, as in vLLM (transformers would divide the logits by it).
+    greedy = temperature == 0
     config = GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
+        do_sample=not greedy,
+        temperature=1.0 if greedy else temperature,
+        top_p=1.0 if greedy else top_p,
         top_k=top_k,  # 0: no top-k filtering, whatever the model's generation config says
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
@@ -619,7 +621,7 @@ def load_metric(**kwargs):
 
     ```python
     >>> metric = load_metric()
-    >>> metric.compute(predictions=[["\\boxed{4}", "\\boxed{5}"]], references=["4"], k=[1, 2])
+    >>> metric.compute(predictions=[["Answer: 4", "Answer: 5"]], references=["4"], k=[1, 2])
     {'pass@1': 0.5, 'pass@2': 1.0, 'mean@n': 0.5, 'num_ungradable': 0, 'num_problems': 1, 'num_samples': 2}
     ```
     """
@@ -635,13 +637,27 @@ def load_metric(**kwargs):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def padded_shard(num_items: int, rank: int, world_size: int) -> list[int]:
+    """
+    Indices of the items process `rank` evaluates: every `world_size`-th from `rank`, then the index 0 repeated until
+    every process holds `ceil(num_items / world_size)`. The padding is evaluated and its results dropped (keep the
+    first `len(range(rank, num_items, world_size))`): under ZeRO-3 and FSDP2 every `generate` step is a collective,
+    so a process with one problem fewer would leave the others waiting in a call it never makes.
+    """
+    indices = list(range(rank, num_items, world_size))
+    per_process = -(-num_items // world_size)
+    return indices + [0] * (per_process - len(indices))
+
+
 class PassAtKCallback(TrainerCallback):
     """
     Sample `num_samples` completions per problem of a dataset during training and log mean@n, pass@1..n and the mean
     completion length through the trainer (`trainer.state.log_history`, and every reporting integration).
 
     Runs every `eval_steps` optimiser steps and once when training ends (unless the last step was just evaluated).
-    With several processes, each one samples its share of the problems and the results are gathered.
+    With several processes, each one samples its share of the problems and the results are gathered; the shares are
+    padded to equal length (see [`padded_shard`]), so every process makes the same `generate` calls, as sharded
+    models (ZeRO-3, FSDP2) need.
 
     Args:
         trainer ([`~transformers.Trainer`]): the trainer to evaluate the model of and to log through (any TRL or
@@ -722,7 +738,8 @@ class PassAtKCallback(TrainerCallback):
         trainer = self.trainer
         accelerator = trainer.accelerator
         rank, world = accelerator.process_index, accelerator.num_processes
-        indices = list(range(rank, len(self.dataset), world))
+        indices = padded_shard(len(self.dataset), rank, world)
+        num_real = len(range(rank, len(self.dataset), world))
         tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
         local = []
         with unwrap_model_for_generation(trainer.model_wrapped, accelerator) as model:
@@ -743,7 +760,7 @@ class PassAtKCallback(TrainerCallback):
                     return_problems=True,
                 )
                 local = [{key: problem[key] for key in ("scores", "completion_tokens", "pass_at_k", "gradable")}
-                         for problem in problems]
+                         for problem in problems[:num_real]]
         problems = gather_object(local) if world > 1 else local
         summary = summarize(problems, self.num_samples)
         # `transformers.Trainer.log`, not the TRL trainers' override, which would fold (and reset) the training

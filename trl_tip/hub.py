@@ -103,6 +103,67 @@ def render_card_section(
     return "\n".join(lines) + "\n"
 
 
+def lora_layers(peft_model, adapter_name: str) -> dict[str, tuple[float, bool]]:
+    """
+    `{module name: (scaling, fan_in_fan_out)}` of every LoRA layer of `adapter_name` in a PEFT model; these are module
+    attributes, present on every rank even when the weights are sharded.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            if module.use_dora.get(adapter_name, False):
+                raise ValueError(
+                    f"merge_adapters=True merges plain LoRA; {name} uses DoRA. Push the adapters instead."
+                )
+            layers[name] = (float(module.scaling[adapter_name]), bool(getattr(module, "fan_in_fan_out", False)))
+    if not layers:
+        raise ValueError(f"The model has no LoRA linear layers of adapter {adapter_name!r} to merge.")
+    return layers
+
+
+def merge_lora_state_dict(
+    state_dict: dict, layers: dict[str, tuple[float, bool]], adapter_name: str, prefix: str = "base_model.model."
+) -> dict:
+    """
+    Merge LoRA adapters into their base weights in a (gathered) PEFT state dict, as PEFT's `merge_and_unload` does:
+    W' = W + transpose(B·A, fan_in_fan_out) · scaling, per adapted layer; other adapters' weights are dropped, a
+    `modules_to_save` copy replaces its original, and names lose PEFT's `prefix` and `.base_layer`.
+
+    Args:
+        state_dict (`dict`): the whole PEFT model's state dict (e.g. what ZeRO-3 or FSDP2 gather for saving).
+        layers (`dict`): [`lora_layers`] of the model.
+        adapter_name (`str`): the adapter to merge.
+        prefix (`str`, *optional*, defaults to `"base_model.model."`): the PEFT wrapper's prefix to strip.
+
+    Returns:
+        `dict[str, torch.Tensor]`: the merged model's state dict, named as the base model names it.
+    """
+    import torch
+
+    merged = {}
+    for key, value in state_dict.items():
+        if ".lora_" in key or ".original_module." in key:
+            continue
+        if ".modules_to_save." in key:
+            if f".modules_to_save.{adapter_name}." not in key:
+                continue
+            key = key.replace(f".modules_to_save.{adapter_name}.", ".")
+        merged[key.replace(".base_layer.", ".")] = value
+    for name, (scaling, fan_in_fan_out) in layers.items():
+        weight = state_dict[f"{name}.base_layer.weight"]
+        lora_a = state_dict[f"{name}.lora_A.{adapter_name}.weight"]
+        lora_b = state_dict[f"{name}.lora_B.{adapter_name}.weight"]
+        # PEFT computes the product in float32 for 16-bit weights on CPU; in the weights' dtype otherwise.
+        compute_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        delta = lora_b.to(compute_dtype) @ lora_a.to(compute_dtype)
+        if fan_in_fan_out:
+            delta = delta.T
+        merged[f"{name}.weight"] = (weight + (delta * scaling).to(weight.dtype)).contiguous()
+    return {key.removeprefix(prefix): value for key, value in merged.items()}
+
+
 class TrlTipHubMixin:
     """
     Model-card and push behaviour shared by the trl_tip trainers; place it before the TRL trainer in the bases.
@@ -197,8 +258,15 @@ class TrlTipHubMixin:
         def save_merged(output_dir: str | None = None, state_dict=None):
             output_dir = output_dir or self.args.output_dir
             os.makedirs(output_dir, exist_ok=True)
-            merged = copy.deepcopy(student).merge_and_unload()
-            merged.save_pretrained(output_dir)
+            if state_dict is None:
+                merged = copy.deepcopy(student).merge_and_unload()
+                merged.save_pretrained(output_dir)
+            else:
+                # ZeRO-3 and FSDP2 (`FULL_STATE_DICT`) hand `_save` the state dict they gathered on the main
+                # process; the local student holds shards only, so merge in the gathered tensors instead.
+                adapter = student.active_adapters[0]
+                merged_state = merge_lora_state_dict(state_dict, lora_layers(student, adapter), adapter)
+                student.get_base_model().save_pretrained(output_dir, state_dict=merged_state)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             for name in _ADAPTER_FILES:

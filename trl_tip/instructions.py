@@ -8,6 +8,7 @@ and conversational prompts alike.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 
@@ -32,6 +33,20 @@ INSTRUCTION_POSITIONS = ("before", "after", "system")
 
 # The paper's teacher prompt is the instruction, a blank line, then the student's prompt.
 INSTRUCTION_SEPARATOR = "\n\n"
+
+# DAPO-Math-17k's lead instruction, "Solve the following math problem step by step." before its answer-format
+# sentence ("The last line of your response should be of the form Answer: $Answer (without quotes) where $Answer is
+# the answer to the problem."). The OPSDC authors strip it and give the teacher the conciseness instruction in its
+# place, keeping the answer-format sentence (HJSang/OPSD_Reasoning_Compression: `extract_question_from_dapo`, and the
+# `length_prune_teacher` prompt of config/prompts.json); this pattern removes exactly the step-by-step sentence, so
+# the answer format the student is graded on stays in both prompts. It also matches the variants other pipelines
+# write ("$ANSWER", "\boxed{$Answer}").
+DAPO_MATH_LEAD_PATTERN = (
+    r"\ASolve the following math problem step by step\.\s+(?=The last line of your response should be of the form)"
+)
+
+# The teacher prompt's layout, by instruction position, when no template is given.
+DEFAULT_TEMPLATES = {"before": "{instruction}\n\n{question}", "after": "{question}\n\n{instruction}"}
 
 
 def resolve_instruction(instruction: str) -> str:
@@ -135,3 +150,140 @@ def add_instruction(prompt: str | list[dict[str, Any]], instruction: str, positi
     last_user = messages[user_turns[-1]]
     last_user["content"] = _combine(last_user["content"], instruction, before=position == "before")
     return messages
+
+
+def check_teacher_prompt_template(template: str) -> None:
+    """Raise `ValueError` unless `template` holds `{instruction}` and `{question}` once each and no other field."""
+    import string
+
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        raise ValueError(f"teacher_prompt_template {template!r} is not a valid format string: {error}.") from None
+    if sorted(fields) != ["instruction", "question"]:
+        raise ValueError(
+            f"teacher_prompt_template must contain {{instruction}} and {{question}} once each and no other field "
+            f"(write literal braces as {{{{ and }}}}); got the fields {fields} in {template!r}."
+        )
+
+
+def strip_lead_instruction(text: str, lead_pattern: str | None = None) -> tuple[str, bool]:
+    """
+    Remove a dataset's own lead instruction from the start of a prompt text.
+
+    Args:
+        text (`str`): The prompt (or its last user turn's) text.
+        lead_pattern (`str`, *optional*):
+            Regular expression of the lead, matched at the start of `text` (leading whitespace ignored); `None` uses
+            [`DAPO_MATH_LEAD_PATTERN`].
+
+    Returns:
+        `tuple[str, bool]`: the text without the lead (and without the whitespace that followed it), and whether a
+        lead was found. Without a match, `text` is returned unchanged.
+
+    Example:
+
+    ```python
+    >>> strip_lead_instruction("Solve the following math problem step by step. The last line of your response "
+    ...                        "should be of the form Answer: $Answer.\\n\\nWhat is 1+1?")[0][:13]
+    'The last line'
+    ```
+    """
+    pattern = re.compile(DAPO_MATH_LEAD_PATTERN if lead_pattern is None else lead_pattern)
+    stripped = text.lstrip()
+    match = pattern.match(stripped)
+    if match is None or match.end() == 0:
+        return text, False
+    return stripped[match.end() :].lstrip(), True
+
+
+def _apply_template(content: Any, instruction: str, template: str, lead_pattern: str | None) -> tuple[Any, bool]:
+    # Message content is a string or a list of content blocks; in the latter the first text block is the question.
+    if isinstance(content, str):
+        question, replaced = strip_lead_instruction(content, lead_pattern)
+        return template.format(instruction=instruction, question=question), replaced
+    if isinstance(content, list):
+        blocks = copy.deepcopy(content)
+        for block in blocks:
+            if isinstance(block, dict) and block.get("type") == "text":
+                block["text"], replaced = _apply_template(block["text"], instruction, template, lead_pattern)
+                return blocks, replaced
+        return [{"type": "text", "text": template.format(instruction=instruction, question="").strip()}, *blocks], False
+    raise TypeError(
+        f"Cannot add an instruction to message content of type {type(content).__name__}; expected a string or a list "
+        "of content blocks."
+    )
+
+
+def build_teacher_prompt(
+    prompt: str | list[dict[str, Any]],
+    instruction: str,
+    position: str = "before",
+    lead_pattern: str | None = None,
+    template: str | None = None,
+) -> tuple[str | list[dict[str, Any]], bool]:
+    """
+    The OPSDC teacher's prompt: the conciseness instruction **replaces** the dataset's own lead instruction.
+
+    The prompt's text (its last user turn, for a conversation) is searched for a lead instruction at its start
+    (`lead_pattern`, DAPO-Math-17k's "Solve the following math problem step by step." by default). What remains is
+    the question; the instruction and the question are laid out by `template` (or, without one, the instruction, a
+    blank line and the question for `position="before"`, the reverse for `"after"`). When no lead is recognised the
+    question is the whole prompt, so the instruction is simply added to it. With `position="system"` the lead is
+    removed from the user turn and the instruction goes into the system turn. The input is not modified.
+
+    Args:
+        prompt (`str` or `list[dict]`): A plain-text prompt or a conversation (TRL's conversational format).
+        instruction (`str`): The instruction text (see [`resolve_instruction`]).
+        position (`str`, *optional*, defaults to `"before"`): `"before"`, `"after"` or `"system"`, as in
+            [`add_instruction`].
+        lead_pattern (`str`, *optional*): Regular expression of the dataset's lead instruction; `None` for
+            [`DAPO_MATH_LEAD_PATTERN`].
+        template (`str`, *optional*): Layout with the fields `{instruction}` and `{question}`; only with
+            `position` `"before"` or `"after"`.
+
+    Returns:
+        `tuple`: the teacher's prompt, in the format of `prompt`, and whether a lead was recognised and replaced.
+
+    Example:
+
+    ```python
+    >>> build_teacher_prompt("Solve the following math problem step by step. The last line of your response should "
+    ...                      "be of the form Answer: $Answer.\\n\\n1+1?", "Be brief.")
+    ('Be brief.\\n\\nThe last line of your response should be of the form Answer: $Answer.\\n\\n1+1?', True)
+    ```
+    """
+    if position not in INSTRUCTION_POSITIONS:
+        raise ValueError(f"position must be one of {INSTRUCTION_POSITIONS}, got {position!r}.")
+    if template is not None:
+        if position == "system":
+            raise ValueError(
+                "A teacher prompt template lays out the instruction and the question in one turn; it cannot be "
+                "combined with instruction_position='system'. Use 'before' (the default) with the template."
+            )
+        check_teacher_prompt_template(template)
+    if isinstance(prompt, str):
+        if position == "system":
+            raise ValueError(
+                "instruction_position='system' needs conversational prompts (lists of chat messages); this prompt is "
+                "plain text. Use 'before' or 'after'."
+            )
+        return _apply_template(prompt, instruction, template or DEFAULT_TEMPLATES[position], lead_pattern)
+    if not isinstance(prompt, list) or not all(isinstance(message, dict) for message in prompt):
+        raise TypeError(f"A prompt must be a string or a list of chat messages, got {type(prompt).__name__}.")
+    messages = copy.deepcopy(prompt)
+    user_turns = [index for index, message in enumerate(messages) if message.get("role") == "user"]
+    if position == "system":
+        replaced = False
+        if user_turns:
+            last_user = messages[user_turns[-1]]
+            last_user["content"], replaced = _apply_template(last_user["content"], "", "{question}{instruction}",
+                                                             lead_pattern)
+        return add_instruction(messages, instruction, "system"), replaced
+    if not user_turns:
+        raise ValueError("The prompt has no user message to carry the instruction; use instruction_position='system'.")
+    last_user = messages[user_turns[-1]]
+    last_user["content"], replaced = _apply_template(
+        last_user["content"], instruction, template or DEFAULT_TEMPLATES[position], lead_pattern
+    )
+    return messages, replaced

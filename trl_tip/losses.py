@@ -8,10 +8,12 @@ from dataclasses import dataclass
 import torch
 from trl.kernels.chunked_logprob import _use_triton
 
-from .chunked_stats import divergence_from_stats, shared_vocab_head, student_entropy, token_stats
-from .selection import select_tokens
+from .chunked_stats import divergence_from_stats, normalized_jsd, shared_vocab_head, student_entropy, token_stats
+from .selection import normalized_divergence, select_tokens
 
 
+# The divergence TIP's rules rank tokens by. The trained loss is TRL's divergence with `beta` whichever is chosen.
+SELECTION_DIVERGENCES = ("reverse_kl", "jsd")
 # Rules that select from the student's entropy (or nothing) alone: the teacher's `lm_head` is projected on the tokens
 # they keep only.
 STUDENT_SIDE_METHODS = ("random", "entropy_sample", "entropy_topk")
@@ -30,7 +32,9 @@ class SelectiveLossOutput:
         keep (`torch.BoolTensor`): `(B, T)` kept tokens, a subset of `mask`.
         entropy (`torch.Tensor`): `(B, T)` normalised student entropy (0 outside the mask on GPU).
         reverse_kl (`torch.Tensor`): `(B, T)` per-token KL(student || teacher); `NaN` outside `keep` for the rules
-            of `STUDENT_SIDE_METHODS`, which never project the teacher there.
+            of `STUDENT_SIDE_METHODS` at `ratio < 1`, which never project the teacher there.
+        divergence_hat (`torch.Tensor` or `None`): `(B, T)` the divergence axis δ̂ ∈ [0, 1] soft-OR ranked by (0 outside
+            the mask); `None` for the other rules.
     """
 
     loss: torch.Tensor
@@ -40,6 +44,7 @@ class SelectiveLossOutput:
     keep: torch.Tensor
     entropy: torch.Tensor
     reverse_kl: torch.Tensor
+    divergence_hat: torch.Tensor | None = None
 
 
 def rollout_token_coefficients(
@@ -100,6 +105,8 @@ def selective_divergence_loss(
     generator: torch.Generator | None = None,
     rollout_weights: torch.Tensor | None = None,
     weight_sum: torch.Tensor | float | None = None,
+    selection_divergence: str = "reverse_kl",
+    divergence_clip_quantile: float = 1.0,
     vocab_size: int | None = None,
 ) -> SelectiveLossOutput:
     """
@@ -108,7 +115,10 @@ def selective_divergence_loss(
 
     1. One chunked pass without gradient scores every completion token: normalised student entropy, reverse KL,
        forward KL ([`token_stats`]).
-    2. [`select_tokens`] keeps `max(1, ⌊ratio·m_i⌋)` tokens of each rollout.
+    2. [`select_tokens`] keeps `max(1, ⌊ratio·m_i⌋)` tokens of each rollout. The rules that rank by divergence
+       (`"soft_or"`, `"divergence_topk"`) use the reverse KL, or with `selection_divergence="jsd"` the bounded
+       JSD / ln 2 of a second chunked pass without gradient ([`normalized_jsd`]), which soft-OR then uses as δ̂
+       as it is; `divergence_clip_quantile` < 1 clips the reverse KL at its batch quantile before soft-OR's min-max.
     3. The divergence of the kept tokens reuses the pass-1 statistics; its backward (TRL's) runs over the kept rows
        only, so unkept tokens cost no `lm_head` backward.
 
@@ -177,6 +187,11 @@ def selective_divergence_loss(
     def student_rows(rows):
         return h_s.detach() if rows.numel() == h_s.shape[0] else h_s[rows].detach()
 
+    if selection_divergence not in SELECTION_DIVERGENCES:
+        raise ValueError(
+            f"selection_divergence must be one of {', '.join(SELECTION_DIVERGENCES)}, got {selection_divergence!r}."
+        )
+    divergence_hat = None
     # At ratio 1 every token is kept: scoring the student first would only add a pass.
     if method in STUDENT_SIDE_METHODS and ratio < 1.0:
         entropy, entropy_nats = student_entropy(
@@ -214,16 +229,29 @@ def selective_divergence_loss(
         )
         entropy, reverse_kl = per_position(stats.entropy), per_position(stats.reverse_kl)
         entropy_nats = per_position(stats.entropy_nats)
+        ranked_divergence, normalization = reverse_kl, "min_max"
+        if selection_divergence == "jsd" and method in ("soft_or", "divergence_topk"):
+            rows = scored_rows if compact else slice(None)
+            ranked_divergence = per_position(
+                normalized_jsd(h_s[rows].detach(), student_lm_head_weight, h_t[rows], teacher_lm_head_weight, stats,
+                               **logits_kwargs)
+            )
+            normalization = "bounded"
         keep = select_tokens(
             entropy,
-            reverse_kl,
+            ranked_divergence,
             mask,
             method=method,
             ratio=ratio,
             forward_kl=per_position(stats.forward_kl) if method == "overconfident" else None,
             entropy_clip_quantile=entropy_clip_quantile,
             generator=generator,
+            divergence_clip_quantile=divergence_clip_quantile,
+            divergence_normalization=normalization,
         )
+        if method == "soft_or":
+            with torch.no_grad():
+                divergence_hat = normalized_divergence(ranked_divergence, mask, divergence_clip_quantile, normalization)
     # Where each loss row's statistics sit in `stats`.
     every_stat = stats_rows.numel() == valid.numel()
 
@@ -277,4 +305,5 @@ def selective_divergence_loss(
         keep=keep,
         entropy=entropy,
         reverse_kl=reverse_kl,
+        divergence_hat=divergence_hat,
     )

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
+
+
+# transformers 5 renamed gradient checkpointing to activation checkpointing and warns on each old name that TRL still
+# uses (the `gradient_checkpointing` config field its configs default to True, and `gradient_checkpointing_enable` /
+# `_disable` / `is_gradient_checkpointing` around every generation). The aliases keep working until v6, and nothing a
+# user does can quiet them, so the example scripts hide exactly these messages.
+CHECKPOINTING_RENAME_WARNING = (
+    r"`(is_)?gradient_checkpointing(_[a-z]+)?` is deprecated and will be removed in v6\. "
+    r"Use `(is_)?activation_checkpointing(_[a-z]+)?` instead\."
+)
+
+
+def silence_checkpointing_renames() -> None:
+    """Hide transformers' FutureWarnings about the gradient → activation checkpointing renames, and nothing else."""
+    warnings.filterwarnings("ignore", message=CHECKPOINTING_RENAME_WARNING, category=FutureWarning)
 
 
 def parse_with_builtin_defaults(make_parser: Callable, builtin_defaults: dict[str, Any]) -> tuple:
@@ -13,7 +30,8 @@ def parse_with_builtin_defaults(make_parser: Callable, builtin_defaults: dict[st
     Parse the command line (and `--config` YAML) the TRL way; when no model is given, parse again with the built-in
     task's settings as defaults.
 
-    Precedence stays TRL's: command-line flags over the YAML file over defaults. Only the defaults change, so
+    Transformers' warnings about the gradient-checkpointing renames are silenced first
+    ([`silence_checkpointing_renames`]). Precedence stays TRL's: command-line flags over the YAML file over defaults. Only the defaults change, so
     `python examples/x.py --max_steps 10` runs the built-in task for 10 steps, and any run that names
     `--model_name_or_path` (on the command line or in the YAML) is untouched.
 
@@ -24,8 +42,10 @@ def parse_with_builtin_defaults(make_parser: Callable, builtin_defaults: dict[st
     Returns:
         `tuple`: the parsed dataclasses, followed by `True` when the built-in task's defaults were used.
     """
-    # TRL's distillation and GRPO configs default to bf16, which transformers rejects on a machine without a GPU.
-    device_defaults = {} if torch.cuda.is_available() else {"bf16": False}
+    silence_checkpointing_renames()
+    # TRL's distillation and GRPO configs default to bf16, which transformers rejects on a machine without a GPU, and
+    # pinned dataloader memory, which has nothing to pin for (and warns about) there.
+    device_defaults = {} if torch.cuda.is_available() else {"bf16": False, "dataloader_pin_memory": False}
     parser = make_parser()
     parser.set_defaults(**device_defaults)
     parsed = parser.parse_args_and_config()
@@ -72,3 +92,93 @@ def as_chat_prompts(dataset, answer_column: str = "answer", wrap_plain_prompts: 
 
         dataset = dataset.map(wrap)
     return dataset
+
+
+def _greedy_records(model, tokenizer, dataset, max_new_tokens: int, batch_size: int) -> list[tuple[float, int]]:
+    # (score, completion tokens incl. end of turn) per problem, as `evaluate_accuracy` counts them.
+    from .rewards import grade_answer
+    from .tasks.arithmetic import generate_completions
+
+    completions = generate_completions(model, tokenizer, list(dataset["prompt"]), max_new_tokens, batch_size)
+    return [
+        (grade_answer(completion, gold) or 0.0, len(tokenizer(completion, add_special_tokens=False)["input_ids"]) + 1)
+        for completion, gold in zip(completions, list(dataset["answer"]), strict=True)
+    ]
+
+
+def evaluate_split_with_trainer(trainer, dataset, max_new_tokens: int, batch_size: int = 256) -> dict | None:
+    """
+    [`evaluate_split`] of the trainer's own (prepared, possibly sharded) student, on every process.
+
+    Every process generates for its share of the problems, padded to equal length
+    ([`~trl_tip.evaluation.padded_shard`]), inside TRL's generation unwrapping: under ZeRO-3 the weights are gathered
+    for generation, under FSDP2 each rank generates with its shards, and in both every `generate` step is a
+    collective every rank must make. Call it on every process, after the model is prepared (from `on_train_begin` on,
+    see [`EvaluateAtTrainBegin`]); every process gets the summary.
+    """
+    from accelerate.utils import gather_object
+    from trl.models.utils import unwrap_model_for_generation
+
+    from .evaluation import padded_shard
+
+    if dataset is None or "answer" not in dataset.column_names:
+        return None
+    accelerator = trainer.accelerator
+    rank, world = accelerator.process_index, accelerator.num_processes
+    indices = padded_shard(len(dataset), rank, world)
+    num_real = len(range(rank, len(dataset), world))
+    tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+    gather_weights = getattr(trainer.args, "ds3_gather_for_generation", True)
+    unwrapped = unwrap_model_for_generation(
+        trainer.model_wrapped, accelerator, gather_deepspeed3_params=gather_weights
+    )
+    with unwrapped as model:
+        records = _greedy_records(model, tokenizer, dataset.select(indices), max_new_tokens, batch_size)[:num_real]
+    records = gather_object(records) if world > 1 else records
+    return {
+        "accuracy": sum(score for score, _ in records) / len(records),
+        "mean_completion_tokens": sum(tokens for _, tokens in records) / len(records),
+        "num_problems": len(records),
+    }
+
+
+class EvaluateAtTrainBegin(TrainerCallback):
+    """
+    Run `evaluate()` once, when training begins: after the trainer has prepared (wrapped, sharded) the model and
+    before the first step, so a "before" measurement uses the very model that trains, on every process.
+    The result is in `self.result`.
+    """
+
+    def __init__(self, evaluate: Callable[[], Any]):
+        self.evaluate = evaluate
+        self.result = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.result is None:
+            self.result = self.evaluate()
+
+
+def reset_for_another_trainer(args) -> None:
+    """
+    Let a script build a second trainer in the same process under DeepSpeed (e.g. a baseline, then the method).
+
+    accelerate refuses a second `Accelerator` built with a DeepSpeed plugin; building `TrainingArguments` resets its
+    state, but a config built earlier (or copied) does not. This resets it and gives `args` a fresh plugin, as
+    transformers' hyperparameter search does between trials. Nothing happens outside DeepSpeed.
+    """
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    if not AcceleratorState._shared_state or AcceleratorState().distributed_type != DistributedType.DEEPSPEED:
+        return
+    AcceleratorState._reset_state()
+    if getattr(args, "deepspeed", None):
+        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+        args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(args.deepspeed)
+        args.hf_deepspeed_config.trainer_config_process(args)
+        args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=args.hf_deepspeed_config)
+    else:
+        args.deepspeed_plugin = DeepSpeedPlugin()
+        args.deepspeed_plugin.set_mixed_precision(args.mixed_precision)
+        args.deepspeed_plugin.set_deepspeed_weakref()

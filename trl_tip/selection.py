@@ -24,6 +24,10 @@ SELECTION_METHODS = (
     "overconfident",
 )
 
+# How the divergence axis of soft-OR is mapped to [0, 1]: "min_max" over the batch (reverse KL, unbounded), or
+# "bounded" when it already lies in [0, 1] (JSD / ln 2) and is used as it is, as the authors' scoring code does.
+DIVERGENCE_NORMALIZATIONS = ("min_max", "bounded")
+
 # ⌊ρ·m⌋ is computed with this slack so that e.g. ρ = 0.29, m = 100 keeps 29 tokens despite 0.29·100 = 28.999...
 _FLOOR_SLACK = 1e-6
 
@@ -75,17 +79,52 @@ def _clipped_normalized_entropy(entropy, mask, entropy_clip_quantile):
     return min_max_normalize(entropy, mask)
 
 
+def normalized_divergence(
+    divergence: torch.Tensor,
+    mask: torch.Tensor,
+    divergence_clip_quantile: float = 1.0,
+    normalization: str = "min_max",
+) -> torch.Tensor:
+    """
+    The divergence axis `δ̂ ∈ [0, 1]` of soft-OR, over the masked tokens of the batch passed in; `0` outside the mask.
+
+    With `normalization="min_max"` (an unbounded divergence such as reverse KL) `δ` is first clipped at its batch
+    `divergence_clip_quantile` (`1.0` = no clip), so that one heavy-tailed outlier cannot squash every other token
+    towards 0, then min-max normalised. With `"bounded"` the divergence must already lie in `[0, 1]` (JSD / ln 2) and
+    is returned as it is; a clip would only flatten its top, so `divergence_clip_quantile` must then be `1.0`.
+    """
+    if normalization not in DIVERGENCE_NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {DIVERGENCE_NORMALIZATIONS}, got {normalization!r}.")
+    if not 0.0 < divergence_clip_quantile <= 1.0:
+        raise ValueError(f"divergence_clip_quantile must be in (0, 1], got {divergence_clip_quantile}.")
+    mask = mask != 0
+    divergence = divergence.float()
+    if normalization == "bounded":
+        if divergence_clip_quantile < 1.0:
+            raise ValueError("A bounded divergence axis is used as it is: divergence_clip_quantile must be 1.0.")
+        return divergence.clamp(0.0, 1.0).masked_fill(~mask, 0.0)
+    if divergence_clip_quantile < 1.0 and mask.any():
+        divergence = torch.minimum(divergence, quantile(divergence[mask], divergence_clip_quantile))
+    return min_max_normalize(divergence, mask)
+
+
 def soft_or_score(
-    entropy: torch.Tensor, divergence: torch.Tensor, mask: torch.Tensor, entropy_clip_quantile: float = 0.98
+    entropy: torch.Tensor,
+    divergence: torch.Tensor,
+    mask: torch.Tensor,
+    entropy_clip_quantile: float = 0.98,
+    divergence_clip_quantile: float = 1.0,
+    divergence_normalization: str = "min_max",
 ) -> torch.Tensor:
     """
     TIP's soft-OR score `s = ĥ + δ̂ − ĥ·δ̂ = 1 − (1 − ĥ)(1 − δ̂)`: high when the student is uncertain *or* far from the
-    teacher. `ĥ` is the entropy clipped at its batch `entropy_clip_quantile` and min-max normalised, `δ̂` the min-max
-    normalised divergence; both over the masked tokens. `0` outside the mask.
+    teacher. `ĥ` is the entropy clipped at its batch `entropy_clip_quantile` and min-max normalised, `δ̂` the
+    divergence axis of [`normalized_divergence`] (by default: min-max normalised reverse KL, optionally clipped at its
+    batch `divergence_clip_quantile` first); both over the masked tokens. `0` outside the mask.
     """
     mask = mask != 0
     entropy_hat = _clipped_normalized_entropy(entropy.float(), mask, entropy_clip_quantile)
-    divergence_hat = min_max_normalize(divergence.float(), mask)
+    divergence_hat = normalized_divergence(divergence, mask, divergence_clip_quantile, divergence_normalization)
     return (entropy_hat + divergence_hat - entropy_hat * divergence_hat).masked_fill(~mask, 0.0)
 
 
@@ -132,13 +171,16 @@ def select_tokens(
     forward_kl: torch.Tensor | None = None,
     entropy_clip_quantile: float = 0.98,
     generator: torch.Generator | None = None,
+    divergence_clip_quantile: float = 1.0,
+    divergence_normalization: str = "min_max",
 ) -> torch.BoolTensor:
     """
     Choose the completion tokens that on-policy distillation trains on.
 
     Args:
         entropy (`torch.Tensor`): `(B, T)` normalised student entropy h ∈ [0, 1].
-        divergence (`torch.Tensor`): `(B, T)` per-token reverse KL δ = KL(student || teacher).
+        divergence (`torch.Tensor`): `(B, T)` per-token divergence the rules rank by: reverse KL δ = KL(student ||
+            teacher), or a bounded one in [0, 1] (JSD / ln 2) with `divergence_normalization="bounded"`.
         mask (`torch.Tensor`): `(B, T)` mask of completion tokens (padding and prompt excluded).
         method (`str`, defaults to `"soft_or"`): one of
             - `"all"`: every completion token (plain OPD); `ratio` is ignored.
@@ -154,6 +196,11 @@ def select_tokens(
         entropy_clip_quantile (`float`, defaults to `0.98`): batch quantile at which entropy is clipped before
             normalisation (`"soft_or"`, `"overconfident"`); `1.0` disables the clip.
         generator (`torch.Generator`, *optional*): random source of `"random"` and `"entropy_sample"`.
+        divergence_clip_quantile (`float`, defaults to `1.0`): batch quantile at which the divergence is clipped before
+            min-max normalisation (`"soft_or"`); `1.0` disables the clip.
+        divergence_normalization (`str`, defaults to `"min_max"`): how `"soft_or"` maps the divergence to [0, 1]:
+            `"min_max"` over the batch, or `"bounded"` (already in [0, 1], used as it is); see
+            [`normalized_divergence`].
 
     Returns:
         `torch.BoolTensor`: `(B, T)` mask of kept tokens, a subset of `mask`, with exactly
@@ -165,6 +212,8 @@ def select_tokens(
         raise ValueError(f"ratio must be in (0, 1], got {ratio}.")
     if not 0.0 < entropy_clip_quantile <= 1.0:
         raise ValueError(f"entropy_clip_quantile must be in (0, 1], got {entropy_clip_quantile}.")
+    if not 0.0 < divergence_clip_quantile <= 1.0:
+        raise ValueError(f"divergence_clip_quantile must be in (0, 1], got {divergence_clip_quantile}.")
     if entropy.shape != mask.shape or divergence.shape != mask.shape or entropy.dim() != 2:
         raise ValueError(
             f"entropy {tuple(entropy.shape)}, divergence {tuple(divergence.shape)} and mask {tuple(mask.shape)} must "
@@ -189,7 +238,9 @@ def select_tokens(
     elif method == "divergence_topk":
         scores = divergence
     elif method == "soft_or":
-        scores = soft_or_score(entropy, divergence, mask, entropy_clip_quantile)
+        scores = soft_or_score(
+            entropy, divergence, mask, entropy_clip_quantile, divergence_clip_quantile, divergence_normalization
+        )
     else:  # overconfident
         if forward_kl is None:
             raise ValueError("method='overconfident' ranks tokens by forward KL: pass `forward_kl`.")

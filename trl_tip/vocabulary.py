@@ -13,7 +13,8 @@ from typing import Any
 
 
 _PROBE = "trl-tip end-of-turn probe"
-_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
+# The padding token is left out: padded positions are masked for both models, so it may differ harmlessly.
+_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token")
 
 
 def tokenizer_of(processing_class: Any) -> Any:
@@ -53,8 +54,9 @@ def first_tokenizer_difference(student_tokenizer: Any, teacher_tokenizer: Any) -
     Describe the first difference between two tokenizers that would make a teacher score other tokens than the
     student wrote, or return `None` when there is none.
 
-    Compared, in order: the number of tokens, each id's token (`convert_ids_to_tokens`, id by id from 0), the special
-    tokens (bos, eos, pad, unk: string and id), and the end-of-turn token of the chat templates ([`end_of_turn_token`]).
+    Compared, in order: the number of tokens, each id's token (id by id from 0), the special tokens (bos, eos, unk:
+    string and id; the padding token is masked out and may differ), and, when both have a chat template, the token it
+    ends an assistant turn with ([`end_of_turn_token`]).
 
     Args:
         student_tokenizer, teacher_tokenizer: tokenizers (or processors holding one).
@@ -82,7 +84,7 @@ def first_tokenizer_difference(student_tokenizer: Any, teacher_tokenizer: Any) -
         if (None if s_token is None else str(s_token)) != (None if t_token is None else str(t_token)) or s_id != t_id:
             return f"{name} is {s_token!r} (id {s_id}) for the student but {t_token!r} (id {t_id}) for the teacher"
     s_end, t_end = end_of_turn_token(student), end_of_turn_token(teacher)
-    if s_end != t_end:
+    if s_end is not None and t_end is not None and s_end != t_end:
         return f"the chat template ends a turn with {s_end!r} for the student but {t_end!r} for the teacher"
     return None
 

@@ -64,6 +64,11 @@ def check_completion_format(dataset, name: str) -> None:
     if columns is None or "completion" not in columns or "prompt" not in columns:
         return
     for index, (prompt, completion) in enumerate(zip(dataset["prompt"], dataset["completion"], strict=True)):
+        if completion is None or (isinstance(completion, str | list) and not completion):
+            raise ValueError(
+                f"`{name}` row {index} has an empty `completion`, which the teacher track trains on; fill or remove it, "
+                "or set teacher_completions='generate' to sample from the teacher."
+            )
         if _prompt_kind(prompt) != _prompt_kind(completion):
             raise ValueError(
                 f"`{name}` row {index} has a {_prompt_kind(prompt)} `prompt` but a {_prompt_kind(completion)} "

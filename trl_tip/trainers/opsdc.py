@@ -1,8 +1,9 @@
 """OPSDC (CRISP): on-policy self-distillation for concise reasoning.
 
-The teacher is the student itself, frozen as a snapshot θ̄ and reading a conciseness instruction before the problem;
-the student reads the problem alone. Both score the student's own rollouts, and the student minimises the token-mean
-reverse KL KL(π_θ(·|x, y_<t) || π_θ̄(·|c ⊕ x, y_<t)). The snapshot is hard-refreshed from the student every
+The teacher is the student itself, frozen as a snapshot θ̄ and reading a conciseness instruction in place of the
+dataset's own lead instruction; the student reads the prompt as it is. Both score the student's own rollouts, and the
+student minimises the reverse KL KL(π_θ(·|x, y_<t) || π_θ̄(·|c ⊕ q, y_<t)), averaged over each rollout's tokens and
+then over rollouts (the paper's Algorithm 1). The snapshot is hard-refreshed from the student every
 `teacher_refresh_steps` optimiser steps. See SPEC §3 and https://huggingface.co/papers/2603.05433.
 """
 
@@ -31,17 +32,33 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType
 from trl import DistillationConfig, DistillationTrainer
 from trl.data_utils import is_conversational
-from trl.models import prepare_deepspeed
 from trl.trainer.utils import get_config_model_id
 
 from ..hub import TrlTipHubMixin
-from ..instructions import INSTRUCTION_POSITIONS, add_instruction, resolve_instruction
+from .tip_distill import _divergence_loss_replaced_by
+from ..instructions import (
+    INSTRUCTION_POSITIONS,
+    build_teacher_prompt,
+    check_teacher_prompt_template,
+    resolve_instruction,
+)
+from ..losses import selective_divergence_loss
 from ..quantization import keep_4bit_weights_trainable
+from ..sharding import (
+    copy_into_,
+    full_copy,
+    is_deepspeed_zero3,
+    is_sharded,
+    prepare_frozen_model,
+    requested_fsdp_version,
+)
 from ._inputs import check_prompts, check_sampling
 from ._teacher_prompts import pad_teacher_prompts
 
 
 logger = get_logger(__name__)
+
+LOSS_NORMALIZATIONS = ("rollout", "token")
 
 TEACHER_ADAPTER_NAME = "opsdc_teacher"
 TEACHER_SNAPSHOT_NAME = "opsdc_teacher.safetensors"
@@ -68,6 +85,20 @@ class OPSDCConfig(DistillationConfig):
         instruction_position (`str`, *optional*, defaults to `"before"`):
             Where the teacher's prompt carries the instruction: `"before"` the problem in the last user turn (the
             paper's layout), `"after"` it, or in the `"system"` turn (conversational prompts only).
+        lead_instruction_pattern (`str` or `None`, *optional*, defaults to `None`):
+            Regular expression of the dataset's own lead instruction at the start of the prompt (its last user
+            turn). The teacher's prompt drops it: the conciseness instruction takes its place, as in the paper.
+            `None` recognises DAPO-Math-17k's "Solve the following math problem step by step." (its answer-format
+            sentence is kept, as in the authors' teacher prompt). Prompts it does not match get the instruction added
+            to the whole prompt; `opsdc/lead_replaced` logs the share of prompts whose lead was replaced.
+        teacher_prompt_template (`str` or `None`, *optional*, defaults to `None`):
+            Layout of the teacher's prompt text with the fields `{instruction}` and `{question}` (the prompt without
+            its recognised lead). `None`: `"{instruction}\n\n{question}"` for `instruction_position="before"`,
+            the reverse for `"after"`. Not combinable with `"system"`.
+        loss_normalization (`str`, *optional*, defaults to `"rollout"`):
+            `"rollout"`: each rollout's reverse KL is averaged over its tokens, then the rollouts are averaged (the
+            paper's Algorithm 1 divides by |y_i|), over the whole batch of every accumulation step and process.
+            `"token"`: TRL's global token mean, which gives long rollouts more weight.
         teacher_refresh_steps (`int`, *optional*, defaults to `50`):
             M: the teacher snapshot is hard-copied from the student at step 0 and every M optimiser steps. M = 1 is a
             live teacher and collapses; a very large M is a frozen teacher and compresses little.
@@ -104,6 +135,30 @@ class OPSDCConfig(DistillationConfig):
             "choices": list(INSTRUCTION_POSITIONS),
         },
     )
+    lead_instruction_pattern: str | None = field(
+        default=None,
+        metadata={
+            "help": "Regular expression of the dataset's own lead instruction at the start of the prompt; the teacher's "
+            "prompt has the conciseness instruction in its place. None recognises DAPO-Math-17k's 'Solve the "
+            "following math problem step by step.'. Without a match the instruction is added to the whole prompt."
+        },
+    )
+    teacher_prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Layout of the teacher's prompt text with the fields {instruction} and {question} (the prompt "
+            "without its recognised lead). None: instruction, a blank line, question (or the reverse for "
+            "instruction_position='after')."
+        },
+    )
+    loss_normalization: str = field(
+        default="rollout",
+        metadata={
+            "help": "'rollout': mean over each rollout's tokens, then mean over the rollouts of the whole batch (the "
+            "paper's Algorithm 1); 'token': TRL's global token mean, which weighs long rollouts more.",
+            "choices": list(LOSS_NORMALIZATIONS),
+        },
+    )
     teacher_refresh_steps: int = field(
         default=50,
         metadata={
@@ -118,6 +173,27 @@ class OPSDCConfig(DistillationConfig):
         if self.instruction_position not in INSTRUCTION_POSITIONS:
             raise ValueError(
                 f"instruction_position must be one of {INSTRUCTION_POSITIONS}, got {self.instruction_position!r}."
+            )
+        if self.lead_instruction_pattern is not None:
+            import re
+
+            try:
+                re.compile(self.lead_instruction_pattern)
+            except (re.error, TypeError) as error:
+                raise ValueError(
+                    f"lead_instruction_pattern {self.lead_instruction_pattern!r} is not a valid regular expression: "
+                    f"{error}."
+                ) from None
+        if self.teacher_prompt_template is not None:
+            check_teacher_prompt_template(self.teacher_prompt_template)
+            if self.instruction_position == "system":
+                raise ValueError(
+                    "teacher_prompt_template lays out the instruction and the question in the user turn; it cannot be "
+                    "combined with instruction_position='system'."
+                )
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(
+                f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got {self.loss_normalization!r}."
             )
         if (
             isinstance(self.teacher_refresh_steps, bool)
@@ -197,9 +273,13 @@ def module_snapshot_pairs(target: nn.Module, source: nn.Module) -> list[tuple[st
 def copy_snapshot_(pairs: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
     """Copy each source tensor into its target, in place (a hard refresh θ̄ ← θ)."""
     for name, target, source in pairs:
-        if target.shape != source.shape:
-            raise RuntimeError(f"Cannot refresh {name!r}: shape {tuple(target.shape)} vs {tuple(source.shape)}.")
-        target.copy_(source)
+        # `ds_shape`: a ZeRO-3 parameter's own shape is that of its (empty) gathered placeholder.
+        target_shape = getattr(target, "ds_shape", target.shape)
+        source_shape = getattr(source, "ds_shape", source.shape)
+        if target_shape != source_shape:
+            raise RuntimeError(f"Cannot refresh {name!r}: shape {tuple(target_shape)} vs {tuple(source_shape)}.")
+        # Each rank copies its own shards when both are sharded (ZeRO-3, FSDP2): no gather, no full copy anywhere.
+        copy_into_(target, source, name)
 
 
 def _bnb_4bit_layers(model: nn.Module) -> list[nn.Module]:
@@ -272,7 +352,8 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
     [CRISP: Compressed Reasoning via Iterative Self-Policy Distillation](https://huggingface.co/papers/2603.05433).
 
     The student generates one completion per prompt; a frozen snapshot of the student, whose prompt carries a
-    conciseness instruction, scores the same completion tokens; the student minimises the reverse KL to it. Only the
+    conciseness instruction in place of the dataset's lead instruction, scores the same completion tokens; the student
+    minimises the reverse KL to it, each rollout's token mean averaged over the rollouts (`loss_normalization`). Only the
     prompts differ, so the teacher's sequence is its own prompt followed by the student's completion, and the two are
     compared on the completion positions. No answers are used for training.
 
@@ -283,7 +364,8 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
 
     Logged on top of [`~trl.DistillationTrainer`]'s metrics (`completions/mean_length` among them):
     `opsdc/compression` (mean completion length over its mean in the first logging window of training),
-    `opsdc/teacher_refreshes` (snapshots taken so far, the one at step 0 included) and, with `reward_funcs`,
+    `opsdc/teacher_refreshes` (snapshots taken so far, the one at step 0 included), `opsdc/lead_replaced` (share of
+    the batch's prompts whose own lead instruction the conciseness instruction replaced) and, with `reward_funcs`,
     `rewards/<name>/mean` per function and `opsdc/accuracy` (the mean of the first one).
 
     Example:
@@ -383,12 +465,34 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
                 f"OPSDCTrainer needs an OPSDCConfig, got {type(args).__name__}; build one with the same fields plus "
                 "the OPSDC ones (concise_instruction, instruction_position, teacher_refresh_steps)."
             )
+        if requested_fsdp_version(args) == 1:
+            # Before any model is loaded.
+            raise ValueError(
+                "OPSDCTrainer does not run on FSDP version 1: its teacher snapshot is refreshed shard by shard, which "
+                "needs FSDP2's per-parameter shards (FSDP1 flattens them). Use FSDP2 (`fsdp_version: 2`, "
+                "examples/accelerate_configs/fsdp2.yaml), DeepSpeed ZeRO-3 or ZeRO-2."
+            )
         self.concise_instruction = resolve_instruction(args.concise_instruction)
         self.reward_funcs = _as_reward_funcs(reward_funcs)
         check_prompts(train_dataset, eval_dataset)
         for dataset in _map_style_datasets(train_dataset, eval_dataset):
-            # Fails now, not at the first generation, on prompts that cannot carry the instruction.
-            add_instruction(dataset[0]["prompt"], self.concise_instruction, args.instruction_position)
+            # Fails now, not at the first generation, on prompts that cannot carry the instruction; and says how the
+            # teacher's prompt is built from them.
+            example, replaced = build_teacher_prompt(
+                dataset[0]["prompt"],
+                self.concise_instruction,
+                args.instruction_position,
+                args.lead_instruction_pattern,
+                args.teacher_prompt_template,
+            )
+            if replaced:
+                logger.info(f"OPSDC teacher prompt: the dataset's lead instruction is replaced, e.g. {example!r}")
+            else:
+                logger.warning(
+                    "OPSDC teacher prompt: no lead instruction recognised in the first prompt, so the conciseness "
+                    "instruction is added to the whole prompt. If your prompts open with an instruction of their own, "
+                    "pass its regular expression as lead_instruction_pattern so the teacher does not get both."
+                )
 
         super().__init__(
             model=model,
@@ -411,13 +515,6 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
                 "OPSDCTrainer supports text-only models: the teacher prompt is rebuilt around the instruction, which "
                 "would misplace image tokens. Pass a tokenizer, not a processor."
             )
-        deepspeed_plugin = self.accelerator.state.deepspeed_plugin
-        if self.is_fsdp_enabled or (self.is_deepspeed_enabled and deepspeed_plugin.zero_stage == 3):
-            raise ValueError(
-                "OPSDCTrainer does not support FSDP or DeepSpeed ZeRO-3 yet: refreshing the teacher copies the "
-                "student's weights locally, which needs unsharded parameters. Use DDP or ZeRO-1/2."
-            )
-
         self._student_adapter_name: str | None = None
         self._teacher_refreshes = 0
         self._teacher_refreshed_at_step: int | None = None
@@ -426,7 +523,12 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
         # The teacher's (input_ids, attention_mask) for the micro-batch in flight; set by `_compute_loss`.
         self._teacher_sequence: tuple[torch.Tensor, torch.Tensor] | None = None
         self.teacher_model = self._create_teacher()
-        self.refresh_teacher()
+        if isinstance(self.teacher_model, _AdapterSnapshot):
+            self.refresh_teacher()
+        else:
+            # A full copy is built equal to the student (under FSDP2 from rank 0's weights, which the student's own
+            # sharding broadcasts too): it is the snapshot of step 0.
+            self._record_refresh()
         # First in line, so that every other callback's `on_step_end` (logging, checkpoints, the user's) sees the
         # teacher of the step that just ended.
         self.callback_handler.callbacks.insert(0, _TeacherRefreshCallback(self))
@@ -461,12 +563,23 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
                 teacher_weight.requires_grad_(False)
             return _AdapterSnapshot(student, TEACHER_ADAPTER_NAME)
 
-        teacher = copy.deepcopy(student)
-        teacher.requires_grad_(False)
+        if is_deepspeed_zero3(self.accelerator) and any(hasattr(p, "ds_id") for p in student.parameters()):
+            # Loaded partitioned (`zero.Init`): a deep copy would copy empty partitions. The same architecture built
+            # partitioned the same way holds the same slices on every rank; copying them is the snapshot. Done
+            # before the engine starts, which gathers the persistent parameters from these partitions.
+            # Its random initialisation (overwritten at once) must not advance the generator that generation samples
+            # from, so that ZeRO-3 runs sample what DDP runs do.
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=devices):
+                teacher = type(student)._from_config(student.config, dtype=next(student.parameters()).dtype)
+            teacher.requires_grad_(False)
+            copy_snapshot_(module_snapshot_pairs(teacher, student))
+        else:
+            teacher = copy.deepcopy(student)
+            teacher.requires_grad_(False)
         teacher.eval()
-        if self.is_deepspeed_enabled:
-            return prepare_deepspeed(teacher, self.accelerator)
-        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        # Sharded like the student: partitioned under ZeRO-3, `fully_shard`-ed per block under FSDP2.
+        return prepare_frozen_model(teacher, self.accelerator)
 
     def _snapshot_pairs(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         if isinstance(self.teacher_model, _AdapterSnapshot):
@@ -485,14 +598,28 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
     def refresh_teacher(self) -> None:
         """Hard-copy the student's current weights into the teacher snapshot (θ̄ ← θ)."""
         copy_snapshot_(self._snapshot_pairs())
+        self._record_refresh()
+
+    def _record_refresh(self) -> None:
         self._teacher_refreshes += 1
         self._teacher_refreshed_at_step = self.state.global_step
         self._metrics["train"]["opsdc/teacher_refreshes"] = [float(self._teacher_refreshes)]
 
     def save_teacher_snapshot(self, directory: str) -> None:
-        """Write the teacher snapshot and the OPSDC bookkeeping (refresh count, length baseline) to `directory`."""
+        """
+        Write the teacher snapshot and the OPSDC bookkeeping (refresh count, length baseline) to `directory`.
+
+        Under ZeRO-3 or FSDP2 every rank must call it: the snapshot is gathered one tensor at a time, and the main
+        process writes it.
+        """
+        tensors = {}
+        for name, teacher, _ in self._snapshot_pairs():
+            full = full_copy(teacher)
+            if self.args.should_save:
+                tensors[name] = full.cpu().contiguous()
+        if not self.args.should_save:
+            return
         os.makedirs(directory, exist_ok=True)
-        tensors = {name: teacher.detach().cpu().contiguous() for name, teacher, _ in self._snapshot_pairs()}
         save_file(tensors, os.path.join(directory, TEACHER_SNAPSHOT_NAME), metadata={"format": "pt"})
         state = {
             "teacher_refreshes": self._teacher_refreshes,
@@ -525,7 +652,7 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
             )
         with torch.no_grad():
             for name, teacher, _ in pairs:
-                teacher.copy_(saved[name])
+                copy_into_(teacher, saved[name], name)
         state_path = os.path.join(directory, OPSDC_STATE_NAME)
         if os.path.isfile(state_path):
             with open(state_path) as file:
@@ -538,7 +665,7 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.args.should_save:
+        if self.args.should_save or is_sharded(self.accelerator):
             run_dir = self._get_output_dir(trial=trial)
             self.save_teacher_snapshot(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
 
@@ -572,10 +699,29 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
         device = output["prompt_ids"].device
-        teacher_prompts = [
-            add_instruction(example["prompt"], self.concise_instruction, self.args.instruction_position)
+        built = [
+            build_teacher_prompt(
+                example["prompt"],
+                self.concise_instruction,
+                self.args.instruction_position,
+                self.args.lead_instruction_pattern,
+                self.args.teacher_prompt_template,
+            )
             for example in inputs
         ]
+        teacher_prompts = [prompt for prompt, _ in built]
+        mode = "train" if self.model.training else "eval"
+        replaced = torch.tensor([float(was_replaced) for _, was_replaced in built], device=device)
+        self._metrics[mode]["opsdc/lead_replaced"].append(self.accelerator.gather(replaced).mean().item())
+        if self.args.loss_normalization == "rollout" and mode == "train":
+            # The number of non-empty rollouts over the whole generation batch (every accumulation step, every
+            # process) normalises the per-rollout means, as TRL's `num_items_in_batch` counts tokens.
+            loss_mask = output["completion_mask"]
+            if "tool_mask" in output:
+                loss_mask = loss_mask * output["tool_mask"]
+            non_empty = (loss_mask.sum(dim=1) > 0).float()
+            output["opsdc_rollout_weights"] = non_empty
+            output["opsdc_rollout_count"] = self.accelerator.gather(non_empty).sum().repeat(non_empty.shape[0])
         teacher_prompt_ids, _, _ = self._tokenize_prompts(teacher_prompts)
         teacher_prompt_ids = [torch.tensor(ids) for ids in teacher_prompt_ids]
         output.update(
@@ -633,8 +779,18 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
             torch.cat([inputs["teacher_prompt_ids"], inputs["completion_ids"]], dim=1),
             torch.cat([inputs["teacher_prompt_mask"], inputs["completion_mask"]], dim=1),
         )
+        per_rollout = contextlib.nullcontext()
+        if "opsdc_rollout_weights" in inputs:
+            # Per-process share of the global rollout count: DDP averages gradients over processes, as TRL divides
+            # `num_items_in_batch` by the process count.
+            per_rollout = _divergence_loss_replaced_by(
+                _per_rollout_mean_loss(
+                    inputs["opsdc_rollout_weights"], inputs["opsdc_rollout_count"][0] / self.accelerator.num_processes
+                )
+            )
         try:
-            loss, entropy_sum, n_valid = super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+            with per_rollout:
+                loss, entropy_sum, n_valid = super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
         finally:
             self._teacher_sequence = None
         if not torch.isfinite(loss):
@@ -661,6 +817,25 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
         return super()._get_last_hidden_state(
             unwrapped_model, teacher_input_ids, teacher_attention_mask, logits_to_keep
         )
+
+
+def _per_rollout_mean_loss(rollout_weights: torch.Tensor, rollout_count: torch.Tensor):
+    """
+    A stand-in for TRL's `_chunked_divergence_loss` (same arguments and return value) whose loss is
+    `Σ_i w_i · mean_t d_{i,t} / rollout_count`: each rollout's token mean, summed over the micro-batch and divided by
+    the rollout count of the whole batch, so that the accumulated gradient is that of the mean over rollouts.
+    """
+
+    def loss_fn(*args, **kwargs):
+        kwargs.pop("num_items_in_batch", None)
+        if len(args) > 6:  # positional `num_items_in_batch`, TRL's 7th argument
+            args = args[:6] + (None,) + args[7:]
+        result = selective_divergence_loss(
+            *args, method="all", rollout_weights=rollout_weights, weight_sum=rollout_count, **kwargs
+        )
+        return result.loss, result.entropy_sum, result.num_valid
+
+    return loss_fn
 
 
 def _as_reward_funcs(reward_funcs) -> list[Callable]:

@@ -109,12 +109,18 @@ class PacedConfig(TipDistillConfig):
             Fraction of the training steps after which `"forward_then_reverse"` switches: the switch step is
             `⌊fraction × max_steps⌋`.
         self_distillation (`bool`, *optional*, defaults to `False`):
-            Use a frozen copy of the initial student as the teacher, reading the problem with its ground-truth answer
-            (`privileged_prompt_template`); no teacher model is given.
-        privileged_prompt_template (`str`, *optional*):
-            Defaults to `"{problem}\n\nThe correct final answer is {answer}."`. The self-distillation teacher's
-            version of the last user turn, with `{problem}` (the original text) and `{answer}` (the dataset's
-            `answer`).
+            Use a frozen copy of the initial student as the teacher, reading the problem with privileged context: the
+            reference solution where the dataset has one, else the ground-truth answer (`privileged_context_column`,
+            `privileged_prompt_template`); no teacher model is given.
+        privileged_context_column (`str` or `None`, *optional*, defaults to `None`):
+            Column the self-distillation teacher reads as privileged context. `None`: `solution` (a reference
+            solution) when the dataset has that column, else `answer`.
+        privileged_prompt_template (`str` or `None`, *optional*, defaults to `None`):
+            The self-distillation teacher's version of the last user turn, with `{problem}` (the original text) and
+            `{context}` (the privileged context; `{answer}` is accepted for it too). `None`: the OPSD authors' layout
+            for a reference solution (`"## Problem\n{problem}\n\n## Reference Solution\n{context}\n\nAfter
+            understanding the reference solution, solve the problem step by step using your own approach."`), or
+            `"{problem}\n\nThe correct final answer is {context}."` when the context is the `answer` column.
 
     > [!NOTE]
     > `token_selection` defaults to `"all"` here (plain PACED); any TIP rule can be combined with the weighting. `beta`
@@ -206,10 +212,19 @@ class PacedConfig(TipDistillConfig):
             "help": "Teacher = frozen copy of the initial student that reads the ground-truth answer in its prompt."
         },
     )
-    privileged_prompt_template: str = field(
-        default="{problem}\n\nThe correct final answer is {answer}.",
+    privileged_context_column: str | None = field(
+        default=None,
         metadata={
-            "help": "The self-distillation teacher's last user turn, with placeholders {problem} and {answer}."
+            "help": "Column the self-distillation teacher reads as privileged context. None: 'solution' (a "
+            "reference solution) when the dataset has it, else 'answer'."
+        },
+    )
+    privileged_prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "The self-distillation teacher's last user turn, with placeholders {problem} and {context} (or "
+            "{answer}). None: a reference-solution layout for a solution column, 'The correct final answer is ...' "
+            "for the answer column."
         },
     )
 
@@ -282,17 +297,25 @@ class PacedConfig(TipDistillConfig):
                 "self_distillation=True uses a frozen copy of the student as the teacher; unset "
                 f"teacher_model_name_or_path (got {self.teacher_model_name_or_path!r})."
             )
-        try:
-            rendered = self.privileged_prompt_template.format(problem="\0problem\0", answer="\0answer\0")
-        except (KeyError, IndexError, ValueError) as error:
+        if self.privileged_prompt_template is not None:
+            try:
+                rendered = self.privileged_prompt_template.format(
+                    problem="\0problem\0", context="\0context\0", answer="\0context\0"
+                )
+            except (KeyError, IndexError, ValueError) as error:
+                raise ValueError(
+                    "privileged_prompt_template may only use the placeholders {problem} and {context} (or {answer}; "
+                    f"double other braces): {error!r} in {self.privileged_prompt_template!r}."
+                ) from None
+            if "\0problem\0" not in rendered or "\0context\0" not in rendered:
+                raise ValueError(
+                    "privileged_prompt_template must contain both {problem} and {context} (or {answer}), got "
+                    f"{self.privileged_prompt_template!r}."
+                )
+        if self.privileged_context_column is not None and not self.self_distillation:
             raise ValueError(
-                f"privileged_prompt_template may only use the placeholders {{problem}} and {{answer}} (double other "
-                f"braces): {error!r} in {self.privileged_prompt_template!r}."
-            ) from None
-        if "\0problem\0" not in rendered or "\0answer\0" not in rendered:
-            raise ValueError(
-                "privileged_prompt_template must contain both {problem} and {answer}, got "
-                f"{self.privileged_prompt_template!r}."
+                "privileged_context_column names what the self-distillation teacher reads; it needs "
+                "self_distillation=True."
             )
 
 
@@ -329,24 +352,55 @@ def completion_ids_until_eos(completion_ids: torch.Tensor, eos_token_ids: Sequen
     return [row[:length].tolist() for row, length in zip(completion_ids.cpu(), lengths.cpu().tolist(), strict=True)]
 
 
-def add_privileged_context(prompt: str | list[dict], answer: Any, template: str) -> str | list[dict]:
+# The privileged prompt of the OPSD authors' teacher, for a reference solution (HJSang/OPSD_OnPolicyDistillation,
+# config `opsd_qwen3_teacher`; its dataset-specific answer-format sentence left out), and for a bare final answer.
+SOLUTION_PROMPT_TEMPLATE = (
+    "## Problem\n{problem}\n\n## Reference Solution\n{context}\n\nAfter understanding the reference solution, solve "
+    "the problem step by step using your own approach."
+)
+ANSWER_PROMPT_TEMPLATE = "{problem}\n\nThe correct final answer is {context}."
+
+
+def privileged_context_setup(columns: Sequence[str], column: str | None, template: str | None) -> tuple[str, str]:
+    """
+    The column and the template of the self-distillation teacher's privileged context: the named column (which must
+    exist), else `solution` when the dataset has it, else `answer`; the template given, else the reference-solution
+    layout or, for the `answer` column, the final-answer one.
+    """
+    if column is None:
+        column = "solution" if "solution" in columns else "answer"
+    if column not in columns:
+        raise ValueError(
+            f"The self-distillation teacher reads the `{column}` column as privileged context, but the dataset has "
+            f"columns {list(columns)}. Add a `solution` (reference solution) or `answer` column, or name yours with "
+            "privileged_context_column."
+        )
+    if template is None:
+        template = ANSWER_PROMPT_TEMPLATE if column == "answer" else SOLUTION_PROMPT_TEMPLATE
+    return column, template
+
+
+def add_privileged_context(prompt: str | list[dict], context: Any, template: str) -> str | list[dict]:
     """
     The self-distillation teacher's prompt: the last user turn (or a plain-text prompt) rewritten with `template`,
-    e.g. `"{problem}\\n\\nThe correct final answer is {answer}."`. The input is not modified.
+    whose `{problem}` is the original text and `{context}` (or `{answer}`) the privileged context, e.g.
+    `"{problem}\\n\\nThe correct final answer is {context}."`. The input is not modified.
     """
     if isinstance(prompt, str):
-        return template.format(problem=prompt, answer=answer)
+        return template.format(problem=prompt, context=context, answer=context)
     messages = copy.deepcopy(list(prompt))
     for message in reversed(messages):
         if message.get("role") == "user":
             if not isinstance(message.get("content"), str):
                 raise ValueError(
-                    "Self-distillation adds the answer to the last user turn, which must be plain text; got "
-                    f"content of type {type(message.get('content')).__name__}."
+                    "Self-distillation adds the privileged context to the last user turn, which must be plain text; "
+                    f"got content of type {type(message.get('content')).__name__}."
                 )
-            message["content"] = template.format(problem=message["content"], answer=answer)
+            message["content"] = template.format(problem=message["content"], context=context, answer=context)
             return messages
-    raise ValueError("Self-distillation adds the answer to the last user turn, but the prompt has no user message.")
+    raise ValueError(
+        "Self-distillation adds the privileged context to the last user turn, but the prompt has no user message."
+    )
 
 
 def resolve_reward_funcs(reward_funcs) -> list[Callable]:
@@ -419,7 +473,8 @@ class PacedTrainer(TipDistillTrainer):
             As in [`~trl.DistillationTrainer`]. Tool calling is not supported.
 
     Logged: `paced/weight_mean`, `paced/weight_max`, `paced/zero_weight_share` (share of the batch's problems with
-    weight 0), `paced/zero_weight_batches` (running count of optimiser steps whose whole batch weighed 0),
+    weight 0), `paced/zero_weight_batches` (running count of generation batches whose whole batch weighed 0),
+    `paced/skipped_steps` (optimiser steps skipped, learning-rate schedule included, because they weighed 0),
     `paced/pass_rate_mean`, `paced/beta`, `paced/teacher_rollouts`, the training set's pass-rate histogram
     `paced/pass_rate_share_{0,0_25,25_50,50_75,75_100,1}`, `paced/table_weight_mean`, `paced/pass_rate_estimates`,
     `paced/training_rollouts` (running count of training rollouts) and, in online mode, `paced/rollout_reward_mean`.
@@ -491,10 +546,10 @@ class PacedTrainer(TipDistillTrainer):
             named = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval_dataset", eval_dataset)]
             for name, dataset in named:
                 columns = getattr(dataset, "column_names", None)
-                if columns is not None and "answer" not in columns:
+                if columns is not None and self._privileged_column not in columns:
                     raise ValueError(
-                        f"`{name}` has no `answer` column, which the self-distillation teacher reads in its prompt "
-                        "during evaluation too."
+                        f"`{name}` has no `{self._privileged_column}` column, which the self-distillation teacher "
+                        "reads in its prompt during evaluation too."
                     )
         teacher_model = self._resolve_teacher(model, teacher_model, args)
 
@@ -518,6 +573,10 @@ class PacedTrainer(TipDistillTrainer):
         )
         self._training_rollouts = 0
         self._zero_weight_batches = 0
+        # Σ of the PACED weights of the micro-batches since the last optimiser step (local), and the count of steps
+        # skipped because that sum was zero on every process (see `_skip_zero_weight_steps`).
+        self._step_weight: torch.Tensor | None = None
+        self._skipped_steps = 0
         self._rollout_source = self.args.rollout_source
         self._teacher_writes_completions = False
         self._generation_rows: list[dict] | None = None
@@ -541,9 +600,13 @@ class PacedTrainer(TipDistillTrainer):
             raise ValueError("`train_dataset` is empty.")
         if "image" in columns or "images" in columns:
             raise ValueError("PacedTrainer supports text-only datasets; remove the `image`/`images` column.")
+        self._privileged_column, self._privileged_template = None, None
+        if args.self_distillation:
+            self._privileged_column, self._privileged_template = privileged_context_setup(
+                columns, args.privileged_context_column, args.privileged_prompt_template
+            )
         needs_answer = [reason for reason, needed in (
             ("the built-in math reward grades against it", math_reward in self.reward_funcs),
-            ("self-distillation shows it to the teacher", args.self_distillation),
         ) if needed]
         if needs_answer and "answer" not in columns:
             raise ValueError(
@@ -602,8 +665,8 @@ class PacedTrainer(TipDistillTrainer):
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         # With `remove_unused_columns=True`, keep what grading, self-distillation and teacher completions read.
-        for name in ("answer", "completion", INDEX_COLUMN):
-            if name not in self._signature_columns:
+        for name in ("answer", "completion", INDEX_COLUMN, self._privileged_column):
+            if name is not None and name not in self._signature_columns:
                 self._signature_columns.append(name)
 
     # ---- Pass rates ----
@@ -823,7 +886,8 @@ class PacedTrainer(TipDistillTrainer):
 
     def _privileged_prompt_ids(self, rows: list[dict[str, Any]]) -> list[torch.Tensor]:
         prompts = [
-            add_privileged_context(row["prompt"], row["answer"], self.args.privileged_prompt_template) for row in rows
+            add_privileged_context(row["prompt"], row[self._privileged_column], self._privileged_template)
+            for row in rows
         ]
         prompt_ids, _, _ = self._tokenize_prompts(prompts)
         return [torch.tensor(ids) for ids in prompt_ids]
@@ -880,8 +944,44 @@ class PacedTrainer(TipDistillTrainer):
 
     # ---- Loss ----
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._skip_zero_weight_steps()
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _skip_zero_weight_steps(self) -> None:
+        """
+        Make the optimiser skip, together with its learning-rate schedule, every step whose micro-batches all carry
+        zero PACED weight on every process. Their gradient is zero, but AdamW would still move the parameters (its
+        momentum, and decoupled weight decay); the skipped step is reported to the trainer as accelerate reports an
+        overflowed mixed-precision step, so the scheduler does not advance either. Installed once, on the prepared
+        optimiser. DeepSpeed steps inside its engine instead, where this guard does not reach.
+        """
+        optimizer = self.optimizer
+        if optimizer is None or getattr(optimizer, "_paced_zero_weight_guard", False) or self.is_deepspeed_enabled:
+            return
+        original_step = optimizer.step
+
+        def step(*args, **kwargs):
+            weight, self._step_weight = self._step_weight, None
+            if weight is not None:
+                # Every process calls the optimiser step together, so this collective is matched on all of them.
+                total = self.accelerator.reduce(weight.to(self.accelerator.device), reduction="sum")
+                if total.item() == 0:
+                    self._skipped_steps += 1
+                    self._metrics["train"]["paced/skipped_steps"] = [float(self._skipped_steps)]
+                    optimizer._is_overflow = True
+                    return None
+            if getattr(optimizer, "scaler", None) is None:
+                optimizer._is_overflow = False
+            return original_step(*args, **kwargs)
+
+        optimizer.step = step
+        optimizer._paced_zero_weight_guard = True
+
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         if self.model.training and "paced_weights" in inputs:
+            local = inputs["paced_weights"].detach().float().sum()
+            self._step_weight = local if self._step_weight is None else self._step_weight + local
             # The per-process share of the global weight sum: DDP averages gradients over processes, as TRL's
             # `num_items_in_batch` is divided by the process count.
             self._loss_weights = (

@@ -13,9 +13,10 @@ import trl.trainer.distillation_trainer as _trl_distillation
 from trl import DistillationConfig, DistillationTrainer
 
 from ..hub import TrlTipHubMixin
-from ..losses import STUDENT_SIDE_METHODS, selective_divergence_loss
+from ..losses import SELECTION_DIVERGENCES, STUDENT_SIDE_METHODS, selective_divergence_loss
 from ..quantization import keep_4bit_weights_trainable
-from ..selection import SELECTION_METHODS, quadrant_counts, tokens_per_rollout
+from ..selection import SELECTION_METHODS, quadrant_counts, quantile, tokens_per_rollout
+from ..sharding import fsdp2_shard_for_inference, is_fsdp2
 from ..vocabulary import first_tokenizer_difference, shared_vocab_size, tokenizer_of
 from ._inputs import check_prompt_column, check_prompts, check_sampling
 
@@ -39,6 +40,12 @@ def teacher_quantization_config(mode: str, compute_dtype: torch.dtype | None = N
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16,
     )
+
+
+def _is_quantized(model) -> bool:
+    # A quantised teacher (`teacher_quantization`) keeps TRL's preparation: one (already small) copy per rank.
+    model = getattr(model, "module", model)
+    return getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_loaded_in_4bit", False)
 
 
 @contextlib.contextmanager
@@ -84,6 +91,16 @@ class TipDistillConfig(DistillationConfig):
         entropy_clip_quantile (`float`, *optional*, defaults to `0.98`):
             Batch quantile at which the student's entropy is clipped before min-max normalisation (`"soft_or"`,
             `"overconfident"`). `1.0` disables the clip.
+        divergence_clip_quantile (`float`, *optional*, defaults to `1.0`):
+            Batch quantile at which the reverse KL is clipped before soft-OR's min-max normalisation, so that a few
+            heavy-tailed outliers cannot squash `δ̂` for every other token (and turn soft-OR into entropy ranking).
+            `1.0` disables the clip. Only for `token_selection="soft_or"` with `selection_divergence="reverse_kl"`.
+        selection_divergence (`str`, *optional*, defaults to `"reverse_kl"`):
+            The divergence `"soft_or"` and `"divergence_topk"` rank tokens by: `"reverse_kl"`, or `"jsd"`, the
+            Jensen-Shannon divergence divided by ln 2 (bounded in [0, 1], used by soft-OR as `δ̂` without min-max, as
+            the TIP authors' scoring code does; it costs a second chunked pass without gradient). Ranking only: the
+            loss trained on the kept tokens is TRL's divergence with `beta` either way.
+
         teacher_quantization (`str`, *optional*, defaults to `"none"`):
             Load the teacher (when given as a path or Hub id) in `"4bit"` (nf4, double quantisation) or `"8bit"`
             with bitsandbytes, independently of the student. A quantised student (`quantization_config`, or
@@ -93,6 +110,10 @@ class TipDistillConfig(DistillationConfig):
             init (every id's token, the special tokens, the chat template's end-of-turn token) and fail on the first
             difference. `False` skips the comparison: you assert that the teacher reads the student's token ids,
             which also lets heads padded to different sizes be compared over the student tokenizer's tokens.
+
+    Batch statistics (the quantile clips, min-max normalisation, the quadrant medians) are taken over the completion
+    tokens of the micro-batch one loss call sees, i.e. `per_device_train_batch_size` rollouts on one process, so the
+    tokens soft-OR keeps depend on that batch size.
     """
 
     token_selection: str = field(
@@ -116,6 +137,23 @@ class TipDistillConfig(DistillationConfig):
         metadata={
             "help": "Batch quantile at which the student's entropy is clipped before min-max normalisation "
             "('soft_or', 'overconfident'), in (0, 1]; 1.0 disables the clip."
+        },
+    )
+
+    divergence_clip_quantile: float = field(
+        default=1.0,
+        metadata={
+            "help": "Batch quantile at which the reverse KL is clipped before soft-OR's min-max normalisation, in "
+            "(0, 1]; 1.0 disables the clip. Only with token_selection='soft_or' and selection_divergence='reverse_kl'."
+        },
+    )
+    selection_divergence: str = field(
+        default="reverse_kl",
+        metadata={
+            "help": "Divergence that 'soft_or' and 'divergence_topk' rank tokens by: 'reverse_kl', or 'jsd' (JSD / ln 2, "
+            "bounded in [0, 1], used by soft-OR without min-max). Ranking only: the trained loss is the divergence "
+            "set by beta either way.",
+            "choices": list(SELECTION_DIVERGENCES),
         },
     )
 
@@ -161,6 +199,28 @@ class TipDistillConfig(DistillationConfig):
             )
         if not 0.0 < self.entropy_clip_quantile <= 1.0:
             raise ValueError(f"entropy_clip_quantile must be in (0, 1], got {self.entropy_clip_quantile}.")
+        if self.selection_divergence not in SELECTION_DIVERGENCES:
+            raise ValueError(
+                f"selection_divergence must be one of {', '.join(SELECTION_DIVERGENCES)}, got "
+                f"{self.selection_divergence!r}."
+            )
+        if self.selection_divergence != "reverse_kl" and self.token_selection not in ("soft_or", "divergence_topk"):
+            raise ValueError(
+                f"selection_divergence={self.selection_divergence!r} changes how 'soft_or' and 'divergence_topk' rank "
+                f"tokens; token_selection={self.token_selection!r} does not rank by divergence. Leave "
+                "selection_divergence at 'reverse_kl' or choose one of those rules."
+            )
+        if not 0.0 < self.divergence_clip_quantile <= 1.0:
+            raise ValueError(f"divergence_clip_quantile must be in (0, 1], got {self.divergence_clip_quantile}.")
+        if self.divergence_clip_quantile < 1.0 and (
+            self.token_selection != "soft_or" or self.selection_divergence != "reverse_kl"
+        ):
+            raise ValueError(
+                f"divergence_clip_quantile={self.divergence_clip_quantile} clips the reverse KL before soft-OR's "
+                "min-max normalisation; it applies only with token_selection='soft_or' and "
+                f"selection_divergence='reverse_kl' (got {self.token_selection!r}, {self.selection_divergence!r}). "
+                "Set it to 1.0."
+            )
         check_sampling(self.temperature, self.generation_kwargs)
 
 
@@ -261,11 +321,13 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
     [`~trl.DistillationTrainer`], bit for bit.
 
     The constructor is [`~trl.DistillationTrainer`]'s. Logged per step, besides TRL's metrics: `tip/kept_fraction`,
-    the quadrant shares `tip/q1_share` … `tip/q4_share` (batch-median split of entropy and divergence; Q3 = confident
-    and far from the teacher), and the mean normalised entropy and reverse KL of kept vs all tokens
-    (`tip/entropy_kept`, `tip/entropy_all`, `tip/divergence_kept`, `tip/divergence_all`). The rules that select from
-    the student alone (`random`, `entropy_sample`, `entropy_topk`) at ratio < 1 project the teacher's `lm_head` on the
-    kept tokens only, so they log neither `tip/divergence_all` nor the quadrant shares.
+    the quadrant shares `tip/q1_share` … `tip/q4_share` (batch-median split of entropy and reverse KL; Q3 = confident
+    and far from the teacher), the mean normalised entropy and reverse KL of kept vs all tokens (`tip/entropy_kept`,
+    `tip/entropy_all`, `tip/divergence_kept`, `tip/divergence_all`) and, for soft-OR, the spread of its divergence
+    axis δ̂ over the micro-batch (`tip/divergence_hat_p50`, `tip/divergence_hat_p90`; a median near 0 means one outlier
+    squashes the rest and soft-OR ranks by entropy alone, see `divergence_clip_quantile` and `selection_divergence`).
+    The rules that select from the student alone (`random`, `entropy_sample`, `entropy_topk`) at ratio < 1 project the
+    teacher's `lm_head` on the kept tokens only, so they log neither `tip/divergence_all` nor the quadrant shares.
 
     Example:
 
@@ -287,7 +349,14 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
     _tag_names = ["trl", "trl-tip", "distillation", "tip"]
     _name = "TIP distillation"
     _paper = {"title": "TIP: Token Importance in On-Policy Distillation", "id": "2604.14084"}
-    _card_fields = ("token_selection", "token_ratio", "entropy_clip_quantile", "teacher_quantization")
+    _card_fields = (
+        "token_selection",
+        "token_ratio",
+        "entropy_clip_quantile",
+        "divergence_clip_quantile",
+        "selection_divergence",
+        "teacher_quantization",
+    )
 
     def __init__(
         self,
@@ -338,9 +407,17 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
             )
         check_sampling(self.args.temperature, self.args.generation_kwargs)
         keep_4bit_weights_trainable(self.model)
+        if is_fsdp2(self.accelerator) and self.teacher_model is not None and not _is_quantized(self.teacher_model):
+            # TRL prepares the teacher in evaluation mode, which under FSDP2 leaves a full copy on every rank; shard it
+            # like the student instead (inference only: no gradients, no optimiser state).
+            self.teacher_model = fsdp2_shard_for_inference(
+                self.accelerator.unwrap_model(self.teacher_model), self.accelerator
+            )
         self.token_selection = self.args.token_selection
         self.token_ratio = self.args.token_ratio
         self.entropy_clip_quantile = self.args.entropy_clip_quantile
+        self.divergence_clip_quantile = self.args.divergence_clip_quantile
+        self.selection_divergence = self.args.selection_divergence
         # A private random source for 'random'/'entropy_sample', so that selecting tokens never shifts the global RNG
         # that generation samples from; one stream per process.
         self._selection_generator = torch.Generator().manual_seed(self.args.seed + self.accelerator.process_index)
@@ -472,7 +549,9 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
         # Logged after the wrapped forward returns, so the gather never runs inside the DDP/FSDP forward.
         mode = "train" if self.model.training else "eval"
         sums = self.accelerator.gather(self._tip_sums.unsqueeze(0)).sum(0).tolist()
-        n_valid, n_kept, h_all, h_kept, d_all, d_kept, *quadrants = sums
+        n_valid, n_kept, h_all, h_kept, d_all, d_kept, *quadrants = sums[:10]
+        # δ̂ quantiles are per micro-batch (the scope soft-OR normalises over): averaged over the processes that had one.
+        hat_p50, hat_p90, with_hat = sums[10:]
         metrics = self._metrics[mode]
         metrics["tip/kept_fraction"].append(n_kept / n_valid if n_valid else 0.0)
         metrics["tip/entropy_all"].append(h_all / n_valid if n_valid else 0.0)
@@ -483,7 +562,18 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
             metrics["tip/divergence_all"].append(d_all / n_valid if n_valid else 0.0)
             for name, count in zip(("q1", "q2", "q3", "q4"), quadrants, strict=True):
                 metrics[f"tip/{name}_share"].append(count / n_valid if n_valid else 0.0)
+        if with_hat:
+            metrics["tip/divergence_hat_p50"].append(hat_p50 / with_hat)
+            metrics["tip/divergence_hat_p90"].append(hat_p90 / with_hat)
         return output
+
+    @staticmethod
+    def _divergence_hat_spread(divergence_hat, mask) -> torch.Tensor:
+        # [median, 90th percentile, 1] of soft-OR's δ̂ over the micro-batch's completion tokens; zeros when there is none.
+        if divergence_hat is None or not mask.any():
+            return torch.zeros(3)
+        values = divergence_hat[mask].float()
+        return torch.stack([quantile(values, 0.5), quantile(values, 0.9), torch.ones((), device=values.device)]).cpu()
 
     def _selective_divergence_loss(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Same signature and return value as TRL's `_chunked_divergence_loss`; see `_divergence_loss_replaced_by`.
@@ -493,6 +583,8 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
             ratio=self.token_ratio,
             entropy_clip_quantile=self.entropy_clip_quantile,
             generator=self._selection_generator,
+            divergence_clip_quantile=self.divergence_clip_quantile,
+            selection_divergence=self.selection_divergence,
             vocab_size=self.shared_vocab_size,
             **kwargs,
         )
@@ -516,6 +608,7 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
                     quadrant_counts(entropy, reverse_kl, mask).to(entropy.device)
                     if scored_everywhere
                     else entropy.new_zeros(4),
+                    self._divergence_hat_spread(result.divergence_hat, mask).to(entropy.device),
                 ]
             )
         return result.loss, result.entropy_sum, result.num_valid

@@ -31,7 +31,8 @@ Returns:
 Example:
 
     >>> metric = evaluate.load("path/to/trl_tip/metrics/math_pass_at_k")
-    >>> metric.compute(predictions=[["\\\\boxed{4}", "5"], ["\\\\boxed{3}", "\\\\boxed{2}"]], references=["4", "3"], k=[1, 2])
+    >>> predictions = [["\\\\boxed{4}", "5"], ["\\\\boxed{3}", "\\\\boxed{2}"]]
+    >>> metric.compute(predictions=predictions, references=["4", "3"], k=[1, 2])
     {'pass@1': 0.5, 'pass@2': 1.0, 'mean@n': 0.5, 'num_ungradable': 0, 'num_problems': 2, 'num_samples': 2}
 """
 
