@@ -787,8 +787,9 @@ def test_sample_mode_generates_for_weighted_problems_only_and_takes_the_plain_me
     attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
     length = output["completion_ids"].size(1)
     with torch.no_grad():
-        log_s = F.log_softmax(student(input_ids=input_ids, attention_mask=attention_mask).logits[:, -length - 1:-1], -1)
-        log_t = F.log_softmax(teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, -length - 1:-1], -1)
+        student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits[:, -length - 1:-1]
+        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, -length - 1:-1]
+        log_s, log_t = F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1)
     per_token = (log_s.exp() * (log_s - log_t)).sum(-1)
     mask = output["completion_mask"].double()
     reference = ((per_token * mask).sum(-1) / mask.sum(-1)).mean()

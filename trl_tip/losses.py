@@ -251,7 +251,9 @@ def selective_divergence_loss(
         )
         if method == "soft_or":
             with torch.no_grad():
-                divergence_hat = normalized_divergence(ranked_divergence, mask, divergence_clip_quantile, normalization)
+                divergence_hat = normalized_divergence(
+                    ranked_divergence, mask, divergence_clip_quantile, normalization
+                )
     # Where each loss row's statistics sit in `stats`.
     every_stat = stats_rows.numel() == valid.numel()
 
