@@ -131,7 +131,7 @@ METHODS = {
         "title": "PACED: pass-rate-weighted distillation",
         "baseline": "unweighted",
         # Besides each variant against the baseline: the schedule at equal weighting.
-        "comparisons": [("paced_forward_then_reverse", "paced")],
+        "comparisons": [("paced_forward_then_reverse", "paced"), ("paced_sample", "paced")],
         "settings": PACED_SETTINGS,
         "variants": {
             "unweighted": {"label": "unweighted, reverse KL", "paced_alpha": 0.0, "paced_beta": 0.0,
@@ -140,6 +140,11 @@ METHODS = {
                       "kl_schedule": "reverse"},
             "paced_forward_then_reverse": {"label": "PACED p(1-p), forward then reverse KL", "paced_alpha": 1.0,
                                            "paced_beta": 1.0, "kl_schedule": "forward_then_reverse"},
+            # Problems drawn in proportion to p(1-p), plain mean: half the rollouts per step of "paced" (16 vs 32),
+            # above the effective sample size (Σw)²/Σw² of its weighted batch of 32 (see docs/paced.md).
+            "paced_sample": {"label": "PACED p(1-p) sampled, 16 rollouts per step", "paced_alpha": 1.0,
+                             "paced_beta": 1.0, "kl_schedule": "reverse", "paced_sampling": "sample",
+                             "per_device_train_batch_size": 16},
         },
     },
     "opsdc": {
@@ -306,7 +311,8 @@ def _worker_paced(settings: dict, prepared: dict, tokenizer, output_dir: str, di
     train = prepared["dataset"]["train"].select(range(settings["num_train_problems"]))
     config = PacedConfig(**_common_config(settings, settings["seed"], output_dir),
                          paced_alpha=settings["paced_alpha"], paced_beta=settings["paced_beta"],
-                         kl_schedule=settings["kl_schedule"], pass_rate_rollouts=settings["pass_rate_rollouts"])
+                         kl_schedule=settings["kl_schedule"], pass_rate_rollouts=settings["pass_rate_rollouts"],
+                         paced_sampling=settings.get("paced_sampling", "weight"))
     trainer = PacedTrainer(model=prepared["student"], teacher_model=prepared["teacher"], args=config,
                            train_dataset=train, processing_class=tokenizer, reward_funcs=["math"])
     estimate, spent, spent_cpu = trainer.estimate_pass_rates, [], []
@@ -324,6 +330,12 @@ def _worker_paced(settings: dict, prepared: dict, tokenizer, output_dir: str, di
     result["estimation_seconds"] = sum(spent)
     result["estimation_cpu_seconds"] = sum(spent_cpu)
     result["pass_rate_histogram"] = trainer.pass_rate_table.histogram()
+    table = trainer.pass_rate_table
+    weights = table.weights(settings["paced_alpha"], settings["paced_beta"]).double()
+    result["training_rollouts"] = trainer._training_rollouts
+    result["estimation_rollouts"] = table.estimates * len(table) * settings["pass_rate_rollouts"]
+    # Kish effective sample size of a uniformly drawn weighted batch, per rollout: (E w)² / E w².
+    result["weighted_batch_ess_fraction"] = (weights.mean() ** 2 / (weights**2).mean()).item()
     result["history"] = _log_series(trainer, ("loss", "paced/weight_mean", "paced/zero_weight_share"))
     result["model"] = trainer.model
     return result

@@ -95,6 +95,19 @@ def _report(directory: Path, trainer: str) -> dict:
     return json.loads((directory / f"{trainer}.json").read_text())
 
 
+@pytest.mark.slow
+def test_paced_sampling_ranks_draw_disjoint_slices_of_one_global_draw(model_dir, tmp_path):
+    command = launch_command("ddp", str(SCRIPT), "--engine", "ddp", "--trainers", "paced_sample", "--models",
+                             str(model_dir), "--output-dir", str(tmp_path))
+    result = subprocess.run(command, capture_output=True, text=True, env=launch_env(), timeout=LAUNCH_TIMEOUT_S,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-6000:]
+    report = _report(tmp_path, "paced_sample")
+    assert report["world_size"] == 2 and report["identical_across_ranks"]
+    assert len(report["losses"]) == 2 and all(math.isfinite(loss) for loss in report["losses"])
+    assert report["paced_draws"] == {"steps": [0, 1], "slices_of_the_global_draw": True}
+
+
 def ddp_tolerance(report: dict) -> float:
     """2 · steps · lr · 4·ε32·G / ε_A (module docstring)."""
     steps = len(report["losses"])

@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -12,6 +13,7 @@ from trl_tip import PacedConfig, PacedTrainer, PassRateTable, math_reward, paced
 import trl_tip.losses as losses_module
 from numerics import REORDERING_TOLERANCE, GradientRecorder, assert_close_to_float64, assert_same_gradients
 from trl_tip.losses import rollout_token_coefficients
+from trl_tip.pass_rates import ProblemSampler, sampling_probabilities
 from trl_tip.tasks import build_arithmetic_dataset
 from trl_tip.tasks.arithmetic import generate_completions
 from trl_tip.testing import build_tokenizer
@@ -702,3 +704,137 @@ def test_example_prepares_real_datasets():
     assert ready["train"]["answer"] == ["2", "4"]
     with pytest.raises(ValueError, match="not a column"):
         paced_distill.as_chat_prompts(data, "gold")
+
+
+# ---- Weighted sampling (paced_sampling="sample") ----
+
+
+def _table(rates):
+    table = PassRateTable(len(rates))
+    table.pass_rates = torch.tensor(rates, dtype=torch.float32)
+    table.estimates = 1
+    return table
+
+
+def test_sampler_draws_in_proportion_to_the_weight_and_never_weight_zero():
+    # Weights p(1-p): 0, 3/16, 1/4, 3/16, 0, and 0 for the unknown p.
+    table = _table([0.0, 0.25, 0.5, 0.75, 1.0, math.nan])
+    expected = torch.tensor([0.0, 0.1875, 0.25, 0.1875, 0.0, 0.0], dtype=torch.float64) / 0.625
+    torch.testing.assert_close(sampling_probabilities(table.weights(1.0, 1.0)), expected)
+    sampler = ProblemSampler(table, 1.0, 1.0, seed=0)
+    draws = 200_000
+    counts = torch.bincount(sampler.draw(step=3, num_draws=draws), minlength=6).double()
+    assert counts[[0, 4, 5]].sum() == 0
+    # Multinomial counts: within 5 standard deviations of n p for every problem.
+    std = (draws * expected * (1 - expected)).sqrt()
+    assert ((counts - draws * expected).abs() <= 5 * std).all()
+    # A draw depends on (seed, step) only; each process takes a disjoint slice of the same global draw.
+    assert torch.equal(sampler.draw(7, 12), sampler.draw(7, 12))
+    assert not torch.equal(sampler.draw(7, 12), sampler.draw(8, 12))
+    shares = [sampler.draw_share(7, 4, num_processes=3, rank=rank) for rank in range(3)]
+    assert torch.equal(torch.cat(shares), sampler.draw(7, 12))
+    # The sampler reads the table at every draw.
+    table.pass_rates[1] = 1.0
+    assert not sampler.draw(3, 1000).eq(1).any()
+    table.pass_rates[:] = torch.tensor([0.0, 1.0, 0.0, 1.0, math.nan, 0.0])
+    with pytest.raises(ValueError, match="all 6 training problems weigh 0"):
+        sampler.draw(3, 8)
+    with pytest.raises(ValueError, match="paced_sampling must be one of weight, sample"):
+        PacedConfig("out", paced_sampling="importance", bf16=False)
+
+
+def _problem_of_prompt(trainer, dataset):
+    prompt_ids = trainer._tokenize_prompts(list(dataset["prompt"]))[0]
+    return {tuple(ids): index for index, ids in enumerate(prompt_ids)}
+
+
+def test_sample_mode_generates_for_weighted_problems_only_and_takes_the_plain_mean(arithmetic_models, problems,
+                                                                                   tmp_path):
+    contents = [prompt[-1]["content"] for prompt in problems["prompt"]]
+    # p = (i mod 5) / 4: problems with i mod 5 in {0, 4} weigh 0, and problem 23 cannot be graded.
+    reward = ScriptedReward({content: i % 5 for i, content in enumerate(contents)}, ungradable={contents[23]})
+    trainer = _trainer(arithmetic_models, _config(tmp_path, paced_sampling="sample"), problems, reward_funcs=reward)
+    student = copy.deepcopy(trainer.model).double()
+    teacher = copy.deepcopy(trainer.teacher_model).double()
+    batches = _capture_batches(trainer)
+    generated, losses = [], []
+    generate, compute_loss = trainer._generate_single_turn, trainer.compute_loss
+
+    def recording_generate(prompt_ids, *args, **kwargs):
+        generated.extend(map(tuple, prompt_ids))
+        return generate(prompt_ids, *args, **kwargs)
+
+    def recording_loss(*args, **kwargs):
+        loss = compute_loss(*args, **kwargs)
+        losses.append(loss.detach().double())
+        return loss
+
+    trainer._generate_single_turn, trainer.compute_loss = recording_generate, recording_loss
+    trainer.train()
+
+    weights = trainer.pass_rate_table.weights(1.0, 1.0)
+    problem_of = _problem_of_prompt(trainer, problems)
+    reached = [problem_of[ids] for ids in generated]
+    assert len(reached) == 2 * 8 and all(weights[index] > 0 for index in reached)
+    assert _logged(trainer, "paced/training_rollouts") == [8.0, 16.0]
+    assert _logged(trainer, "paced/zero_weight_share") == [0.0, 0.0]
+
+    # Step 0's loss against a float64 reference of the sampled objective: the plain mean over the drawn rollouts of
+    # each one's token-mean reverse KL, from the models as they were before the update.
+    output = batches[0]["output"]
+    assert torch.equal(output["paced_weights"], torch.ones(8)) and output["paced_weight_sum"].item() == 8
+    input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+    attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+    length = output["completion_ids"].size(1)
+    with torch.no_grad():
+        student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits[:, -length - 1:-1]
+        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, -length - 1:-1]
+        log_s, log_t = F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1)
+    per_token = (log_s.exp() * (log_s - log_t)).sum(-1)
+    mask = output["completion_mask"].double()
+    reference = ((per_token * mask).sum(-1) / mask.sum(-1)).mean()
+    torch.testing.assert_close(losses[0], reference, rtol=1e-4, atol=1e-6 * reference.abs().item())
+
+
+def test_sample_mode_follows_a_refreshed_table_and_stops_when_nothing_weighs(arithmetic_models, problems, tmp_path):
+    contents = [prompt[-1]["content"] for prompt in problems["prompt"]]
+    index_of = {content: i for i, content in enumerate(contents)}
+    seen = {}
+
+    def halves(prompts, completions, **kwargs):
+        # First estimation: problems 0-11 pass 2 of 4 rollouts, the others none; the second: the other way round.
+        rewards = []
+        for prompt in prompts:
+            i, count = index_of[prompt[-1]["content"]], seen.get(prompt[-1]["content"], 0)
+            seen[prompt[-1]["content"]] = count + 1
+            rewards.append(float((count < 2 and i < 12) or (4 <= count < 6 and i >= 12)))
+        return rewards
+
+    config = _config(tmp_path, paced_sampling="sample", pass_rate_mode="refresh", pass_rate_refresh_steps=2,
+                     max_steps=4)
+    trainer = _trainer(arithmetic_models, config, problems, reward_funcs=halves)
+    batches = _capture_batches(trainer)
+    trainer.train()
+    drawn = [[row["paced_index"] for row in batch["inputs"]] for batch in batches]
+    assert all(i < 12 for step in drawn[:2] for i in step) and all(i >= 12 for step in drawn[2:] for i in step)
+
+    # After a refresh in which every rollout fails, no problem weighs anything: a clear error, not an endless loop.
+    failing = _trainer(arithmetic_models, config, problems, reward_funcs=ScriptedReward({content: 2 for content in
+                                                                                          contents}))
+    with pytest.raises(ValueError, match="all 24 training problems weigh 0"):
+        failing.train()
+    assert failing.state.global_step == 2
+
+
+def test_sample_mode_resumes_with_the_draws_of_the_uninterrupted_run(arithmetic_models, problems, tmp_path):
+    contents = [prompt[-1]["content"] for prompt in problems["prompt"]]
+    passes = {content: i % 5 for i, content in enumerate(contents)}
+    drawn = {}
+    for name, resume in (("straight", None), ("resumed", tmp_path / "straight" / "checkpoint-1")):
+        config = _config(tmp_path / name, paced_sampling="sample", max_steps=2, save_strategy="steps", save_steps=1)
+        trainer = _trainer(arithmetic_models, config, problems, reward_funcs=ScriptedReward(passes))
+        batches = _capture_batches(trainer)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        drawn[name] = {batch["step"]: [row["paced_index"] for row in batch["inputs"]] for batch in batches}
+    assert set(drawn["resumed"]) == {1}
+    assert drawn["resumed"][1] == drawn["straight"][1] != drawn["straight"][0]

@@ -206,6 +206,93 @@ def test_empty_completion_batch_is_a_finite_zero():
     assert out.loss.item() == 0.0 and torch.isfinite(out.loss)
 
 
+# ---- Rules that select from the student alone: the teacher is projected on kept tokens only ----
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_student_entropy_is_the_entropy_of_token_stats(small_chunks, with_bias):
+    from trl_tip.chunked_stats import student_entropy
+
+    h_s, h_t, w_s, w_t, _ = _batch(seed=11)
+    bias = torch.randn(w_s.shape[0], generator=torch.Generator().manual_seed(1)) if with_bias else None
+    kwargs = {"temperature": 0.7, "student_logit_scale": 0.5, "student_final_logit_softcapping": 3.0}
+    stats = token_stats(h_s, w_s, h_t, w_t, student_bias=bias, **kwargs)
+    entropy, entropy_nats = student_entropy(h_s, w_s, bias, **kwargs)
+    # The same tiles and operations on the student's logits: the same bits.
+    assert torch.equal(entropy, stats.entropy) and torch.equal(entropy_nats, stats.entropy_nats)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("method", ["random", "entropy_sample", "entropy_topk"])
+def test_student_side_rules_match_the_full_pass_and_project_the_teacher_on_kept_tokens(
+    small_chunks, monkeypatch, method, beta, compact, weighted
+):
+    losses_module = importlib.import_module("trl_tip.losses")
+    # `compact`: completion rows only, as where Triton runs (the bookkeeping differs; the tiles still run on CPU).
+    monkeypatch.setattr(losses_module, "_use_triton", lambda device: compact)
+    h_s, h_t, w_s, w_t, _ = _batch(seed=12, batch=4, width=7)
+    # Rollouts of 7, 5 and 2 tokens, and an empty one.
+    mask = (torch.arange(7).unsqueeze(0) < torch.tensor([7, 5, 2, 0]).unsqueeze(1)).long()
+    weights = torch.tensor([0.5, 0.0, 0.25, 1.0]) if weighted else None
+    teacher_rows = []
+    project = chunked_stats_module._project
+
+    def recording_project(tile, hidden_chunk, weight, bias, start, end, dtype):
+        if weight is w_t and start == 0:
+            teacher_rows.append(hidden_chunk.shape[0])
+        return project(tile, hidden_chunk, weight, bias, start, end, dtype)
+
+    monkeypatch.setattr(chunked_stats_module, "_project", recording_project)
+
+    def run():
+        leaf_h, leaf_w = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
+        out = selective_divergence_loss(leaf_h, h_t, leaf_w, w_t, mask, beta, method=method, ratio=0.5,
+                                        generator=torch.Generator().manual_seed(0), rollout_weights=weights,
+                                        weight_sum=None if weights is None else 2.0)
+        out.loss.backward()
+        return out, leaf_h.grad, leaf_w.grad
+
+    fast, fast_h, fast_w = run()
+    fast_rows, teacher_rows[:] = list(teacher_rows), []
+    monkeypatch.setattr(losses_module, "STUDENT_SIDE_METHODS", ())  # today's path: both heads on every token
+    full, full_h, full_w = run()
+
+    assert torch.equal(fast.keep, full.keep)
+    kept = int(fast.keep.sum())
+    # Statistics once on the kept tokens (and the generalised JSD's second pass over the loss rows, also kept).
+    assert kept < int(mask.sum())
+    if beta == 0.5:
+        assert kept <= sum(fast_rows) <= 2 * kept
+    else:
+        assert sum(fast_rows) == kept
+    assert sum(teacher_rows) > sum(fast_rows)
+    scale = full.loss.abs().item()
+    torch.testing.assert_close(fast.loss, full.loss, rtol=1e-5, atol=1e-6 * max(scale, 1e-3))
+    for fast_grad, full_grad in ((fast_h, full_h), (fast_w, full_w)):
+        torch.testing.assert_close(fast_grad, full_grad, rtol=1e-4, atol=1e-6 * full_grad.abs().max().item())
+    torch.testing.assert_close(fast.entropy_sum, full.entropy_sum)
+    torch.testing.assert_close(fast.reverse_kl[fast.keep], full.reverse_kl[full.keep], rtol=1e-5, atol=1e-6)
+    assert torch.isnan(fast.reverse_kl[~fast.keep]).all()
+
+
+def test_student_side_rules_at_ratio_one_use_the_joint_pass(monkeypatch):
+    # Every token is kept at ρ = 1: the teacher is projected on every row once, with the divergence of every token.
+    h_s, h_t, w_s, w_t, mask = _batch(seed=13)
+    teacher_rows = []
+    project = chunked_stats_module._project
+
+    def recording_project(tile, hidden_chunk, weight, bias, start, end, dtype):
+        if weight is w_t and start == 0:
+            teacher_rows.append(hidden_chunk.shape[0])
+        return project(tile, hidden_chunk, weight, bias, start, end, dtype)
+
+    monkeypatch.setattr(chunked_stats_module, "_project", recording_project)
+    out = selective_divergence_loss(h_s, h_t, w_s, w_t, mask, 1.0, method="entropy_topk", ratio=1.0)
+    assert sum(teacher_rows) == mask.numel() and not torch.isnan(out.reverse_kl).any()
+
+
 @pytest.mark.parametrize("logit_kwargs", [{}, {"temperature": 0.7, "student_final_logit_softcapping": 3.0}])
 def test_normalized_jsd_matches_full_logits(small_chunks, logit_kwargs):
     from trl_tip.chunked_stats import normalized_jsd

@@ -161,3 +161,28 @@ def test_ace_grpo_vllm_plumbing(monkeypatch, tiny_model_paths, prompts, tmp_path
     assert num_generations == 2 and len(generated_prompts) == 4
     assert generated_prompts[0] == generated_prompts[1] and generated_prompts[2] == generated_prompts[3]
     assert generated_prompts[0] != generated_prompts[2]
+
+
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_paced_weighted_sampling_sends_only_drawn_problems_to_vllm(recorder, tiny_model_paths, prompts, tmp_path,
+                                                                   mode):
+    # With a table already in place (as after a resume), the first generation is training's: the problems drawn in
+    # proportion to their weight, never one of weight 0.
+    import torch
+
+    from trl_tip import PacedConfig, PacedTrainer
+
+    args = PacedConfig(**_vllm_settings(tmp_path, mode), paced_sampling="sample")
+    trainer = PacedTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model_paths["teacher"], args=args,
+                           train_dataset=prompts, reward_funcs="math")
+    rates = torch.tensor([0.0, 0.5, 1.0, 0.25, 0.0, 1.0, 0.75, 0.0])
+    trainer.pass_rate_table.set_estimate(torch.arange(8), rates, torch.full((8,), 4))
+    trainer.pass_rate_table.estimates = 1
+    with pytest.raises(ReachedVLLM):
+        trainer.train()
+    (engine,) = recorder.instances
+    assert [call[0] for call in engine.calls] == ["sync_weights", "generate"]
+    _, generated_prompts, num_generations = engine.calls[1]
+    drawn = trainer.problem_sampler.draw(step=0, num_draws=4).tolist()
+    assert num_generations == 1 and set(drawn) <= {1, 3, 6}
+    assert generated_prompts == _expected_prompt_ids([prompts[i] for i in drawn])

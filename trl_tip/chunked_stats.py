@@ -24,7 +24,7 @@ from trl.kernels.chunked_divergence import (
     _stats_kernel,
     _stats_tile,
 )
-from trl.kernels.chunked_logprob import _BLOCK_SIZE, _use_triton
+from trl.kernels.chunked_logprob import _BLOCK_SIZE, _torch_transform, _use_triton
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 
@@ -373,6 +373,84 @@ def divergence_from_stats(
         beta,
         kernel_args,
     )
+
+
+def _student_stats_tile(s_tile, s_max, s_sum, s_x_sum, s_scale, s_softcap, inv_t, S_HAS_SOFTCAP):
+    # The student half of TRL's `_stats_tile`, the same operations in the same order (so the same bits).
+    zs = _torch_transform(s_tile, s_scale, s_softcap, inv_t, S_HAS_SOFTCAP)
+    new_s_m = torch.maximum(s_max, zs.amax(-1))
+    s_rescale = torch.exp(s_max - new_s_m)
+    es = torch.exp(zs - new_s_m.unsqueeze(-1))
+    s_sum.mul_(s_rescale).add_(es.sum(-1))
+    s_x_sum.mul_(s_rescale).add_((es * zs).sum(-1))
+    s_max.copy_(new_s_m)
+
+
+@torch.no_grad()
+def student_entropy(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    student_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The student's per-token entropy alone, in chunks, without gradient and without touching a teacher: what the
+    selection rules that need no divergence (`random`, `entropy_sample`, `entropy_topk`) read before the teacher's
+    `lm_head` is projected on the kept tokens only.
+
+    The values are those of [`token_stats`] (same tiles, same operations on the student's logits).
+
+    Args:
+        student_hidden (`torch.Tensor`): `(..., H_s)` student hidden states before the `lm_head`.
+        student_weight (`torch.Tensor`): `(V, H_s)` student `lm_head` weight.
+        student_bias (`torch.Tensor`, *optional*), temperature, student_logit_scale, student_final_logit_softcapping:
+            as in [`token_stats`].
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: the normalised entropy H(S) / ln|V| and H(S) in nats, float32, of shape
+        `student_hidden.shape[:-1]`.
+    """
+    with maybe_gather_lm_head_ctx(student_weight, student_bias):
+        leading_shape = student_hidden.shape[:-1]
+        hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+        device, n_tokens, vocab = hidden.device, hidden.shape[0], student_weight.shape[0]
+        kernel_args = _kernel_args(temperature, student_logit_scale, student_final_logit_softcapping, 1.0, None)
+        dtype = _compute_dtype(hidden)
+        s_max = torch.full((n_tokens,), -math.inf, device=device, dtype=torch.float32)
+        s_sum, s_x_sum = torch.zeros_like(s_max), torch.zeros_like(s_max)
+        rows = min(n_tokens, TOKEN_CHUNK_SIZE)
+        s_buf = torch.empty((rows, VOCAB_CHUNK_SIZE), device=device, dtype=torch.float32)
+        triton = _use_triton(device)
+        if triton:
+            # TRL's fused kernel folds a teacher too: hand it the student's tile in that role and discard its outputs.
+            t_max, t_sum = torch.zeros_like(s_max) - math.inf, torch.zeros_like(s_max)
+            t_gap, s_gap = torch.zeros_like(s_max), torch.zeros_like(s_max)
+            kernel_args.update(t_scale=kernel_args["s_scale"], t_softcap=kernel_args["s_softcap"],
+                               T_HAS_SOFTCAP=kernel_args["S_HAS_SOFTCAP"])
+        for token_start in range(0, n_tokens, TOKEN_CHUNK_SIZE):
+            sl = slice(token_start, min(token_start + TOKEN_CHUNK_SIZE, n_tokens))
+            n = sl.stop - sl.start
+            h_s = hidden[sl].to(dtype)
+            for start in range(0, vocab, VOCAB_CHUNK_SIZE):
+                end = min(start + VOCAB_CHUNK_SIZE, vocab)
+                s_tile = s_buf[:n, : end - start]
+                _project(s_tile, h_s, student_weight, student_bias, start, end, dtype)
+                if triton:
+                    _stats_kernel[(n,)](
+                        s_tile, s_tile.stride(0), s_tile, s_tile.stride(0), s_max[sl], s_sum[sl], s_x_sum[sl],
+                        t_max[sl], t_sum[sl], t_gap[sl], s_gap[sl], s_tile.shape[1], BLOCK_SIZE=_BLOCK_SIZE,
+                        **kernel_args,
+                    )
+                else:
+                    _student_stats_tile(
+                        s_tile, s_max[sl], s_sum[sl], s_x_sum[sl], kernel_args["s_scale"], kernel_args["s_softcap"],
+                        kernel_args["inv_t"], kernel_args["S_HAS_SOFTCAP"],
+                    )
+        # The closed form of `token_stats`.
+        entropy_nats = (s_max + torch.log(s_sum)) - s_x_sum / s_sum
+        return (entropy_nats / math.log(vocab)).reshape(leading_shape), entropy_nats.reshape(leading_shape)
 
 
 def shared_vocab_head(

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from trl.kernels.chunked_logprob import _use_triton
 
-from .chunked_stats import divergence_from_stats, normalized_jsd, shared_vocab_head, token_stats
+from .chunked_stats import divergence_from_stats, normalized_jsd, shared_vocab_head, student_entropy, token_stats
 from .selection import normalized_divergence, select_tokens
 
 
 # The divergence TIP's rules rank tokens by. The trained loss is TRL's divergence with `beta` whichever is chosen.
 SELECTION_DIVERGENCES = ("reverse_kl", "jsd")
+# Rules that select from the student's entropy (or nothing) alone: the teacher's `lm_head` is projected on the tokens
+# they keep only.
+STUDENT_SIDE_METHODS = ("random", "entropy_sample", "entropy_topk")
 
 
 @dataclass
@@ -27,7 +31,8 @@ class SelectiveLossOutput:
         mask (`torch.BoolTensor`): `(B, T)` completion tokens.
         keep (`torch.BoolTensor`): `(B, T)` kept tokens, a subset of `mask`.
         entropy (`torch.Tensor`): `(B, T)` normalised student entropy (0 outside the mask on GPU).
-        reverse_kl (`torch.Tensor`): `(B, T)` per-token KL(student || teacher).
+        reverse_kl (`torch.Tensor`): `(B, T)` per-token KL(student || teacher); `NaN` outside `keep` for the rules
+            of `STUDENT_SIDE_METHODS` at `ratio < 1`, which never project the teacher there.
         divergence_hat (`torch.Tensor` or `None`): `(B, T)` the divergence axis δ̂ ∈ [0, 1] soft-OR ranked by (0 outside
             the mask); `None` for the other rules.
     """
@@ -117,6 +122,12 @@ def selective_divergence_loss(
     3. The divergence of the kept tokens reuses the pass-1 statistics; its backward (TRL's) runs over the kept rows
        only, so unkept tokens cost no `lm_head` backward.
 
+    Rules that need no divergence to select (`random`, `entropy_sample`, `entropy_topk`) with `ratio < 1` reorder
+    this: pass 1 scores the student's entropy alone ([`student_entropy`]), and both heads are projected for the
+    statistics of the kept tokens only, so unkept tokens cost no teacher `lm_head` projection either (the teacher's
+    trunk has already run on every token); the student's head is projected once more, on the kept tokens. Selection,
+    loss and gradients are those of the full pass, up to float32 summation order.
+
     The loss is `Σ_kept divergence / num_items_in_batch` (the kept-token count of the global batch, for
     gradient-accumulation- and multi-process-correct normalisation), or the mean over kept tokens when
     `num_items_in_batch` is `None`. With `method="all"` it equals TRL's loss bit for bit, gradients included.
@@ -166,49 +177,85 @@ def selective_divergence_loss(
     # Rows scored: like TRL, only completion positions where Triton runs, every position elsewhere (fixed tile shapes
     # for compiled backends). Following TRL's choice also keeps method="all" bit-identical to TRL on every device.
     compact = _use_triton(student_hidden_states.device)
-    if compact:
-        scored_rows = valid.nonzero().squeeze(-1)
-        stats = token_stats(
-            h_s[scored_rows].detach(), student_lm_head_weight, h_t[scored_rows], teacher_lm_head_weight, **logits_kwargs
-        )
-    else:
-        scored_rows = torch.arange(valid.numel(), device=valid.device)
-        stats = token_stats(h_s.detach(), student_lm_head_weight, h_t, teacher_lm_head_weight, **logits_kwargs)
+    scored_rows = valid.nonzero().squeeze(-1) if compact else torch.arange(valid.numel(), device=valid.device)
 
-    def per_position(values):
-        if not compact:
+    def per_position(values, rows=scored_rows, fill=0.0):
+        if rows.numel() == valid.numel():
             return values.reshape(mask.shape)
-        return values.new_zeros(valid.numel()).index_copy_(0, scored_rows, values).reshape(mask.shape)
+        return values.new_full((valid.numel(),), fill).index_copy_(0, rows, values).reshape(mask.shape)
+
+    def student_rows(rows):
+        return h_s.detach() if rows.numel() == h_s.shape[0] else h_s[rows].detach()
 
     if selection_divergence not in SELECTION_DIVERGENCES:
         raise ValueError(
             f"selection_divergence must be one of {', '.join(SELECTION_DIVERGENCES)}, got {selection_divergence!r}."
         )
-    entropy, reverse_kl = per_position(stats.entropy), per_position(stats.reverse_kl)
-    ranked_divergence, normalization = reverse_kl, "min_max"
-    if selection_divergence == "jsd" and method in ("soft_or", "divergence_topk"):
-        rows = scored_rows if compact else slice(None)
-        ranked_divergence = per_position(
-            normalized_jsd(h_s[rows].detach(), student_lm_head_weight, h_t[rows], teacher_lm_head_weight, stats,
-                           **logits_kwargs)
-        )
-        normalization = "bounded"
-    keep = select_tokens(
-        entropy,
-        ranked_divergence,
-        mask,
-        method=method,
-        ratio=ratio,
-        forward_kl=per_position(stats.forward_kl) if method == "overconfident" else None,
-        entropy_clip_quantile=entropy_clip_quantile,
-        generator=generator,
-        divergence_clip_quantile=divergence_clip_quantile,
-        divergence_normalization=normalization,
-    )
     divergence_hat = None
-    if method == "soft_or":
-        with torch.no_grad():
-            divergence_hat = normalized_divergence(ranked_divergence, mask, divergence_clip_quantile, normalization)
+    # At ratio 1 every token is kept: scoring the student first would only add a pass.
+    if method in STUDENT_SIDE_METHODS and ratio < 1.0:
+        entropy, entropy_nats = student_entropy(
+            student_rows(scored_rows),
+            student_lm_head_weight,
+            student_lm_head_bias,
+            temperature,
+            student_logit_scale,
+            student_final_logit_softcapping,
+        )
+        entropy, entropy_nats = per_position(entropy), per_position(entropy_nats)
+        # These rules read no divergence: a placeholder of the right shape.
+        keep = select_tokens(
+            entropy,
+            torch.zeros_like(entropy),
+            mask,
+            method=method,
+            ratio=ratio,
+            entropy_clip_quantile=entropy_clip_quantile,
+            generator=generator,
+        )
+        stats_rows = keep.reshape(-1).nonzero().squeeze(-1)
+        stats = token_stats(
+            student_rows(stats_rows), student_lm_head_weight, h_t[stats_rows], teacher_lm_head_weight, **logits_kwargs
+        )
+        reverse_kl = per_position(stats.reverse_kl, stats_rows, math.nan)
+    else:
+        stats_rows = scored_rows
+        stats = token_stats(
+            student_rows(scored_rows),
+            student_lm_head_weight,
+            h_t if not compact else h_t[scored_rows],
+            teacher_lm_head_weight,
+            **logits_kwargs,
+        )
+        entropy, reverse_kl = per_position(stats.entropy), per_position(stats.reverse_kl)
+        entropy_nats = per_position(stats.entropy_nats)
+        ranked_divergence, normalization = reverse_kl, "min_max"
+        if selection_divergence == "jsd" and method in ("soft_or", "divergence_topk"):
+            rows = scored_rows if compact else slice(None)
+            ranked_divergence = per_position(
+                normalized_jsd(h_s[rows].detach(), student_lm_head_weight, h_t[rows], teacher_lm_head_weight, stats,
+                               **logits_kwargs)
+            )
+            normalization = "bounded"
+        keep = select_tokens(
+            entropy,
+            ranked_divergence,
+            mask,
+            method=method,
+            ratio=ratio,
+            forward_kl=per_position(stats.forward_kl) if method == "overconfident" else None,
+            entropy_clip_quantile=entropy_clip_quantile,
+            generator=generator,
+            divergence_clip_quantile=divergence_clip_quantile,
+            divergence_normalization=normalization,
+        )
+        if method == "soft_or":
+            with torch.no_grad():
+                divergence_hat = normalized_divergence(
+                    ranked_divergence, mask, divergence_clip_quantile, normalization
+                )
+    # Where each loss row's statistics sit in `stats`.
+    every_stat = stats_rows.numel() == valid.numel()
 
     coefficients = None
     if rollout_weights is not None:
@@ -218,13 +265,13 @@ def selective_divergence_loss(
             # A batch without weight: keep one token in the graph with coefficient 0, so that the loss is an exact zero
             # with zero gradients rather than a constant that cannot be backpropagated.
             loss_rows = keep.reshape(-1).nonzero().squeeze(-1)[:1]
-        stat_index = torch.searchsorted(scored_rows, loss_rows) if compact else loss_rows
+        stat_index = loss_rows if every_stat else torch.searchsorted(stats_rows, loss_rows)
     elif method == "all":
         loss_rows = scored_rows
         stat_index = torch.arange(scored_rows.numel(), device=scored_rows.device)
     else:
         loss_rows = keep.reshape(-1).nonzero().squeeze(-1)
-        stat_index = torch.searchsorted(scored_rows, loss_rows) if compact else loss_rows
+        stat_index = loss_rows if every_stat else torch.searchsorted(stats_rows, loss_rows)
     every_row = loss_rows.numel() == h_s.shape[0]
     divergence = divergence_from_stats(
         stat_index,
@@ -251,7 +298,7 @@ def selective_divergence_loss(
                 num_items_in_batch = num_items_in_batch.to(loss.device)
             loss = loss / num_items_in_batch
 
-    entropy_sum = per_position(stats.entropy_nats).masked_fill(~mask, 0).sum()
+    entropy_sum = entropy_nats.masked_fill(~mask, 0).sum()
     return SelectiveLossOutput(
         loss=loss,
         entropy_sum=entropy_sum,

@@ -1,5 +1,6 @@
 """PACED's pass-rate machinery: the table of the student's pass rate on each training problem, its estimation from
-graded rollouts, its online update, its file format, and the callback that schedules estimations.
+graded rollouts, its online update, its file format, the sampler that draws problems in proportion to their weight
+(`paced_sampling="sample"`), and the callback that schedules estimations.
 
 [`~trl_tip.PacedTrainer`] wires these into TRL's training loop; nothing here depends on the trainer class.
 """
@@ -332,6 +333,70 @@ def load_pass_rate_table(table: PassRateTable, path: str, dataset: Dataset) -> N
             "with the same training set (same rows, same order)."
         )
     table.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Weighted sampling of training problems
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def sampling_probabilities(weights: torch.Tensor) -> torch.Tensor:
+    """
+    Probability of drawing each problem under `paced_sampling="sample"`: `w_i / Σ_j w_j`, float64.
+
+    Drawing problems i.i.d. from these probabilities and averaging their losses `ℓ_i` has expectation
+    `Σ_i w_i ℓ_i / Σ_i w_i`: the weighted objective of `paced_sampling="weight"` over the whole training set, without
+    spending rollouts on problems of weight 0.
+
+    Raises:
+        `ValueError`: when every weight is 0 (nothing can be drawn).
+    """
+    weights = weights.double()
+    total = weights.sum()
+    if not total > 0:
+        raise ValueError(
+            f"paced_sampling='sample' draws problems with probability proportional to their weight, but all "
+            f"{weights.numel()} training problems weigh 0 (every pass rate is 0, 1 or unknown under the current "
+            "paced_alpha / paced_beta), so there is nothing to draw. Use problems the student sometimes solves, "
+            "paced_sampling='weight', or paced_alpha = paced_beta = 0."
+        )
+    return weights / total
+
+
+class ProblemSampler:
+    """
+    Draws the training problems of each generation batch with probability proportional to their PACED weight.
+
+    Draws are i.i.d. with replacement (what keeps the plain mean an unbiased estimate of the weighted objective; a
+    problem may appear more than once in a batch) from the table as it is when the batch is generated, so the sampler
+    follows the table through refreshes and online updates. Problems whose pass rate is unknown weigh 0 and are never
+    drawn. The draw of optimiser step `s` depends only on `seed`, `s` and the table: every process computes the same
+    global draw and takes its own disjoint slice of it, and a run resumed at step `s` draws what the uninterrupted run
+    would have drawn from the same table.
+
+    Args:
+        table ([`PassRateTable`]): read at every draw.
+        alpha, beta (`float`): PACED's exponents.
+        seed (`int`): base seed of the draws.
+    """
+
+    def __init__(self, table: PassRateTable, alpha: float, beta: float, seed: int):
+        self.table, self.alpha, self.beta, self.seed = table, alpha, beta, seed
+
+    def generator(self, step: int) -> torch.Generator:
+        # A seed derived from (seed, step) rather than one running generator: the state to restore is the step.
+        key = hashlib.sha256(f"trl_tip.paced.sample:{self.seed}:{step}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+
+    def draw(self, step: int, num_draws: int) -> torch.Tensor:
+        """`(num_draws,)` problem indices (int64) of the global generation batch of optimiser step `step`."""
+        probabilities = sampling_probabilities(self.table.weights(self.alpha, self.beta))
+        return torch.multinomial(probabilities, num_draws, replacement=True, generator=self.generator(step))
+
+    def draw_share(self, step: int, per_process: int, num_processes: int, rank: int) -> torch.Tensor:
+        """This process's `per_process` indices: slice `rank` of the global draw of `per_process × num_processes`."""
+        drawn = self.draw(step, per_process * num_processes)
+        return drawn[rank * per_process : (rank + 1) * per_process]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

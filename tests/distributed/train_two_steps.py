@@ -62,14 +62,14 @@ def build_tip(models, dataset, output_dir):
                              train_dataset=dataset)
 
 
-def build_paced(models, dataset, output_dir):
+def build_paced(models, dataset, output_dir, **overrides):
     from trl_tip import PacedConfig, PacedTrainer
 
     args = PacedConfig(
         output_dir=output_dir, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
         adam_epsilon=ADAM_EPSILON, bf16=False,
         use_cpu=USE_CPU, ddp_backend="gloo", report_to="none", logging_steps=1, save_strategy="no",
-        max_completion_length=8, pass_rate_rollouts=2, paced_alpha=0.0, paced_beta=0.0, seed=0,
+        max_completion_length=8, pass_rate_rollouts=2, paced_alpha=0.0, paced_beta=0.0, seed=0, **overrides,
     )
     return PacedTrainer(model=models["student"], teacher_model=models["teacher"], args=args, train_dataset=dataset,
                         reward_funcs="math")
@@ -139,7 +139,13 @@ def _first_step_reference(trainer, inputs):
     return (weights * rollout_means).sum().item(), normaliser
 
 
-TRAINERS = {"tip": build_tip, "paced": build_paced, "opsdc": build_opsdc, "ace": build_ace}
+def build_paced_sample(models, dataset, output_dir):
+    # α = β = 0: every problem weighs 1, so each rank's share is a draw from the whole table.
+    return build_paced(models, dataset, output_dir, paced_sampling="sample")
+
+
+TRAINERS = {"tip": build_tip, "paced": build_paced, "paced_sample": build_paced_sample, "opsdc": build_opsdc,
+            "ace": build_ace}
 ENGINES = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp2": "FSDP"}
 
 
@@ -242,6 +248,17 @@ def run_one(name, engine, models, dataset, output_dir, state):
             state["in_loss"] = False
 
     setattr(trainer, hook, watched)
+    # PACED's weighted sampling: the problems this rank drew, per optimiser step.
+    drawn = {}
+    if getattr(trainer.args, "paced_sampling", None) == "sample":
+        draw = trainer._draw_problems
+
+        def recording_draw(rows):
+            rows = draw(rows)
+            drawn[trainer.state.global_step] = [row["paced_index"] for row in rows]
+            return rows
+
+        trainer._draw_problems = recording_draw
     state["collectives_in_loss"] = []
     snapshot_watch = None
     if name == "opsdc":
@@ -262,6 +279,15 @@ def run_one(name, engine, models, dataset, output_dir, state):
         weighted_sum = torch.tensor([reference[0][0]], dtype=torch.float64)
         dist.all_reduce(weighted_sum)
         reference_first_loss = weighted_sum.item() / reference[0][1]
+    draws = None
+    if drawn:
+        shares = [None] * world_size
+        dist.all_gather_object(shares, drawn)
+        expected = {step: trainer.problem_sampler.draw(step, len(share) * world_size).tolist()
+                    for step, share in drawn.items()}
+        # Each rank generated for its own slice of the one global draw of the step.
+        draws = {"steps": sorted(drawn), "slices_of_the_global_draw": all(
+            sum((rank_shares[step] for rank_shares in shares), []) == expected[step] for step in expected)}
     initial = load_file(os.path.join(models["student"], "model.safetensors"))
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     grad_norms = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
@@ -295,6 +321,7 @@ def run_one(name, engine, models, dataset, output_dir, state):
                     "snapshot": None if snapshot_watch is None else snapshot_watch.seen,
                     "uneven_pass_at_k": pass_at_k,
                     "reference_first_loss": reference_first_loss,
+                    "paced_draws": draws,
                 },
                 handle,
             )

@@ -27,6 +27,7 @@ from ..pass_rates import (  # noqa: F401 (ema_update, pass_rates_from_rewards: i
     INDEX_COLUMN,
     PASS_RATE_FILE,
     PassRateTable,
+    ProblemSampler,
     _PassRateCallback,
     ema_update,
     estimate_pass_rates,
@@ -44,6 +45,7 @@ from .tip_distill import TipDistillConfig, TipDistillTrainer, check_prompt_colum
 logger = get_logger(__name__)
 
 PASS_RATE_MODES = ("once", "refresh", "online")
+PACED_SAMPLING_MODES = ("weight", "sample")
 ROLLOUT_SOURCES = ("student", "teacher")
 KL_SCHEDULES = ("reverse", "forward", "forward_then_reverse")
 TEACHER_COMPLETION_SOURCES = ("auto", "dataset", "generate")
@@ -66,6 +68,12 @@ class PacedConfig(TipDistillConfig):
             Exponent α ≥ 0 of the pass rate `p` in the weight.
         paced_beta (`float`, *optional*, defaults to `1.0`):
             Exponent β ≥ 0 of `1 − p` in the weight. `paced_alpha = paced_beta = 0` weighs every problem equally.
+        paced_sampling (`str`, *optional*, defaults to `"weight"`):
+            How the weight enters training. `"weight"`: problems are drawn as TRL draws them and each rollout's loss
+            is weighted, `Σ_i w_i ℓ_i / Σ_i w_i`. `"sample"`: each generation batch's problems are drawn i.i.d. with
+            probability `w_i / Σ_j w_j` from the whole table (as it is at that step), and the loss is the plain mean
+            `(1/n) Σ_i ℓ_i`: the same objective in expectation, but problems of weight 0 (`p` = 0, 1 or unknown) are
+            never rolled out, so a smaller batch carries the same signal.
 
         > Pass-rate estimation
 
@@ -134,6 +142,14 @@ class PacedConfig(TipDistillConfig):
     paced_beta: float = field(
         default=1.0,
         metadata={"help": "Exponent beta >= 0 of (1-p) in the problem weight; alpha = beta = 0 weighs all equally."},
+    )
+    paced_sampling: str = field(
+        default="weight",
+        metadata={
+            "help": "'weight' (weight each rollout's loss by w(p)) or 'sample' (draw problems with probability "
+            "proportional to w(p) and take the plain mean; weight-0 problems are never rolled out).",
+            "choices": list(PACED_SAMPLING_MODES),
+        },
     )
     pass_rate_rollouts: int = field(
         default=8, metadata={"help": "K: graded student rollouts per problem from which its pass rate is estimated."}
@@ -219,6 +235,10 @@ class PacedConfig(TipDistillConfig):
             raise ValueError(
                 f"paced_alpha and paced_beta must be >= 0, got {self.paced_alpha} and {self.paced_beta}. The weight "
                 "p^alpha (1-p)^beta peaks at p = alpha / (alpha + beta)."
+            )
+        if self.paced_sampling not in PACED_SAMPLING_MODES:
+            raise ValueError(
+                f"paced_sampling must be one of {', '.join(PACED_SAMPLING_MODES)}, got {self.paced_sampling!r}."
             )
         if self.pass_rate_rollouts < 1:
             raise ValueError(f"pass_rate_rollouts must be >= 1, got {self.pass_rate_rollouts}.")
@@ -460,7 +480,10 @@ class PacedTrainer(TipDistillTrainer):
     `paced/skipped_steps` (optimiser steps skipped, learning-rate schedule included, because they weighed 0),
     `paced/pass_rate_mean`, `paced/beta`, `paced/teacher_rollouts`, the training set's pass-rate histogram
     `paced/pass_rate_share_{0,0_25,25_50,50_75,75_100,1}`, `paced/table_weight_mean`, `paced/pass_rate_estimates`,
-    and, in online mode, `paced/rollout_reward_mean`.
+    `paced/training_rollouts` (running count of training rollouts) and, in online mode, `paced/rollout_reward_mean`.
+
+    With `paced_sampling="sample"`, each generation batch's problems are drawn in proportion to their weight from the
+    whole table instead (problems of weight 0 are never rolled out), and the loss is their plain mean.
 
     Example:
 
@@ -548,6 +571,10 @@ class PacedTrainer(TipDistillTrainer):
         if self.args.self_distillation:
             self.teacher_model.requires_grad_(False)
         self.pass_rate_table = PassRateTable(len(self.train_dataset))
+        self.problem_sampler = ProblemSampler(
+            self.pass_rate_table, self.args.paced_alpha, self.args.paced_beta, self.args.seed
+        )
+        self._training_rollouts = 0
         self._zero_weight_batches = 0
         # Σ of the PACED weights of the micro-batches since the last optimiser step (local), and the count of steps
         # skipped because that sum was zero on every process (see `_skip_zero_weight_steps`).
@@ -768,6 +795,21 @@ class PacedTrainer(TipDistillTrainer):
 
     # ---- Generation ----
 
+    def _prepare_inputs(self, generation_batch):
+        generates = self._step % self.args.gradient_accumulation_steps == 0 or self._buffered_inputs is None
+        if self.model.training and generates and self.args.paced_sampling == "sample":
+            # The dataloader's rows only set the batch size: the problems generated for are drawn from the table.
+            generation_batch = self._draw_problems(generation_batch)
+        return super()._prepare_inputs(generation_batch)
+
+    def _draw_problems(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """This process's share of the step's weighted draw, as rows with the columns of the dataloader's `rows`."""
+        indices = self.problem_sampler.draw_share(
+            self.state.global_step, len(rows), self.accelerator.num_processes, self.accelerator.process_index
+        ).tolist()
+        drawn = self.train_dataset.select_columns(list(rows[0]))[indices]
+        return [{key: drawn[key][i] for key in drawn} for i in range(len(indices))]
+
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         training = self.model.training
         if training:
@@ -800,13 +842,16 @@ class PacedTrainer(TipDistillTrainer):
         indices = torch.tensor([row[INDEX_COLUMN] for row in inputs])
         weights = self.pass_rate_table.weights(self.args.paced_alpha, self.args.paced_beta, indices)
         pass_rates = self.pass_rate_table.pass_rates[indices]
-        # Per-rollout weights travel with the batch (split with it over accumulation steps); their sum over the whole
-        # generation batch of every process is the loss normaliser, like TRL's `num_items_in_batch`.
-        output["paced_weights"] = weights.to(device)
         all_weights = self.accelerator.gather(weights.to(device)).cpu()
         all_rates = self.accelerator.gather(pass_rates.to(device)).cpu()
-        weight_sum = all_weights.sum()
-        output["paced_weight_sum"] = weight_sum.to(device)
+        self._training_rollouts += all_weights.numel()
+        # Per-rollout loss weights travel with the batch (split with it over accumulation steps); their sum over the
+        # whole generation batch of every process is the loss normaliser, like TRL's `num_items_in_batch`. Problems
+        # drawn in proportion to their weight ("sample") take the plain mean: a weight of 1 each.
+        loss_weights = torch.ones_like(weights) if self.args.paced_sampling == "sample" else weights
+        output["paced_weights"] = loss_weights.to(device)
+        weight_sum = float(all_weights.numel()) if self.args.paced_sampling == "sample" else all_weights.sum()
+        output["paced_weight_sum"] = torch.as_tensor(weight_sum, dtype=torch.float32).to(device)
         if weight_sum == 0:
             self._zero_weight_batches += 1
 
@@ -826,6 +871,7 @@ class PacedTrainer(TipDistillTrainer):
             self.pass_rate_table.weights(self.args.paced_alpha, self.args.paced_beta).mean().item()
         )
         metrics["paced/pass_rate_estimates"] = [float(self.pass_rate_table.estimates)]
+        metrics["paced/training_rollouts"] = [float(self._training_rollouts)]
 
         if self.args.pass_rate_mode == "online" and self._rollout_source == "student":
             completion_ids = [

@@ -13,7 +13,7 @@ import trl.trainer.distillation_trainer as _trl_distillation
 from trl import DistillationConfig, DistillationTrainer
 
 from ..hub import TrlTipHubMixin
-from ..losses import SELECTION_DIVERGENCES, selective_divergence_loss
+from ..losses import SELECTION_DIVERGENCES, STUDENT_SIDE_METHODS, selective_divergence_loss
 from ..quantization import keep_4bit_weights_trainable
 from ..selection import SELECTION_METHODS, quadrant_counts, quantile, tokens_per_rollout
 from ..sharding import fsdp2_shard_for_inference, is_fsdp2
@@ -326,6 +326,8 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
     `tip/entropy_all`, `tip/divergence_kept`, `tip/divergence_all`) and, for soft-OR, the spread of its divergence
     axis δ̂ over the micro-batch (`tip/divergence_hat_p50`, `tip/divergence_hat_p90`; a median near 0 means one outlier
     squashes the rest and soft-OR ranks by entropy alone, see `divergence_clip_quantile` and `selection_divergence`).
+    The rules that select from the student alone (`random`, `entropy_sample`, `entropy_topk`) at ratio < 1 project the
+    teacher's `lm_head` on the kept tokens only, so they log neither `tip/divergence_all` nor the quadrant shares.
 
     Example:
 
@@ -420,6 +422,8 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
         # that generation samples from; one stream per process.
         self._selection_generator = torch.Generator().manual_seed(self.args.seed + self.accelerator.process_index)
         self._tip_sums = None
+        # These rules project the teacher on kept tokens only (see `selective_divergence_loss`).
+        self._scores_student_first = self.token_selection in STUDENT_SIDE_METHODS and self.token_ratio < 1.0
         self.shared_vocab_size = shared_rows
         if shared_rows is not None:
             self._suppress_padding_rows(shared_rows)
@@ -552,10 +556,12 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
         metrics["tip/kept_fraction"].append(n_kept / n_valid if n_valid else 0.0)
         metrics["tip/entropy_all"].append(h_all / n_valid if n_valid else 0.0)
         metrics["tip/entropy_kept"].append(h_kept / n_kept if n_kept else 0.0)
-        metrics["tip/divergence_all"].append(d_all / n_valid if n_valid else 0.0)
         metrics["tip/divergence_kept"].append(d_kept / n_kept if n_kept else 0.0)
-        for name, count in zip(("q1", "q2", "q3", "q4"), quadrants, strict=True):
-            metrics[f"tip/{name}_share"].append(count / n_valid if n_valid else 0.0)
+        if not self._scores_student_first:
+            # The entropy-only rules never score the divergence of unkept tokens.
+            metrics["tip/divergence_all"].append(d_all / n_valid if n_valid else 0.0)
+            for name, count in zip(("q1", "q2", "q3", "q4"), quadrants, strict=True):
+                metrics[f"tip/{name}_share"].append(count / n_valid if n_valid else 0.0)
         if with_hat:
             metrics["tip/divergence_hat_p50"].append(hat_p50 / with_hat)
             metrics["tip/divergence_hat_p90"].append(hat_p90 / with_hat)
@@ -584,6 +590,9 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
         )
         mask, keep, entropy, reverse_kl = result.mask, result.keep, result.entropy, result.reverse_kl
         with torch.no_grad():
+            # Under the entropy-only rules the divergence exists on kept tokens only (NaN elsewhere): the sums over
+            # all tokens are placeholders, not logged (see `compute_loss`).
+            scored_everywhere = not self._scores_student_first
             self._tip_sums = torch.cat(
                 [
                     torch.stack(
@@ -592,11 +601,13 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
                             keep.sum().float(),
                             entropy[mask].sum(),
                             entropy[keep].sum(),
-                            reverse_kl[mask].sum(),
+                            reverse_kl[mask].sum() if scored_everywhere else entropy.new_zeros(()),
                             reverse_kl[keep].sum(),
                         ]
                     ),
-                    quadrant_counts(entropy, reverse_kl, mask).to(entropy.device),
+                    quadrant_counts(entropy, reverse_kl, mask).to(entropy.device)
+                    if scored_everywhere
+                    else entropy.new_zeros(4),
                     self._divergence_hat_spread(result.divergence_hat, mask).to(entropy.device),
                 ]
             )
