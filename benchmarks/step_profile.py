@@ -341,6 +341,11 @@ def table(rows: list[dict], shape: str) -> str:
     return "\n".join(lines)
 
 
+def _saved_or_added(fraction: float) -> str:
+    # A negative saving is extra time: say so rather than print "-35% saved".
+    return f"saves {fraction:.1%} of" if fraction >= 0 else f"costs {-fraction:.1%} more than"
+
+
 def savings(rows: list[dict], shape: str) -> str:
     """What TIP ρ = 0.5 saves of TRL's step, and the teacher projection of the entropy rules at ρ = 0.5 vs ρ = 1."""
     by_variant = {row["variant"]: row["phases"] for row in rows if row["shape"] == shape}
@@ -351,9 +356,10 @@ def savings(rows: list[dict], shape: str) -> str:
             if variant in by_variant:
                 saved = 1 - by_variant[variant]["step"] / trl["step"]
                 rest = 1 - _without_generation(by_variant[variant]) / _without_generation(trl)
-                lines.append(f"- {variant}: {saved:+.1%} of TRL's step saved end to end "
-                             f"({by_variant[variant]['step']:.3f} s vs {trl['step']:.3f} s); {rest:+.1%} of the "
-                             "step without generation (the same work for every distillation variant).")
+                lines.append(f"- {variant}: {_saved_or_added(saved)} TRL's step end to end "
+                             f"({by_variant[variant]['step']:.3f} s vs {trl['step']:.3f} s); {_saved_or_added(rest)} "
+                             "its step without generation (generation is the same work for every distillation "
+                             "variant).")
     full = by_variant.get("tip-entropy_sample-1.0")
     for variant in ("tip-entropy_sample-0.5", "tip-entropy_topk-0.5"):
         if full and variant in by_variant and full["teacher lm_head"] > 0:
