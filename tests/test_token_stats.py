@@ -222,6 +222,20 @@ def test_student_entropy_is_the_entropy_of_token_stats(small_chunks, with_bias):
     assert torch.equal(entropy, stats.entropy) and torch.equal(entropy_nats, stats.entropy_nats)
 
 
+def _record_projected_rows(monkeypatch, weight_to_watch) -> list[int]:
+    # The rows of every projection onto `weight_to_watch`, counted once per token chunk (at its first vocabulary tile).
+    rows = []
+    project = chunked_stats_module._project
+
+    def recording_project(tile, hidden_chunk, weight, bias, start, end, dtype):
+        if weight is weight_to_watch and start == 0:
+            rows.append(hidden_chunk.shape[0])
+        return project(tile, hidden_chunk, weight, bias, start, end, dtype)
+
+    monkeypatch.setattr(chunked_stats_module, "_project", recording_project)
+    return rows
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
@@ -236,15 +250,7 @@ def test_student_side_rules_match_the_full_pass_and_project_the_teacher_on_kept_
     # Rollouts of 7, 5 and 2 tokens, and an empty one.
     mask = (torch.arange(7).unsqueeze(0) < torch.tensor([7, 5, 2, 0]).unsqueeze(1)).long()
     weights = torch.tensor([0.5, 0.0, 0.25, 1.0]) if weighted else None
-    teacher_rows = []
-    project = chunked_stats_module._project
-
-    def recording_project(tile, hidden_chunk, weight, bias, start, end, dtype):
-        if weight is w_t and start == 0:
-            teacher_rows.append(hidden_chunk.shape[0])
-        return project(tile, hidden_chunk, weight, bias, start, end, dtype)
-
-    monkeypatch.setattr(chunked_stats_module, "_project", recording_project)
+    teacher_rows = _record_projected_rows(monkeypatch, w_t)
 
     def run():
         leaf_h, leaf_w = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
@@ -256,7 +262,7 @@ def test_student_side_rules_match_the_full_pass_and_project_the_teacher_on_kept_
 
     fast, fast_h, fast_w = run()
     fast_rows, teacher_rows[:] = list(teacher_rows), []
-    monkeypatch.setattr(losses_module, "STUDENT_SIDE_METHODS", ())  # today's path: both heads on every token
+    monkeypatch.setattr(losses_module, "STUDENT_SIDE_METHODS", ())  # the joint pass: both heads on every token
     full, full_h, full_w = run()
 
     assert torch.equal(fast.keep, full.keep)
@@ -280,15 +286,7 @@ def test_student_side_rules_match_the_full_pass_and_project_the_teacher_on_kept_
 def test_student_side_rules_at_ratio_one_use_the_joint_pass(monkeypatch):
     # Every token is kept at ρ = 1: the teacher is projected on every row once, with the divergence of every token.
     h_s, h_t, w_s, w_t, mask = _batch(seed=13)
-    teacher_rows = []
-    project = chunked_stats_module._project
-
-    def recording_project(tile, hidden_chunk, weight, bias, start, end, dtype):
-        if weight is w_t and start == 0:
-            teacher_rows.append(hidden_chunk.shape[0])
-        return project(tile, hidden_chunk, weight, bias, start, end, dtype)
-
-    monkeypatch.setattr(chunked_stats_module, "_project", recording_project)
+    teacher_rows = _record_projected_rows(monkeypatch, w_t)
     out = selective_divergence_loss(h_s, h_t, w_s, w_t, mask, 1.0, method="entropy_topk", ratio=1.0)
     assert sum(teacher_rows) == mask.numel() and not torch.isnan(out.reverse_kl).any()
 
