@@ -39,7 +39,8 @@ from trl_tip.script_utils import (
 )
 
 
-# The built-in run: 600 steps of batch 32 on the toy task, ~3 minutes on 2 CPU cores.
+# The built-in run: 600 steps of batch 32 on the toy task, 1.5-3 minutes on 2 CPU cores (84 s for the whole run in
+# docs/tip_distill.md; up to ~3 minutes measured at other times on the same, shared machine).
 BUILTIN_DEFAULTS = {
     "output_dir": "outputs/tip_distill",
     "token_selection": "soft_or",

@@ -29,7 +29,7 @@ RECIPE_EXAMPLES = {
     "ace_qwen2.5-math-7b.yaml": "ace_grpo.py",
 }
 
-# The papers' settings (SPEC.md) each recipe must carry.
+# The papers' settings each recipe must carry.
 PAPER_SETTINGS = {
     "paced_qwen3-8b_to_qwen3-1.7b.yaml": {
         "model_name_or_path": "Qwen/Qwen3-1.7B",
@@ -75,7 +75,7 @@ PAPER_SETTINGS = {
         "loss_normalization": "rollout",
         "max_steps": 100,
     },
-    # SPEC §5: Qwen3-8B teacher improved by GRPO, Qwen3-1.7B student; teacher GRPO -> forward-KL warm-up -> OPD on
+    # The bridge paper: Qwen3-8B teacher improved by GRPO, Qwen3-1.7B student; teacher GRPO -> forward-KL warm-up -> OPD on
     # every token.
     "bridge_qwen3-1.7b.yaml": {
         "model_name_or_path": "Qwen/Qwen3-1.7B",

@@ -742,7 +742,11 @@ class PassAtKCallback(TrainerCallback):
         num_real = len(range(rank, len(self.dataset), world))
         tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
         local = []
-        with unwrap_model_for_generation(trainer.model_wrapped, accelerator) as model:
+        # As the trainer's own generation: `ds3_gather_for_generation=False` generates from ZeRO-3's partitions.
+        gather_weights = getattr(trainer.args, "ds3_gather_for_generation", True)
+        with unwrap_model_for_generation(
+            trainer.model_wrapped, accelerator, gather_deepspeed3_params=gather_weights
+        ) as model:
             if indices:
                 shard = self.dataset.select(indices)
                 _, problems = evaluate_pass_at_k(

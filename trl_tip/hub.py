@@ -155,7 +155,8 @@ def merge_lora_state_dict(
         weight = state_dict[f"{name}.base_layer.weight"]
         lora_a = state_dict[f"{name}.lora_A.{adapter_name}.weight"]
         lora_b = state_dict[f"{name}.lora_B.{adapter_name}.weight"]
-        # PEFT computes the product in float32 for 16-bit weights on CPU; in the weights' dtype otherwise.
+        # Float32 for 16-bit weights, wherever they are: PEFT does so on CPU (on GPU it multiplies in 16 bit, so a
+        # merge there may differ from PEFT's by 16-bit rounding); the weights' own dtype otherwise.
         compute_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         delta = lora_b.to(compute_dtype) @ lora_a.to(compute_dtype)
         if fan_in_fan_out:

@@ -2,7 +2,7 @@
 graded rollouts, its online update, its file format, the sampler that draws problems in proportion to their weight
 (`paced_sampling="sample"`), and the callback that schedules estimations.
 
-[`~trl_tip.PacedTrainer`] wires these into TRL's training loop; nothing here depends on the trainer class. See SPEC §2.
+[`~trl_tip.PacedTrainer`] wires these into TRL's training loop; nothing here depends on the trainer class.
 """
 
 from __future__ import annotations
@@ -211,7 +211,10 @@ class PassRateTable:
         columns = {}
         if dataset is not None:
             if len(dataset) != len(self):
-                raise ValueError(f"The table covers {len(self)} problems but the dataset has {len(dataset)} rows.")
+                raise ValueError(
+                    f"The table covers {len(self)} problems but `dataset` has {len(dataset)} rows; pass the training "
+                    "set the table was estimated on (same rows, same order), or no dataset for the table alone."
+                )
             columns = {name: dataset[name] for name in dataset.column_names if name != INDEX_COLUMN}
         columns.update(
             {

@@ -72,11 +72,12 @@ def min_max_normalize(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((values - low) / span).masked_fill(~mask, 0.0)
 
 
-def _clipped_normalized_entropy(entropy, mask, entropy_clip_quantile):
-    # SPEC steps a–b: clip at the batch quantile (so a few near-uniform tokens don't squash the rest), then min-max.
-    if entropy_clip_quantile < 1.0:
-        entropy = torch.minimum(entropy, quantile(entropy[mask], entropy_clip_quantile))
-    return min_max_normalize(entropy, mask)
+def _clipped_min_max(values, mask, clip_quantile):
+    # Soft-OR steps a–b for one axis: clip at the batch quantile (so a few extreme tokens, near-uniform for entropy or
+    # heavy-tailed for reverse KL, don't squash the rest), then min-max.
+    if clip_quantile < 1.0 and mask.any():
+        values = torch.minimum(values, quantile(values[mask], clip_quantile))
+    return min_max_normalize(values, mask)
 
 
 def normalized_divergence(
@@ -103,9 +104,7 @@ def normalized_divergence(
         if divergence_clip_quantile < 1.0:
             raise ValueError("A bounded divergence axis is used as it is: divergence_clip_quantile must be 1.0.")
         return divergence.clamp(0.0, 1.0).masked_fill(~mask, 0.0)
-    if divergence_clip_quantile < 1.0 and mask.any():
-        divergence = torch.minimum(divergence, quantile(divergence[mask], divergence_clip_quantile))
-    return min_max_normalize(divergence, mask)
+    return _clipped_min_max(divergence, mask, divergence_clip_quantile)
 
 
 def soft_or_score(
@@ -123,7 +122,7 @@ def soft_or_score(
     batch `divergence_clip_quantile` first); both over the masked tokens. `0` outside the mask.
     """
     mask = mask != 0
-    entropy_hat = _clipped_normalized_entropy(entropy.float(), mask, entropy_clip_quantile)
+    entropy_hat = _clipped_min_max(entropy.float(), mask, entropy_clip_quantile)
     divergence_hat = normalized_divergence(divergence, mask, divergence_clip_quantile, divergence_normalization)
     return (entropy_hat + divergence_hat - entropy_hat * divergence_hat).masked_fill(~mask, 0.0)
 
@@ -136,7 +135,7 @@ def overconfidence_score(
     student's confidence, with `ĥ` normalised as in [`soft_or_score`]. `0` outside the mask.
     """
     mask = mask != 0
-    entropy_hat = _clipped_normalized_entropy(entropy.float(), mask, entropy_clip_quantile)
+    entropy_hat = _clipped_min_max(entropy.float(), mask, entropy_clip_quantile)
     return (forward_kl.float() * (1.0 - entropy_hat)).masked_fill(~mask, 0.0)
 
 

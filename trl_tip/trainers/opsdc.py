@@ -4,7 +4,7 @@ The teacher is the student itself, frozen as a snapshot θ̄ and reading a conci
 dataset's own lead instruction; the student reads the prompt as it is. Both score the student's own rollouts, and the
 student minimises the reverse KL KL(π_θ(·|x, y_<t) || π_θ̄(·|c ⊕ q, y_<t)), averaged over each rollout's tokens and
 then over rollouts (the paper's Algorithm 1). The snapshot is hard-refreshed from the student every
-`teacher_refresh_steps` optimiser steps. See SPEC §3 and https://huggingface.co/papers/2603.05433.
+`teacher_refresh_steps` optimiser steps. See https://huggingface.co/papers/2603.05433.
 """
 
 from __future__ import annotations
@@ -375,7 +375,8 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
     >>> from trl_tip.rewards import math_reward
     >>> from datasets import load_dataset
 
-    >>> dataset = load_dataset("HuggingFaceH4/MATH-500", split="test")  # needs "prompt"; "answer" feeds math_reward
+    >>> # A "prompt" column (here conversational); the final answer, renamed "answer", only feeds math_reward.
+    >>> dataset = load_dataset("trl-lib/DeepMath-103K", split="train").rename_column("solution", "answer")
     >>> trainer = OPSDCTrainer(
     ...     model="Qwen/Qwen3-1.7B",
     ...     args=OPSDCConfig(output_dir="Qwen3-1.7B-OPSDC", concise_instruction="v2"),
@@ -417,7 +418,7 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
 
     _tag_names = ["trl", "trl-tip", "distillation", "opsdc"]
     _name = "OPSDC"
-    _card_fields = ("concise_instruction", "instruction_position", "teacher_refresh_steps")
+    _card_fields = ("concise_instruction", "instruction_position", "teacher_refresh_steps", "loss_normalization")
 
     def _teacher_name(self) -> str:
         # For the model card: the teacher is no separate model.

@@ -3,7 +3,7 @@
 Each training problem `i` gets the weight `w_i = p_i^α (1 − p_i)^β` from the student's pass rate `p_i` (estimated from
 `K` graded student rollouts), and a batch's loss is `Σ_i w_i ℓ_i / Σ_i w_i` with `ℓ_i` the token-mean divergence of
 problem `i`'s completion. Problems the student always or never solves weigh nothing; the ones it sometimes solves carry
-the update. See SPEC §2.
+the update.
 """
 
 from __future__ import annotations
@@ -209,7 +209,8 @@ class PacedConfig(TipDistillConfig):
     self_distillation: bool = field(
         default=False,
         metadata={
-            "help": "Teacher = frozen copy of the initial student that reads the ground-truth answer in its prompt."
+            "help": "Teacher = frozen copy of the initial student that reads privileged context in its prompt: the "
+            "reference solution when the dataset has one, else the ground-truth answer (privileged_context_column)."
         },
     )
     privileged_context_column: str | None = field(
@@ -399,7 +400,8 @@ def add_privileged_context(prompt: str | list[dict], context: Any, template: str
             message["content"] = template.format(problem=message["content"], context=context, answer=context)
             return messages
     raise ValueError(
-        "Self-distillation adds the privileged context to the last user turn, but the prompt has no user message."
+        "Self-distillation adds the privileged context to the last user turn, but the prompt has no user message; "
+        "give each conversational prompt a user turn holding the problem."
     )
 
 
@@ -449,7 +451,8 @@ class PacedTrainer(TipDistillTrainer):
 
     Tracks (see [`PacedConfig`]): on-policy reverse KL on student rollouts (default); forward KL on teacher-written
     completions (`rollout_source="teacher"`, `kl_schedule="forward"`); both in sequence (`"forward_then_reverse"`); and
-    self-distillation (`self_distillation=True`, no teacher: a frozen copy of the student that sees the answer).
+    self-distillation (`self_distillation=True`, no teacher: a frozen copy of the student that reads the
+    reference solution, or the answer when there is none).
     TIP token selection (`token_selection`) composes: `ℓ_i` is then the mean over the kept tokens.
 
     The pass-rate table is saved next to every checkpoint (`paced_pass_rates.json`), restored by
