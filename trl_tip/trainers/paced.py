@@ -9,6 +9,7 @@ the update.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -964,6 +965,9 @@ class PacedTrainer(TipDistillTrainer):
             return
         original_step = optimizer.step
 
+        # `wraps` keeps the marker torch's learning-rate scheduler looks for on `optimizer.step`, so the guard does not
+        # trigger its "optimizer.step() has been overridden" warning.
+        @functools.wraps(original_step)
         def step(*args, **kwargs):
             weight, self._step_weight = self._step_weight, None
             if weight is not None:
