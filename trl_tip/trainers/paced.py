@@ -571,6 +571,13 @@ class PacedTrainer(TipDistillTrainer):
         )
         if self.args.self_distillation:
             self.teacher_model.requires_grad_(False)
+        if self.is_deepspeed_enabled and self.args.paced_sampling == "weight":
+            # DeepSpeed steps its optimiser inside its own engine, where the zero-weight step guard cannot reach.
+            logger.warning(
+                "Under DeepSpeed a PACED batch whose weights are all zero still takes an optimiser step: its gradient "
+                "is zero, but AdamW's momentum and weight decay move the parameters. Use paced_sampling='sample' "
+                "(zero-weight problems are never drawn) to avoid such batches, or DDP/FSDP, where the step is skipped."
+            )
         self.pass_rate_table = PassRateTable(len(self.train_dataset))
         self.problem_sampler = ProblemSampler(
             self.pass_rate_table, self.args.paced_alpha, self.args.paced_beta, self.args.seed
