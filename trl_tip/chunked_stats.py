@@ -127,13 +127,22 @@ def token_stats(
     # Under ZeRO-3 the heads are partitioned to `numel 0` outside their module's forward: every read of their shapes
     # (the vocabulary check, ln|V|) happens inside the gather, as does the tile walk (whose own gather is then a no-op).
     with maybe_gather_lm_head_ctx(student_weight, student_bias), maybe_gather_lm_head_ctx(teacher_weight, teacher_bias):
-        return _token_stats(
-            student_hidden,
-            student_weight,
-            teacher_hidden,
-            teacher_weight,
-            student_bias,
-            teacher_bias,
+        if student_weight.shape[0] != teacher_weight.shape[0]:
+            raise ValueError(
+                f"Student and teacher vocabularies differ ({student_weight.shape[0]} vs {teacher_weight.shape[0]}); "
+                "token statistics compare full next-token distributions, which needs a shared vocabulary."
+            )
+        if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+            raise ValueError(
+                f"Student hidden states {tuple(student_hidden.shape)} and teacher hidden states "
+                f"{tuple(teacher_hidden.shape)} must cover the same positions."
+            )
+        leading_shape = student_hidden.shape[:-1]
+        student_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+        teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+        device = student_hidden.device
+        n_tokens = student_hidden.shape[0]
+        kernel_args = _kernel_args(
             temperature,
             student_logit_scale,
             student_final_logit_softcapping,
@@ -141,84 +150,47 @@ def token_stats(
             teacher_final_logit_softcapping,
         )
 
+        def zeros():
+            return torch.zeros((n_tokens,), device=device, dtype=torch.float32)
 
-def _token_stats(
-    student_hidden,
-    student_weight,
-    teacher_hidden,
-    teacher_weight,
-    student_bias,
-    teacher_bias,
-    temperature,
-    student_logit_scale,
-    student_final_logit_softcapping,
-    teacher_logit_scale,
-    teacher_final_logit_softcapping,
-) -> TokenStats:
-    # `token_stats` with the heads already gathered.
-    if student_weight.shape[0] != teacher_weight.shape[0]:
-        raise ValueError(
-            f"Student and teacher vocabularies differ ({student_weight.shape[0]} vs {teacher_weight.shape[0]}); "
-            "token statistics compare full next-token distributions, which needs a shared vocabulary."
+        s_max, t_max = zeros() - math.inf, zeros() - math.inf
+        s_sum, s_x_sum, t_sum, t_weighted_gap, s_weighted_gap = zeros(), zeros(), zeros(), zeros(), zeros()
+        for sl, s_tile, t_tile in _projected_tiles(
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias
+        ):
+            n = sl.stop - sl.start
+            fold = _stats_kernel[(n,)] if _use_triton(device) else _stats_tile
+            fold(
+                s_tile,
+                s_tile.stride(0),
+                t_tile,
+                t_tile.stride(0),
+                s_max[sl],
+                s_sum[sl],
+                s_x_sum[sl],
+                t_max[sl],
+                t_sum[sl],
+                t_weighted_gap[sl],
+                s_weighted_gap[sl],
+                s_tile.shape[1],
+                BLOCK_SIZE=_BLOCK_SIZE,
+                **kernel_args,
+            )
+        # The same closed forms as `ChunkedDivergenceFunction.forward`, so β ∈ {0, 1} losses are bit-identical to
+        # TRL's.
+        s_log_z = s_max + torch.log(s_sum)
+        t_log_z = t_max + torch.log(t_sum)
+        entropy_nats = s_log_z - s_x_sum / s_sum
+        reverse_kl = s_weighted_gap / s_sum - s_log_z + t_log_z
+        forward_kl = t_weighted_gap / t_sum - t_log_z + s_log_z
+        return TokenStats(
+            entropy=(entropy_nats / math.log(student_weight.shape[0])).reshape(leading_shape),
+            reverse_kl=reverse_kl.reshape(leading_shape),
+            forward_kl=forward_kl.reshape(leading_shape),
+            entropy_nats=entropy_nats.reshape(leading_shape),
+            student_log_z=s_log_z.reshape(leading_shape),
+            teacher_log_z=t_log_z.reshape(leading_shape),
         )
-    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError(
-            f"Student hidden states {tuple(student_hidden.shape)} and teacher hidden states "
-            f"{tuple(teacher_hidden.shape)} must cover the same positions."
-        )
-    leading_shape = student_hidden.shape[:-1]
-    student_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-    teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    device = student_hidden.device
-    n_tokens = student_hidden.shape[0]
-    kernel_args = _kernel_args(
-        temperature,
-        student_logit_scale,
-        student_final_logit_softcapping,
-        teacher_logit_scale,
-        teacher_final_logit_softcapping,
-    )
-
-    def zeros():
-        return torch.zeros((n_tokens,), device=device, dtype=torch.float32)
-
-    s_max, t_max = zeros() - math.inf, zeros() - math.inf
-    s_sum, s_x_sum, t_sum, t_weighted_gap, s_weighted_gap = zeros(), zeros(), zeros(), zeros(), zeros()
-    for sl, s_tile, t_tile in _projected_tiles(
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias
-    ):
-        n = sl.stop - sl.start
-        fold = _stats_kernel[(n,)] if _use_triton(device) else _stats_tile
-        fold(
-            s_tile,
-            s_tile.stride(0),
-            t_tile,
-            t_tile.stride(0),
-            s_max[sl],
-            s_sum[sl],
-            s_x_sum[sl],
-            t_max[sl],
-            t_sum[sl],
-            t_weighted_gap[sl],
-            s_weighted_gap[sl],
-            s_tile.shape[1],
-            BLOCK_SIZE=_BLOCK_SIZE,
-            **kernel_args,
-        )
-    # The same closed forms as `ChunkedDivergenceFunction.forward`, so β ∈ {0, 1} losses are bit-identical to TRL's.
-    s_log_z = s_max + torch.log(s_sum)
-    t_log_z = t_max + torch.log(t_sum)
-    entropy_nats = s_log_z - s_x_sum / s_sum
-    reverse_kl = s_weighted_gap / s_sum - s_log_z + t_log_z
-    forward_kl = t_weighted_gap / t_sum - t_log_z + s_log_z
-    return TokenStats(
-        entropy=(entropy_nats / math.log(student_weight.shape[0])).reshape(leading_shape),
-        reverse_kl=reverse_kl.reshape(leading_shape),
-        forward_kl=forward_kl.reshape(leading_shape),
-        entropy_nats=entropy_nats.reshape(leading_shape),
-        student_log_z=s_log_z.reshape(leading_shape),
-        teacher_log_z=t_log_z.reshape(leading_shape),
-    )
 
 
 @torch.no_grad()
