@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 import torch
 from transformers import TrainerCallback
@@ -649,6 +649,33 @@ def padded_shard(num_items: int, rank: int, world_size: int) -> list[int]:
     return indices + [0] * (per_process - len(indices))
 
 
+def map_over_processes(trainer, dataset, evaluate_shard: Callable) -> list:
+    """
+    Run `evaluate_shard(model, tokenizer, shard)` on every process with the trainer's prepared (possibly sharded)
+    model, each on its [`padded_shard`] of `dataset`, and return the records of all processes, concatenated in process
+    order with the padding dropped. `evaluate_shard` returns one record per row of `shard`.
+
+    The model is unwrapped for generation as the trainer does it (`ds3_gather_for_generation=False` generates from
+    ZeRO-3's partitions; under FSDP2 each rank generates with its shards), so every process must call this.
+    """
+    from accelerate.utils import gather_object
+    from trl.models.utils import unwrap_model_for_generation
+
+    accelerator = trainer.accelerator
+    rank, world = accelerator.process_index, accelerator.num_processes
+    indices = padded_shard(len(dataset), rank, world)
+    num_real = len(range(rank, len(dataset), world))
+    tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+    gather_weights = getattr(trainer.args, "ds3_gather_for_generation", True)
+    records = []
+    with unwrap_model_for_generation(
+        trainer.model_wrapped, accelerator, gather_deepspeed3_params=gather_weights
+    ) as model:
+        if indices:
+            records = list(evaluate_shard(model, tokenizer, dataset.select(indices)))[:num_real]
+    return gather_object(records) if world > 1 else records
+
+
 class PassAtKCallback(TrainerCallback):
     """
     Sample `num_samples` completions per problem of a dataset during training and log mean@n, pass@1..n and the mean
@@ -732,40 +759,28 @@ class PassAtKCallback(TrainerCallback):
 
     def evaluate(self, step: int) -> dict:
         """Evaluate now and log the metrics at `step`; returns the summary."""
-        from accelerate.utils import gather_object
-        from trl.models.utils import unwrap_model_for_generation
-
         trainer = self.trainer
-        accelerator = trainer.accelerator
-        rank, world = accelerator.process_index, accelerator.num_processes
-        indices = padded_shard(len(self.dataset), rank, world)
-        num_real = len(range(rank, len(self.dataset), world))
-        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
-        local = []
-        # As the trainer's own generation: `ds3_gather_for_generation=False` generates from ZeRO-3's partitions.
-        gather_weights = getattr(trainer.args, "ds3_gather_for_generation", True)
-        with unwrap_model_for_generation(
-            trainer.model_wrapped, accelerator, gather_deepspeed3_params=gather_weights
-        ) as model:
-            if indices:
-                shard = self.dataset.select(indices)
-                _, problems = evaluate_pass_at_k(
-                    model,
-                    tokenizer,
-                    shard,
-                    num_samples=self.num_samples,
-                    max_new_tokens=self.max_new_tokens,
-                    temperature=self.temperature,
-                    top_p=self.top_p,
-                    top_k=self.top_k,
-                    batch_size=self.batch_size,
-                    seed=self.seed + rank,
-                    chat_template_kwargs=getattr(trainer.args, "chat_template_kwargs", None),
-                    return_problems=True,
-                )
-                local = [{key: problem[key] for key in ("scores", "completion_tokens", "pass_at_k", "gradable")}
-                         for problem in problems[:num_real]]
-        problems = gather_object(local) if world > 1 else local
+        rank = trainer.accelerator.process_index
+
+        def evaluate_shard(model, tokenizer, shard):
+            _, problems = evaluate_pass_at_k(
+                model,
+                tokenizer,
+                shard,
+                num_samples=self.num_samples,
+                max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                batch_size=self.batch_size,
+                seed=self.seed + rank,
+                chat_template_kwargs=getattr(trainer.args, "chat_template_kwargs", None),
+                return_problems=True,
+            )
+            return [{key: problem[key] for key in ("scores", "completion_tokens", "pass_at_k", "gradable")}
+                    for problem in problems]
+
+        problems = map_over_processes(trainer, self.dataset, evaluate_shard)
         summary = summarize(problems, self.num_samples)
         # `transformers.Trainer.log`, not the TRL trainers' override, which would fold (and reset) the training
         # metrics accumulated since the last logging step into this entry.

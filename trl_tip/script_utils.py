@@ -116,25 +116,15 @@ def evaluate_split_with_trainer(trainer, dataset, max_new_tokens: int, batch_siz
     collective every rank must make. Call it on every process, after the model is prepared (from `on_train_begin` on,
     see [`EvaluateAtTrainBegin`]); every process gets the summary.
     """
-    from accelerate.utils import gather_object
-    from trl.models.utils import unwrap_model_for_generation
-
-    from .evaluation import padded_shard
+    from .evaluation import map_over_processes
 
     if dataset is None or "answer" not in dataset.column_names:
         return None
-    accelerator = trainer.accelerator
-    rank, world = accelerator.process_index, accelerator.num_processes
-    indices = padded_shard(len(dataset), rank, world)
-    num_real = len(range(rank, len(dataset), world))
-    tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
-    gather_weights = getattr(trainer.args, "ds3_gather_for_generation", True)
-    unwrapped = unwrap_model_for_generation(
-        trainer.model_wrapped, accelerator, gather_deepspeed3_params=gather_weights
+    records = map_over_processes(
+        trainer,
+        dataset,
+        lambda model, tokenizer, shard: _greedy_records(model, tokenizer, shard, max_new_tokens, batch_size),
     )
-    with unwrapped as model:
-        records = _greedy_records(model, tokenizer, dataset.select(indices), max_new_tokens, batch_size)[:num_real]
-    records = gather_object(records) if world > 1 else records
     return {
         "accuracy": sum(score for score, _ in records) / len(records),
         "mean_completion_tokens": sum(tokens for _, tokens in records) / len(records),
