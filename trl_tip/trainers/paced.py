@@ -38,9 +38,9 @@ from ..pass_rates import (  # noqa: F401 (ema_update, pass_rates_from_rewards: i
 )
 from ..rewards import math_reward
 from ..selection import SELECTION_METHODS
-from ._inputs import check_completion_format
+from ._inputs import check_completion_format, check_prompt_column
 from ._teacher_prompts import pad_teacher_prompts
-from .tip_distill import TipDistillConfig, TipDistillTrainer, check_prompt_column
+from .tip_distill import TipDistillConfig, TipDistillTrainer
 
 
 logger = get_logger(__name__)

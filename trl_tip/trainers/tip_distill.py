@@ -18,7 +18,7 @@ from ..quantization import keep_4bit_weights_trainable
 from ..selection import SELECTION_METHODS, quadrant_counts, quantile, tokens_per_rollout
 from ..sharding import fsdp2_shard_for_inference, is_fsdp2
 from ..vocabulary import first_tokenizer_difference, shared_vocab_size, tokenizer_of
-from ._inputs import check_prompt_column, check_prompts, check_sampling
+from ._inputs import check_prompts, check_sampling
 
 
 TEACHER_QUANTIZATION = ("none", "4bit", "8bit")
@@ -405,7 +405,6 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
                 f"TipDistillTrainer needs a TipDistillConfig as `args`, got {type(self.args).__name__}. "
                 "TipDistillConfig accepts every DistillationConfig field."
             )
-        check_sampling(self.args.temperature, self.args.generation_kwargs)
         keep_4bit_weights_trainable(self.model)
         if is_fsdp2(self.accelerator) and self.teacher_model is not None and not _is_quantized(self.teacher_model):
             # TRL prepares the teacher in evaluation mode, which under FSDP2 leaves a full copy on every rank; shard it
