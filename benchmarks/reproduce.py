@@ -14,12 +14,16 @@ into the generated sections of `docs/results.md` and the figures under `docs/res
 
 The teacher and the student are the built-in ones (`trl_tip.tasks.prepare_arithmetic_models()`, task seed 0) for
 every run; `--seeds` sets the training seed (sampling, data order, token sampling of the random selections).
+`--task lab` runs the same methods on the lab (`trl_tip.tasks.prepare_lab_models()`: three levels, verbose and
+concise styles; results under `outputs/reproduce/lab/`, figures under `docs/results/lab/`), and refuses to while the
+lab's preconditions do not hold (docs/lab_task.md).
 Runs use one thread each (`OMP_NUM_THREADS=1`) and `--jobs` of them run at once (default 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -190,6 +194,84 @@ METHODS = {
 }
 RUN_METHODS = ("tip", "paced", "opsdc", "ace", "bridge", "taxonomy")
 
+ARITHMETIC_METHODS = METHODS
+TASKS = ("arithmetic", "lab")
+# The task whose methods `spec_of` reads: set per run (worker) and per task (driver, render) with `active_task`.
+_ACTIVE_TASK = ["arithmetic"]
+
+
+def spec_of(method: str) -> dict:
+    """The method's title, baseline, settings and variants on the active task."""
+    return (LAB_METHODS if _ACTIVE_TASK[0] == "lab" else ARITHMETIC_METHODS)[method]
+
+
+@contextlib.contextmanager
+def active_task(task: str):
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
+    saved = _ACTIVE_TASK[0]
+    _ACTIVE_TASK[0] = task
+    try:
+        yield
+    finally:
+        _ACTIVE_TASK[0] = saved
+
+
+def task_out(out: Path, task: str) -> Path:
+    """Where a task's runs are stored: the lab's under `lab/` of the output directory."""
+    return Path(out) / "lab" if task == "lab" else Path(out)
+
+
+# --- the lab (`trl_tip.tasks.lab`): the same methods on column addition at three levels, verbose traces ------------
+
+# Fixed before any test result on the lab was seen (see docs/results.md, "The lab: budgets and protocol"). Completions
+# may reach the longest verbose solution (122 tokens with its end of turn); steps and batches are smaller than on the
+# addition task because every rollout is about four times longer.
+LAB_COMPLETION_TOKENS = 128
+LAB_TIP_SETTINGS = {**TIP_SETTINGS, "max_steps": 60, "per_device_train_batch_size": 16, "warmup_steps": 10,
+                    "max_completion_length": LAB_COMPLETION_TOKENS}
+LAB_PACED_SETTINGS = {**LAB_TIP_SETTINGS, "num_train_problems": 400, "pass_rate_rollouts": 8}
+LAB_OPSDC_SETTINGS = {**OPSDC_SETTINGS, "max_steps": 60, "per_device_train_batch_size": 8,
+                      "max_completion_length": LAB_COMPLETION_TOKENS, "curve_every": 10, "curve_problems": 90}
+LAB_ACE_SETTINGS = {**ACE_SETTINGS, "max_steps": 40, "per_device_train_batch_size": 32,
+                    "max_completion_length": LAB_COMPLETION_TOKENS, "eval_samples": 16}
+LAB_BRIDGE_SETTINGS = {**BRIDGE_SETTINGS, "num_train_problems": 1000, "per_device_train_batch_size": 16,
+                       "max_completion_length": LAB_COMPLETION_TOKENS, "teacher_rl_max_steps": 10,
+                       "warmup_max_steps": 30, "opd_max_steps": 50}
+
+
+def _lab_method(method: str, settings: dict, extra_variants: dict | None = None, drop: tuple = ()) -> dict:
+    spec = ARITHMETIC_METHODS[method]
+    variants = {name: value for name, value in spec["variants"].items() if name not in drop}
+    return {**spec, "settings": settings, "variants": {**variants, **(extra_variants or {})}}
+
+
+LAB_METHODS = {
+    "tip": _lab_method("tip", LAB_TIP_SETTINGS),
+    "paced": _lab_method("paced", LAB_PACED_SETTINGS, {
+        # The student as its own teacher, reading the problem's reference solution (the `solution` column).
+        "paced_self": {"label": "PACED p(1-p), self-distillation with the reference solution", "paced_alpha": 1.0,
+                       "paced_beta": 1.0, "kl_schedule": "reverse", "self_distillation": True},
+    }),
+    "opsdc": _lab_method("opsdc", LAB_OPSDC_SETTINGS),
+    "ace": _lab_method("ace", LAB_ACE_SETTINGS, {
+        # The pathology ACE targets, looked for first: GRPO over three times the steps, pass@k against the base's.
+        "grpo_long": {"label": "GRPO, three times the steps", "ace_alpha": 0.0,
+                      "max_steps": 3 * LAB_ACE_SETTINGS["max_steps"]},
+    }, drop=("ace_mean",)),
+    "bridge": _lab_method("bridge", LAB_BRIDGE_SETTINGS),
+    "taxonomy": {**ARITHMETIC_METHODS["taxonomy"],
+                 "settings": {**ARITHMETIC_METHODS["taxonomy"]["settings"],
+                              "max_completion_length": LAB_COMPLETION_TOKENS}},
+}
+# The student GRPO of the bridge comparison gets the bridge's student steps on the lab too.
+LAB_METHODS["bridge"]["variants"] = {
+    **LAB_METHODS["bridge"]["variants"],
+    "student_grpo": {**ARITHMETIC_METHODS["bridge"]["variants"]["student_grpo"],
+                     "label": "direct student GRPO (80 steps)",
+                     "max_steps": LAB_BRIDGE_SETTINGS["warmup_max_steps"] + LAB_BRIDGE_SETTINGS["opd_max_steps"]},
+}
+
 
 # Settings the command line may override (to set budgets on the validation split), with their options.
 OVERRIDABLE = {"max_steps": "--max-steps", "learning_rate": "--learning-rate"}
@@ -200,10 +282,12 @@ def run_settings(method: str, variant: str, seed: int, eval_split: str, override
     Everything that determines a run's result: a stored result is reused only when these are equal. `overrides`
     (keys of `OVERRIDABLE`, `None` for "keep") replace the settings a run has.
     """
-    spec = METHODS[method]
+    spec = spec_of(method)
     values = {key: value for key, value in spec["variants"][variant].items() if key != "label"}
     settings = {"method": method, "variant": variant, "seed": seed, "eval_split": eval_split, **spec["settings"],
                 **values}
+    if _ACTIVE_TASK[0] != "arithmetic":
+        settings["task"] = _ACTIVE_TASK[0]
     for key, value in (overrides or {}).items():
         if value is not None and key in settings:
             settings[key] = value
@@ -222,6 +306,8 @@ def run_dir(out: Path, method: str, variant: str, seed: int) -> Path:
 def row_command(method: str, variant: str, seeds: list[int], settings: dict | None = None) -> str:
     """The command that reproduces a row; `settings` (of one of its runs) adds the options not at their defaults."""
     command = f"python {SCRIPT} {method} --variants {variant} --seeds {' '.join(map(str, seeds))}"
+    if _ACTIVE_TASK[0] != "arithmetic":
+        command += f" --task {_ACTIVE_TASK[0]}"
     if settings is not None:
         if settings.get("eval_split", "test") != "test":
             command += f" --eval-split {settings['eval_split']}"
@@ -298,7 +384,7 @@ def _worker_tip(settings: dict, prepared: dict, tokenizer, output_dir: str, dire
             "tip/divergence_hat_p50", "tip/divergence_hat_p90")
     result["history"] = _log_series(trainer, keys)
     result["model"] = trainer.model
-    if settings["variant"] == METHODS["taxonomy"]["settings"]["tip_run"] and settings["seed"] == 0:
+    if settings["variant"] == spec_of("taxonomy")["settings"]["tip_run"] and settings["seed"] == 0:
         # The taxonomy figure reads the student after this run.
         trainer.model.save_pretrained(directory / "model")
         tokenizer.save_pretrained(directory / "model")
@@ -312,8 +398,11 @@ def _worker_paced(settings: dict, prepared: dict, tokenizer, output_dir: str, di
     config = PacedConfig(**_common_config(settings, settings["seed"], output_dir),
                          paced_alpha=settings["paced_alpha"], paced_beta=settings["paced_beta"],
                          kl_schedule=settings["kl_schedule"], pass_rate_rollouts=settings["pass_rate_rollouts"],
-                         paced_sampling=settings.get("paced_sampling", "weight"))
-    trainer = PacedTrainer(model=prepared["student"], teacher_model=prepared["teacher"], args=config,
+                         paced_sampling=settings.get("paced_sampling", "weight"),
+                         self_distillation=settings.get("self_distillation", False))
+    # Self-distillation: the teacher is a frozen copy of the student reading the reference solution.
+    teacher = None if config.self_distillation else prepared["teacher"]
+    trainer = PacedTrainer(model=prepared["student"], teacher_model=teacher, args=config,
                            train_dataset=train, processing_class=tokenizer, reward_funcs=["math"])
     estimate, spent, spent_cpu = trainer.estimate_pass_rates, [], []
 
@@ -345,7 +434,6 @@ def _worker_opsdc(settings: dict, prepared: dict, tokenizer, output_dir: str, di
     from transformers import TrainerCallback
 
     from trl_tip import OPSDCConfig, OPSDCTrainer, add_instruction, math_reward
-    from trl_tip.tasks import evaluate_accuracy
 
     curve_set = prepared["dataset"]["validation"].select(range(settings["curve_problems"]))
     curve, spent, spent_cpu = [], [], []
@@ -353,8 +441,12 @@ def _worker_opsdc(settings: dict, prepared: dict, tokenizer, output_dir: str, di
     class Curve(TrainerCallback):
         def _measure(self, model, step):
             started, started_cpu = time.perf_counter(), time.process_time()
-            measured = evaluate_accuracy(model, tokenizer, curve_set, max_new_tokens=settings["max_completion_length"])
-            curve.append([step, measured["accuracy"], measured["mean_completion_tokens"]])
+            measured = _evaluate(model, tokenizer, curve_set, settings["max_completion_length"])
+            point = [step, measured["accuracy"], measured["mean_completion_tokens"]]
+            if "levels" in measured:
+                point.append({level: [m["accuracy"], m["mean_completion_tokens"]]
+                              for level, m in measured["levels"].items()})
+            curve.append(point)
             spent.append(time.perf_counter() - started)
             spent_cpu.append(time.process_time() - started_cpu)
 
@@ -373,8 +465,8 @@ def _worker_opsdc(settings: dict, prepared: dict, tokenizer, output_dir: str, di
                            processing_class=tokenizer, reward_funcs=[math_reward], callbacks=[Curve()])
     test = prepared["dataset"][settings["eval_split"]]
     instructed = test.map(lambda row: {"prompt": add_instruction(row["prompt"], trainer.concise_instruction)})
-    before = evaluate_accuracy(trainer.model, tokenizer, test)
-    teachers_view = evaluate_accuracy(trainer.model, tokenizer, instructed)
+    before = _evaluate(trainer.model, tokenizer, test, settings["max_completion_length"])
+    teachers_view = _evaluate(trainer.model, tokenizer, instructed, settings["max_completion_length"])
     result = _train_measured(trainer)
     # Curve evaluations ran inside `train`; they are not training.
     result["train_seconds"] -= sum(spent)
@@ -454,6 +546,8 @@ def _worker_bridge(settings: dict, prepared: dict, tokenizer, output_dir: str, d
                 "temperature", "teacher_rl_max_steps", "teacher_rl_learning_rate", "warmup_max_steps",
                 "warmup_learning_rate", "opd_max_steps", "opd_learning_rate"):
         argv += [f"--{key}", str(settings[key])]
+    if _ACTIVE_TASK[0] == "lab":
+        argv += ["--builtin_task", "lab"]
     if "max_steps" in settings:  # direct student GRPO
         argv += ["--student_rl_max_steps", str(settings["max_steps"]),
                  "--student_rl_learning_rate", str(settings["learning_rate"])]
@@ -540,16 +634,52 @@ def worker(args) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from trl_tip.tasks import evaluate_accuracy, prepare_arithmetic_models
-
     started_wall, started_cpu = time.perf_counter(), time.process_time()
     torch.set_num_threads(1)
+    with active_task(args.task):
+        _work(args, started_wall, started_cpu)
+
+
+def _prepared_models() -> dict:
+    """The active task's teacher, student and splits (trained on first use, then cached)."""
+    if _ACTIVE_TASK[0] == "lab":
+        from trl_tip.tasks import prepare_lab_models
+
+        prepared = prepare_lab_models(verbose=False)
+        failures = prepared["metrics"]["precondition_failures"]
+        if failures:
+            # The lab is an instrument only when its preconditions hold; a method's result on it would mean nothing.
+            raise SystemExit(f"The lab's preconditions do not hold ({'; '.join(failures)}); see "
+                             f"{Path(prepared['teacher']).parent / 'metrics.json'}. No method is run on it.")
+        return prepared
+    from trl_tip.tasks import prepare_arithmetic_models
+
+    return prepare_arithmetic_models(verbose=False)
+
+
+def _evaluate(model, tokenizer, dataset, max_new_tokens: int) -> dict:
+    """Greedy accuracy and mean completion tokens; on the lab also per level (`levels`)."""
+    if _ACTIVE_TASK[0] == "lab":
+        from trl_tip.tasks import accuracy_by_level
+
+        return accuracy_by_level(model, tokenizer, dataset, max_new_tokens=max_new_tokens)
+    from trl_tip.tasks import evaluate_accuracy
+
+    return evaluate_accuracy(model, tokenizer, dataset, max_new_tokens=max_new_tokens)
+
+
+def _work(args, started_wall: float, started_cpu: float) -> None:
+    import resource
+
+    import torch
+    from transformers import AutoTokenizer
+
     out = Path(args.out)
     overrides = {"max_steps": args.max_steps, "learning_rate": args.learning_rate}
     settings = run_settings(args.method, args.variant, args.seed, args.eval_split, overrides)
     path = run_path(out, args.method, args.variant, args.seed)
     directory = run_dir(out, args.method, args.variant, args.seed)
-    prepared = prepare_arithmetic_models(verbose=False)
+    prepared = _prepared_models()
     tokenizer = AutoTokenizer.from_pretrained(prepared["student"], padding_side="left")
     with tempfile.TemporaryDirectory() as output_dir:
         if args.method == "taxonomy":
@@ -562,8 +692,8 @@ def worker(args) -> None:
             work = workers[args.method]
             result = work(settings, prepared, tokenizer, output_dir, directory)
             model = result.pop("model")
-            result["eval"] = evaluate_accuracy(model, tokenizer, prepared["dataset"][args.eval_split],
-                                               max_new_tokens=settings["max_completion_length"])
+            result["eval"] = _evaluate(model, tokenizer, prepared["dataset"][args.eval_split],
+                                       settings["max_completion_length"])
     usage = resource.getrusage(resource.RUSAGE_SELF)
     record = {
         "settings": settings,
@@ -627,7 +757,8 @@ def execute(runs: list[tuple[str, str, int]], out: Path, eval_split: str, jobs: 
             log = run_path(out, method, variant, seed).with_suffix(".log")
             log.parent.mkdir(parents=True, exist_ok=True)
             command = [sys.executable, str(Path(__file__).resolve()), "_worker", "--method", method, "--variant",
-                       variant, "--seed", str(seed), "--out", str(out), "--eval-split", eval_split]
+                       variant, "--seed", str(seed), "--out", str(out), "--eval-split", eval_split,
+                       "--task", _ACTIVE_TASK[0]]
             for key, value in (overrides or {}).items():
                 if value is not None:
                     command += [OVERRIDABLE[key], str(value)]
@@ -690,7 +821,7 @@ def _seeds(records) -> list[int]:
 
 
 def _ordered(method: str, variants: dict) -> list[str]:
-    return [name for name in METHODS[method]["variants"] if name in variants]
+    return [name for name in spec_of(method)["variants"] if name in variants]
 
 
 def _accuracy_table(method: str, variants: dict) -> str:
@@ -701,7 +832,7 @@ def _accuracy_table(method: str, variants: dict) -> str:
     ]
     for name in _ordered(method, variants):
         records = variants[name]
-        label = METHODS[method]["variants"][name]["label"]
+        label = spec_of(method)["variants"][name]["label"]
         accuracies = [r["eval"]["accuracy"] for r in records]
         lines.append(
             f"| {label} | {_pm(accuracies, 100)} | {' / '.join(f'{100 * a:.1f}' for a in accuracies)} "
@@ -719,7 +850,7 @@ def _differences(method: str, variants: dict) -> str:
     Each variant minus the baseline (and the method's extra comparisons), seed by seed (paired: same seed, same data
     order), mean ± std.
     """
-    spec = METHODS[method]
+    spec = spec_of(method)
     pairs = [(name, spec["baseline"]) for name in _ordered(method, variants) if name != spec["baseline"]]
     pairs += spec.get("comparisons", [])
     labels = spec["variants"]
@@ -765,7 +896,7 @@ def _plt():
 def plot_bars(method: str, variants: dict, path: Path) -> None:
     plt = _plt()
     names = _ordered(method, variants)
-    labels = [METHODS[method]["variants"][n]["label"].replace(", ", ",\n") for n in names]
+    labels = [spec_of(method)["variants"][n]["label"].replace(", ", ",\n") for n in names]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2, 1]})
     for axis, key, scale, title in ((left, "accuracy", 100, "test accuracy (%)"),
                                     (right, "train_cpu_seconds", 1, "training CPU time (s, one thread)")):
@@ -777,7 +908,7 @@ def plot_bars(method: str, variants: dict, path: Path) -> None:
             means.append(mean)
             stds.append(std)
             axis.scatter([index] * len(values), values, color="black", s=10, zorder=3)
-        colors = ["#888888" if n == METHODS[method]["baseline"] else "#3a76af" for n in names]
+        colors = ["#888888" if n == spec_of(method)["baseline"] else "#3a76af" for n in names]
         axis.bar(range(len(names)), means, yerr=stds, capsize=4, color=colors)
         axis.set_xticks(range(len(names)), labels, rotation=35, ha="right", fontsize=8)
         axis.set_title(title, fontsize=10)
@@ -788,7 +919,7 @@ def plot_bars(method: str, variants: dict, path: Path) -> None:
                    f"dotted: teacher ({100 * first['teacher']:.1f} %)", fontsize=10)
     left.set_ylim(0, 105)
     seeds = len(variants[names[0]])
-    fig.suptitle(f"{METHODS[method]['title']} (mean ± std over {seeds} seeds; dots: seeds; grey: baseline)",
+    fig.suptitle(f"{spec_of(method)['title']} (mean ± std over {seeds} seeds; dots: seeds; grey: baseline)",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -801,7 +932,7 @@ def plot_opsdc(variants: dict, path: Path) -> None:
     for name in _ordered("opsdc", variants):
         records = variants[name]
         steps = [point[0] for point in records[0]["curve"]]
-        label = METHODS["opsdc"]["variants"][name]["label"]
+        label = spec_of("opsdc")["variants"][name]["label"]
         for axis, column, scale in ((left, 1, 100), (right, 2, 1)):
             rows = [[scale * point[column] for point in r["curve"]] for r in records]
             stats = [mean_std(list(values)) for values in zip(*rows)]
@@ -813,14 +944,15 @@ def plot_opsdc(variants: dict, path: Path) -> None:
     cap = next(iter(variants.values()))[0]["settings"]["max_completion_length"]
     right.axhline(cap + 1, color="black", linestyle=":", linewidth=1)
     right.text(0, cap + 0.6, f"generation limit ({cap} tokens + end of turn)", fontsize=8, va="top")
-    left.set_title("greedy accuracy, 100 validation problems (%)", fontsize=10)
+    problems = next(iter(variants.values()))[0]["settings"]["curve_problems"]
+    left.set_title(f"greedy accuracy, {problems} validation problems (%)", fontsize=10)
     right.set_title("mean completion tokens (greedy, same problems)", fontsize=10)
     for axis in (left, right):
         axis.set_xlabel("optimiser step")
     left.set_ylim(-3, 103)
     left.legend(fontsize=8)
     seeds = len(next(iter(variants.values())))
-    fig.suptitle(f"{METHODS['opsdc']['title']} (mean ± std over {seeds} seeds)", fontsize=10)
+    fig.suptitle(f"{spec_of('opsdc')['title']} (mean ± std over {seeds} seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -832,7 +964,7 @@ def plot_ace(variants: dict, path: Path) -> None:
     names = _ordered("ace", variants)
     ks = sorted(int(k) for k in variants[names[0]][0]["pass_at_k"]["pass_at_k"])
     curves = {"student before": [r["before_pass_at_k"] for r in variants[names[0]]]}
-    curves.update({METHODS["ace"]["variants"][n]["label"]: [r["pass_at_k"] for r in variants[n]] for n in names})
+    curves.update({spec_of("ace")["variants"][n]["label"]: [r["pass_at_k"] for r in variants[n]] for n in names})
     for label, measured in curves.items():
         stats = [mean_std([100 * m["pass_at_k"][str(k)] for m in measured]) for k in ks]
         means, stds = [m for m, _ in stats], [s for _, s in stats]
@@ -840,7 +972,7 @@ def plot_ace(variants: dict, path: Path) -> None:
                          linestyle="--" if label == "student before" else "-")[0]
         left.fill_between(ks, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                           color=line.get_color(), alpha=0.15)
-    baseline, method = METHODS["ace"]["baseline"], names[-1]
+    baseline, method = spec_of("ace")["baseline"], names[-1]
     if baseline in variants and method != baseline:
         base = {r["settings"]["seed"]: r["pass_at_k"]["pass_at_k"] for r in variants[baseline]}
         stats = [mean_std([100 * (r["pass_at_k"]["pass_at_k"][str(k)] - base[r["settings"]["seed"]][str(k)])
@@ -850,7 +982,8 @@ def plot_ace(variants: dict, path: Path) -> None:
         right.fill_between(ks, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                            color="#c44e52", alpha=0.15)
         right.axhline(0, color="black", linewidth=0.7)
-        right.set_title(f"{METHODS['ace']['variants'][method]['label']} − GRPO, paired by seed (points)", fontsize=10)
+        label = spec_of("ace")["variants"][method]["label"]
+        right.set_title(f"{label} − GRPO, paired by seed (points)", fontsize=10)
     samples = variants[names[0]][0]["settings"]["eval_samples"]
     left.set_title(f"pass@k on the test split (%), unbiased, from {samples} samples per problem", fontsize=10)
     for axis in (left, right):
@@ -859,7 +992,7 @@ def plot_ace(variants: dict, path: Path) -> None:
         axis.set_xlabel("k")
     left.legend(fontsize=8)
     seeds = len(variants[names[0]])
-    fig.suptitle(f"{METHODS['ace']['title']} (mean ± std over {seeds} seeds)", fontsize=10)
+    fig.suptitle(f"{spec_of('ace')['title']} (mean ± std over {seeds} seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -913,13 +1046,13 @@ def plot_bridge(variants: dict, path: Path) -> None:
             right.bar(range(len(names)), heights, bottom=[bottom[name] for name in names], label=stage)
             for name, height in zip(names, heights):
                 bottom[name] += height
-    right.set_xticks(range(len(names)), [METHODS["bridge"]["variants"][name]["label"].replace(": ", ":\n")
+    right.set_xticks(range(len(names)), [spec_of("bridge")["variants"][name]["label"].replace(": ", ":\n")
                                          for name in names], fontsize=8)
     right.set_title("training CPU time by stage (s, one thread)", fontsize=10)
     right.set_ylim(0, 1.4 * max(bottom.values()))  # room for the legend above the bars
     right.legend(fontsize=8, loc="upper left", ncol=2)
     seeds = len(variants[names[0]])
-    fig.suptitle(f"{METHODS['bridge']['title']} (mean ± std over {seeds} seeds)", fontsize=10)
+    fig.suptitle(f"{spec_of('bridge')['title']} (mean ± std over {seeds} seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1018,7 +1151,7 @@ def _opsdc_section(variants: dict, figures: str) -> str:
     for name in _ordered("opsdc", variants):
         rs = variants[name]
         lines.append(
-            f"| {METHODS['opsdc']['variants'][name]['label']} "
+            f"| {spec_of('opsdc')['variants'][name]['label']} "
             f"| {_pm([r['before']['accuracy'] for r in rs], 100)} "
             f"| {_pm([r['teachers_view']['accuracy'] for r in rs], 100)} "
             f"| {_pm([r['eval']['accuracy'] for r in rs], 100)} "
@@ -1029,7 +1162,8 @@ def _opsdc_section(variants: dict, figures: str) -> str:
             f"| {_pm([r['peak_rss_mib'] for r in rs], digits=0)} |"
         )
     return "\n\n".join([
-        f"Settings: the built-in *teacher* (100 % test accuracy) self-distils: {settings['max_steps']} optimiser "
+        f"Settings: the built-in *teacher* ({100 * records[0]['teacher']:.1f} % test accuracy) self-distils: "
+        f"{settings['max_steps']} optimiser "
         f"steps × {settings['per_device_train_batch_size']} prompts (one rollout each, T = "
         f"{settings['temperature']:g}), lr {_lr(settings['learning_rate'])} constant, weight decay 0.01, reverse KL, "
         f"instruction before the problem. The curves are greedy accuracy and length on the first "
@@ -1064,7 +1198,7 @@ def _ace_section(variants: dict, figures: str) -> str:
     for name in names:
         rs = variants[name]
         lines.append(
-            f"| {METHODS['ace']['variants'][name]['label']} | {cells([r['pass_at_k'] for r in rs])} "
+            f"| {spec_of('ace')['variants'][name]['label']} | {cells([r['pass_at_k'] for r in rs])} "
             f"| {_pm([r['eval']['accuracy'] for r in rs], 100)} "
             f"| {_pm([r['pass_at_k']['mean_completion_tokens'] for r in rs])} "
             f"| {_pm([r['train_cpu_seconds'] for r in rs], digits=1)} "
@@ -1072,7 +1206,7 @@ def _ace_section(variants: dict, figures: str) -> str:
             f"| {_pm([r['peak_rss_mib'] for r in rs], digits=0)} |"
         )
     differences = []
-    baseline = METHODS["ace"]["baseline"]
+    baseline = spec_of("ace")["baseline"]
     if baseline in variants:
         base = {r["settings"]["seed"]: r["pass_at_k"]["pass_at_k"] for r in variants[baseline]}
         differences = ["| variant | " + " | ".join(f"Δ pass@{k} (points)" for k in ks) + " |",
@@ -1083,7 +1217,7 @@ def _ace_section(variants: dict, figures: str) -> str:
             paired = [r for r in variants[name] if r["settings"]["seed"] in base]
             row = " | ".join(_pm([100 * (r["pass_at_k"]["pass_at_k"][str(k)] - base[r["settings"]["seed"]][str(k)])
                                   for r in paired]) for k in ks)
-            differences.append(f"| {METHODS['ace']['variants'][name]['label']} − GRPO | {row} |")
+            differences.append(f"| {spec_of('ace')['variants'][name]['label']} − GRPO | {row} |")
     # What ACE did: the logged distributions of c and of the factor, averaged over the training steps of each seed.
     acting = []
     logged = [name for name in names
@@ -1095,7 +1229,7 @@ def _ace_section(variants: dict, figures: str) -> str:
             def over_steps(key):
                 return _pm([sum(v for _, v in r["history"][key]) / len(r["history"][key]) for r in variants[name]],
                            digits=2)
-            acting.append(f"| {METHODS['ace']['variants'][name]['label']} | "
+            acting.append(f"| {spec_of('ace')['variants'][name]['label']} | "
                           + " | ".join(over_steps(key) for key in ACE_LOGGED if key != "ace/confidence_shift_mean")
                           + " |")
     return "\n\n".join([
@@ -1138,11 +1272,11 @@ def _bridge_section(variants: dict, figures: str) -> str:
     totals = ["| run | train CPU time, all stages (s) | train wall time, all stages (s) |", "|---|---:|---:|"]
     for name in _ordered("bridge", variants):
         rs = variants[name]
-        totals.append(f"| {METHODS['bridge']['variants'][name]['label']} "
+        totals.append(f"| {spec_of('bridge')['variants'][name]['label']} "
                       f"| {_pm([r['train_cpu_seconds'] for r in rs], digits=1)} "
                       f"| {_pm([r['train_seconds'] for r in rs], digits=0)} |")
     differences = []
-    baseline = METHODS["bridge"]["baseline"]
+    baseline = spec_of("bridge")["baseline"]
     if baseline in variants:
         base = {r["settings"]["seed"]: r for r in variants[baseline]}
         differences = ["| comparison | greedy (points) | mean@{0} (points) | pass@{0} (points) |".format(n),
@@ -1157,11 +1291,11 @@ def _bridge_section(variants: dict, figures: str) -> str:
                 _pm([100 * (a["sampled"]["pass_at_k"][str(n)] - b["sampled"]["pass_at_k"][str(n)])
                      for a, b in paired]),
             ]
-            differences.append(f"| {METHODS['bridge']['variants'][name]['label']} − "
-                               f"{METHODS['bridge']['variants'][baseline]['label']} | {' | '.join(cells)} |")
+            differences.append(f"| {spec_of('bridge')['variants'][name]['label']} − "
+                               f"{spec_of('bridge')['variants'][baseline]['label']} | {' | '.join(cells)} |")
         if len(differences) == 2:
             differences = []
-    grpo = METHODS["bridge"]["variants"]["student_grpo"]
+    grpo = spec_of("bridge")["variants"]["student_grpo"]
     grpo_settings = variants[baseline][0]["settings"] if baseline in variants else {**settings, **grpo}
     return "\n\n".join([
         f"Settings: `examples/bridge.py` on the first {settings['num_train_problems']} training problems, "
@@ -1198,6 +1332,93 @@ def _taxonomy_section(variants: dict, figures: str) -> str:
     ])
 
 
+def _levels_of(variants: dict) -> list[str]:
+    first = next(iter(variants.values()))[0]
+    return sorted(first["eval"]["levels"], key=int)
+
+
+def _levels_table(method: str, variants: dict) -> str:
+    """The lab's per-level view: greedy accuracy (%) and mean completion tokens of each variant at each level."""
+    levels = _levels_of(variants)
+    header = "| variant | " + " | ".join(f"level {level}: accuracy (%) | tokens" for level in levels) + " |"
+    lines = [header, "|---|" + "---:|" * (2 * len(levels))]
+    rows = []
+    if method == "opsdc":
+        name = _ordered(method, variants)[0]
+        rows.append(("before training (every variant)", [r["before"] for r in variants[name]]))
+        for name in _ordered(method, variants):
+            rows.append((f"{spec_of(method)['variants'][name]['label']}: the teacher's view",
+                         [r["teachers_view"] for r in variants[name]]))
+    for name in _ordered(method, variants):
+        rows.append((spec_of(method)["variants"][name]["label"], [r["eval"] for r in variants[name]]))
+    for label, measured in rows:
+        cells = []
+        for level in levels:
+            cells.append(_pm([m["levels"][level]["accuracy"] for m in measured], 100))
+            cells.append(_pm([m["levels"][level]["mean_completion_tokens"] for m in measured]))
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def plot_levels(method: str, variants: dict, path: Path) -> None:
+    """Per-level bars: greedy accuracy and mean completion tokens of each variant (mean ± std over seeds)."""
+    plt = _plt()
+    names = _ordered(method, variants)
+    levels = _levels_of(variants)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / len(names)
+    for index, name in enumerate(names):
+        records = variants[name]
+        xs = [i + (index - (len(names) - 1) / 2) * width for i in range(len(levels))]
+        for axis, key, scale in ((left, "accuracy", 100), (right, "mean_completion_tokens", 1)):
+            stats = [mean_std([scale * r["eval"]["levels"][level][key] for r in records]) for level in levels]
+            axis.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=2,
+                     label=spec_of(method)["variants"][name]["label"])
+    for axis, title in ((left, "greedy test accuracy (%)"), (right, "mean completion tokens")):
+        axis.set_xticks(range(len(levels)), [f"level {level}" for level in levels])
+        axis.set_title(title, fontsize=10)
+    left.set_ylim(0, 105)
+    left.legend(fontsize=7)
+    fig.suptitle(f"{spec_of(method)['title']}, by level (lab; mean ± std over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_opsdc_levels(variants: dict, path: Path) -> None:
+    """OPSDC on the lab: mean completion tokens (top) and accuracy (bottom) per level over training, per variant."""
+    plt = _plt()
+    names = _ordered("opsdc", variants)
+    levels = sorted(variants[names[0]][0]["curve"][0][3], key=int)
+    fig, axes = plt.subplots(2, len(levels), figsize=(3 * len(levels), 5.5), sharex=True)
+    for name in names:
+        records = variants[name]
+        steps = [point[0] for point in records[0]["curve"]]
+        for column, level in enumerate(levels):
+            for row, (field, scale) in enumerate(((1, 1), (0, 100))):
+                means = [mean_std([scale * r["curve"][i][3][level][field] for r in records])[0]
+                         for i in range(len(steps))]
+                axes[row][column].plot(steps, means, marker="o", markersize=2,
+                                       label=spec_of("opsdc")["variants"][name]["label"])
+            axes[0][column].set_title(f"level {level}", fontsize=10)
+    axes[0][0].set_ylabel("mean completion tokens")
+    axes[1][0].set_ylabel("greedy accuracy (%)")
+    for axis in axes[1]:
+        axis.set_xlabel("optimiser step")
+        axis.set_ylim(-3, 103)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("OPSDC on the lab: length and accuracy per level over training (validation, mean over seeds)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+LEVEL_PLOTS = {"tip": lambda v, p: plot_levels("tip", v, p), "paced": lambda v, p: plot_levels("paced", v, p),
+               "opsdc": plot_opsdc_levels}
+LEVEL_TABLES = ("tip", "paced", "opsdc", "ace")
+
+
 SECTIONS = {"tip": _tip_section, "paced": _paced_section, "opsdc": _opsdc_section, "ace": _ace_section,
             "bridge": _bridge_section, "taxonomy": _taxonomy_section}
 PLOTS = {"tip": lambda v, p: plot_bars("tip", v, p), "paced": lambda v, p: plot_bars("paced", v, p),
@@ -1215,39 +1436,59 @@ def _section_pattern(method: str) -> re.Pattern:
 
 def render(out: Path = DEFAULT_OUT, doc: Path = DEFAULT_DOC, figures: Path = DEFAULT_FIGURES) -> list[Path]:
     """
-    Write each method's generated section of `doc` (between its `<!-- reproduce:<method>:start/end -->` markers) and
-    its figure under `figures`, from the results under `out`. A doc without a method's markers gets the section
-    appended; methods without results keep their section as it is. Returns the figures written.
+    Write each method's generated section of `doc` (between its `<!-- reproduce:<method>:start/end -->` markers, or
+    `<!-- reproduce:lab-<method>:start/end -->` for the lab) and its figures under `figures` (the lab's under
+    `figures/lab`), from the results under `out` (the lab's under `out/lab`). A doc without a method's markers gets the
+    section appended; methods without results keep their section as it is. Returns the figures written.
     """
-    results = load_results(out)
     doc, figures = Path(doc), Path(figures)
-    figures.mkdir(parents=True, exist_ok=True)
-    text = doc.read_text() if doc.exists() else "# Results on the built-in task\n"
-    relative = os.path.relpath(figures, doc.parent)
+    text = doc.read_text() if doc.exists() else "# Results on the built-in tasks\n"
     written = []
+    for task in TASKS:
+        with active_task(task):
+            text = _render_task(task, load_results(task_out(out, task)), text, doc,
+                                figures / "lab" if task == "lab" else figures, written)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+    return written
+
+
+def _render_task(task: str, results: dict, text: str, doc: Path, figures: Path, written: list) -> str:
+    prefix = "lab-" if task == "lab" else ""
+    relative = os.path.relpath(figures, doc.parent)
     all_records = []
     for method in SECTIONS:
         if method not in results:
             continue
+        figures.mkdir(parents=True, exist_ok=True)
         variants = results[method]
         all_records += [r for records in variants.values() for r in records]
         figure = figures / f"{method}.png"
         PLOTS[method](variants, figure)
         written.append(figure)
-        body = f"{_marker(method, 'start')}\n\n{SECTIONS[method](variants, relative)}\n\n{_marker(method, 'end')}"
-        pattern = _section_pattern(method)
+        if task == "lab" and method in LEVEL_PLOTS:
+            LEVEL_PLOTS[method](variants, figures / f"{method}_levels.png")
+            written.append(figures / f"{method}_levels.png")
+        marker = prefix + method
+        section = SECTIONS[method](variants, relative)
+        if task == "lab" and method in LEVEL_TABLES:
+            section += "\n\nBy level (test split):\n\n" + _levels_table(method, variants)
+            if method in LEVEL_PLOTS:
+                section += f"\n\n![{spec_of(method)['title']}, by level]({relative}/{method}_levels.png)"
+        body = f"{_marker(marker, 'start')}\n\n{section}\n\n{_marker(marker, 'end')}"
+        pattern = _section_pattern(marker)
         if pattern.search(text):
             text = pattern.sub(lambda _: body, text)
         else:
-            text = text.rstrip("\n") + f"\n\n## {METHODS[method]['title']}\n\n{body}\n"
+            text = text.rstrip("\n") + f"\n\n## {spec_of(method)['title']}\n\n{body}\n"
     if all_records:
-        body = (f"{_marker('total', 'start')}\n\nAll results above: {_run_totals(all_records)} (sums over the runs; "
-                f"torch {all_records[0]['torch']}).\n\n{_marker('total', 'end')}")
-        pattern = _section_pattern("total")
+        marker = prefix + "total"
+        scope = "All results of the lab above" if task == "lab" else "All results above"
+        body = (f"{_marker(marker, 'start')}\n\n{scope}: {_run_totals(all_records)} (sums over the runs; "
+                f"torch {all_records[0]['torch']}).\n\n{_marker(marker, 'end')}")
+        pattern = _section_pattern(marker)
         text = pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip("\n") + f"\n\n{body}\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
-    return written
+    return text
 
 
 # --- command line --------------------------------------------------------------------------------------------------
@@ -1259,9 +1500,13 @@ def make_parser() -> argparse.ArgumentParser:
     for method in (*RUN_METHODS, "all"):
         sub = commands.add_parser(method, help=f"run {'every method' if method == 'all' else method}, then render")
         if method != "all":
-            sub.add_argument("--variants", nargs="+", choices=list(METHODS[method]["variants"]),
-                             default=list(METHODS[method]["variants"]))
+            names = list(dict.fromkeys([*ARITHMETIC_METHODS[method]["variants"], *LAB_METHODS[method]["variants"]]))
+            sub.add_argument("--variants", nargs="+", choices=names, default=None,
+                             help="variants to run (default: every variant the task has)")
         sub.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+        sub.add_argument("--task", choices=[*TASKS, "both"], default="arithmetic",
+                         help="the built-in task: the addition task (default), the lab (refused while its "
+                         "preconditions do not hold, see docs/lab_task.md), or both")
         sub.add_argument("--out", default=str(DEFAULT_OUT), help="directory of the per-run JSON results")
         sub.add_argument("--eval-split", choices=["test", "validation"], default="test",
                          help="split the final accuracy is measured on ('validation' to set budgets)")
@@ -1278,6 +1523,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub.add_argument("--figures", default=str(DEFAULT_FIGURES))
     sub = commands.add_parser("_worker")  # one run, in a fresh process
     sub.add_argument("--method", choices=RUN_METHODS, required=True)
+    sub.add_argument("--task", choices=TASKS, default="arithmetic")
     sub.add_argument("--variant", required=True)
     sub.add_argument("--seed", type=int, required=True)
     sub.add_argument("--out", required=True)
@@ -1296,27 +1542,37 @@ def main(argv=None) -> None:
         for figure in render(Path(args.out), Path(args.doc), Path(args.figures)):
             print(f"wrote {figure}")
         return
-    out = Path(args.out)
     overrides = {"max_steps": args.max_steps, "learning_rate": args.learning_rate}
     methods = RUN_METHODS if args.command == "all" else (args.command,)
-    runs = []
-    for method in methods:
-        variants = args.variants if args.command != "all" else list(METHODS[method]["variants"])
-        if method == "taxonomy":
-            # It reads the student after the TIP run it pictures.
-            runs += pending_runs("tip", [METHODS["taxonomy"]["settings"]["tip_run"]], [0], out, args.eval_split,
-                                 False, overrides)
-        runs += pending_runs(method, variants, args.seeds, out, args.eval_split, args.force, overrides)
-    runs = list(dict.fromkeys(runs))
-    # The taxonomy run needs the TIP run it pictures: run it last.
-    runs.sort(key=lambda run: run[0] == "taxonomy")
-    print(f"{len(runs)} run(s) to do in {out}")
-    taxonomy = [run for run in runs if run[0] == "taxonomy"]
-    wall = execute([run for run in runs if run[0] != "taxonomy"], out, args.eval_split, args.jobs, overrides)
-    wall += execute(taxonomy, out, args.eval_split, args.jobs, overrides)
+    tasks = TASKS if args.task == "both" else (args.task,)
+    wall = 0.0
+    for task in tasks:
+        with active_task(task):
+            out = task_out(Path(args.out), task)
+            runs = []
+            for method in methods:
+                variants = list(spec_of(method)["variants"])
+                if args.command != "all" and args.variants:
+                    unknown = [name for name in args.variants if name not in variants]
+                    if unknown:
+                        raise SystemExit(f"{method} has no variant {unknown} on the {task} task; it has {variants}.")
+                    variants = args.variants
+                if method == "taxonomy":
+                    # It reads the student after the TIP run it pictures.
+                    runs += pending_runs("tip", [spec_of("taxonomy")["settings"]["tip_run"]], [0], out,
+                                         args.eval_split, False, overrides)
+                runs += pending_runs(method, variants, args.seeds, out, args.eval_split, args.force, overrides)
+            runs = list(dict.fromkeys(runs))
+            # The taxonomy run needs the TIP run it pictures: run it last.
+            runs.sort(key=lambda run: run[0] == "taxonomy")
+            print(f"{len(runs)} run(s) to do on the {task} task in {out}")
+            taxonomy = [run for run in runs if run[0] == "taxonomy"]
+            wall += execute([run for run in runs if run[0] != "taxonomy"], out, args.eval_split, args.jobs,
+                            overrides)
+            wall += execute(taxonomy, out, args.eval_split, args.jobs, overrides)
     print(f"wall time {wall / 60:.1f} min")
-    if not args.no_render and out.resolve() == DEFAULT_OUT.resolve():
-        for figure in render(out):
+    if not args.no_render and Path(args.out).resolve() == DEFAULT_OUT.resolve():
+        for figure in render(Path(args.out)):
             print(f"wrote {figure}")
 
 

@@ -106,6 +106,13 @@ class BridgeScriptArguments(ScriptArguments):
             "opd, student_rl, or 'all'. A stage left out is bypassed: the next one takes the model before it."
         },
     )
+    builtin_task: str = dataclasses.field(
+        default="arithmetic",
+        metadata={
+            "help": "Built-in task used when no model is given: 'arithmetic' (two-digit addition, the fast demo) or "
+            "'lab' (column addition at four levels with verbose solutions; set --max_completion_length 192)."
+        },
+    )
     overwrite_stages: bool = dataclasses.field(
         default=False,
         metadata={"help": "Retrain the selected stages even when output_dir/<stage>/metrics.json exists."},
@@ -460,9 +467,14 @@ def run_bridge(
         )
     prepared = None
     if builtin:
-        from trl_tip.tasks import prepare_arithmetic_models
+        from trl_tip.tasks import prepare_arithmetic_models, prepare_lab_models
 
-        prepared = prepare_arithmetic_models(verbose=state.is_main_process)
+        builtin_tasks = {"arithmetic": prepare_arithmetic_models, "lab": prepare_lab_models}
+        if script_args.builtin_task not in builtin_tasks:
+            raise ValueError(
+                f"--builtin_task must be one of {sorted(builtin_tasks)}, got {script_args.builtin_task!r}."
+            )
+        prepared = builtin_tasks[script_args.builtin_task](verbose=state.is_main_process)
         model_args.model_name_or_path = prepared["student"]
         script_args.teacher_model_name_or_path = prepared["teacher"]
     if script_args.teacher_model_name_or_path is None and any(s in stages for s in ("teacher_rl", "warmup", "opd")):

@@ -175,3 +175,42 @@ def test_every_row_command_parses(reproduce, results):
         command = json.loads(path.read_text())["command"].split()
         assert command[:2] == ["python", "benchmarks/reproduce.py"]
         reproduce.make_parser().parse_args(command[2:])
+
+
+def test_lab_runs_are_their_own_runs_and_render_by_level(tmp_path, reproduce):
+    # The lab's settings carry the task, its results live under lab/, its commands say --task lab, and its sections
+    # (with their per-level tables) are rendered between their own markers, next to the addition task's.
+    out = tmp_path / "runs"
+    with reproduce.active_task("lab"):
+        assert reproduce.run_settings("tip", "all", 0, "test")["task"] == "lab"
+        assert (reproduce.row_command("tip", "all", [0])
+                == "python benchmarks/reproduce.py tip --variants all --seeds 0 --task lab")
+        for seed, (base, soft_or) in enumerate([(0.4, 0.5), (0.5, 0.6), (0.6, 0.5)]):
+            for variant, accuracy in (("all", base), ("soft_or_50", soft_or)):
+                record = _record(reproduce, "tip", variant, seed, accuracy)
+                # Level 0 at accuracy + 0.3, level 2 at accuracy − 0.3, tokens 100 / 110 / 120.
+                record["eval"]["levels"] = {str(level): {"accuracy": accuracy + 0.3 * (1 - level),
+                                                         "mean_completion_tokens": 100.0 + 10 * level,
+                                                         "num_problems": 60} for level in (0, 1, 2)}
+                _write(reproduce.task_out(out, "lab"), record)
+    assert "task" not in reproduce.run_settings("tip", "all", 0, "test")
+    assert reproduce.pending_runs("tip", ["all"], [0], reproduce.task_out(out, "lab"), "test", False) != []
+    with reproduce.active_task("lab"):
+        assert reproduce.pending_runs("tip", ["all"], [0, 1, 2], reproduce.task_out(out, "lab"), "test", False) == []
+    assert not list(out.glob("*/*/seed*.json"))  # the addition task's results are not the lab's
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text("# Results\n")
+    figures = reproduce.render(out, doc, tmp_path / "docs" / "results")
+    text = doc.read_text()
+    assert "<!-- reproduce:lab-tip:start -->" in text and "<!-- reproduce:tip:start -->" not in text
+    # Level 0 of soft-OR: 80 / 90 / 80 % → 83.3 ± 5.8; all tokens: 70 / 80 / 90 % at level 0, 10 / 20 / 30 % at
+    # level 2.
+    assert "| soft-OR 50 % | 83.3 ± 5.8 | 100.0 ± 0.0 |" in text
+    assert ("| all tokens (plain OPD) | 80.0 ± 10.0 | 100.0 ± 0.0 | 50.0 ± 10.0 | 110.0 ± 0.0 | 20.0 ± 10.0 "
+            "| 120.0 ± 0.0 |") in text
+    assert "python benchmarks/reproduce.py tip --variants all --seeds 0 1 2 --task lab" in text
+    assert "All results of the lab above: 6 runs" in text
+    assert sorted(path.relative_to(tmp_path / "docs" / "results").as_posix() for path in figures) == [
+        "lab/tip.png", "lab/tip_levels.png"]
+    assert "](results/lab/tip_levels.png)" in text

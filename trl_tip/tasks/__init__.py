@@ -7,10 +7,30 @@ from .arithmetic import (
     prepare_arithmetic_models,
     worked_solution,
 )
+from .lab import (
+    CONCISE_PARAPHRASES,
+    LabTask,
+    accuracy_by_level,
+    build_lab_dataset,
+    check_preconditions,
+    measure_preconditions,
+    prepare_lab_models,
+    styled_split,
+    verbose_solution,
+)
 
 
 __all__ = [
+    "CONCISE_PARAPHRASES",
     "ArithmeticTask",
+    "LabTask",
+    "accuracy_by_level",
+    "build_lab_dataset",
+    "check_preconditions",
+    "measure_preconditions",
+    "prepare_lab_models",
+    "styled_split",
+    "verbose_solution",
     "build_arithmetic_dataset",
     "evaluate_accuracy",
     "prepare_arithmetic_models",
