@@ -1480,7 +1480,8 @@ def _render_task(task: str, results: dict, text: str, doc: Path, figures: Path, 
         if pattern.search(text):
             text = pattern.sub(lambda _: body, text)
         else:
-            text = text.rstrip("\n") + f"\n\n## {spec_of(method)['title']}\n\n{body}\n"
+            title = f"The lab: {spec_of(method)['title']}" if task == "lab" else spec_of(method)["title"]
+            text = text.rstrip("\n") + f"\n\n## {title}\n\n{body}\n"
     if all_records:
         marker = prefix + "total"
         scope = "All results of the lab above" if task == "lab" else "All results above"
