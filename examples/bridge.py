@@ -110,7 +110,7 @@ class BridgeScriptArguments(ScriptArguments):
         default="arithmetic",
         metadata={
             "help": "Built-in task used when no model is given: 'arithmetic' (two-digit addition, the fast demo) or "
-            "'lab' (column addition at four levels with verbose solutions; set --max_completion_length 192)."
+            "'lab' (column addition at three carry levels, verbose solutions; set --max_completion_length 128)."
         },
     )
     overwrite_stages: bool = dataclasses.field(
