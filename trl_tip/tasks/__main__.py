@@ -10,7 +10,7 @@ from .lab import LabTask, prepare_lab_models
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--task", choices=["arithmetic", "lab"], default="arithmetic",
-                        help="the addition task (the fast demo) or the lab (four levels, verbose and concise styles)")
+                        help="the addition task (the fast demo) or the lab (three levels, verbose and concise styles)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task split and of model training")
     parser.add_argument("--cache_dir", default=None, help="cache root (default: $TRL_TIP_CACHE or ~/.cache/trl_tip)")
     parser.add_argument("--force", action="store_true", help="retrain even when a cached copy exists")
