@@ -7,7 +7,7 @@ peak resident memory during training, and the curves the plots need. A run whose
 settings is skipped, so an interrupted or partial reproduction resumes where it stopped. `render` turns the JSON files
 into the generated sections of `docs/results.md` and the figures under `docs/results/`.
 
-    python benchmarks/reproduce.py all                       # every missing run, then render
+    python benchmarks/reproduce.py all                       # every missing run of both tasks, then render
     python benchmarks/reproduce.py tip --seeds 0 1 2         # one method (renders afterwards)
     python benchmarks/reproduce.py tip --variants soft_or_50 --seeds 0
     python benchmarks/reproduce.py render                    # only rewrite docs/results.md and the figures
@@ -1505,9 +1505,10 @@ def make_parser() -> argparse.ArgumentParser:
             sub.add_argument("--variants", nargs="+", choices=names, default=None,
                              help="variants to run (default: every variant the task has)")
         sub.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-        sub.add_argument("--task", choices=[*TASKS, "both"], default="arithmetic",
-                         help="the built-in task: the addition task (default), the lab (refused while its "
-                         "preconditions do not hold, see docs/lab_task.md), or both")
+        default_task = "both" if method == "all" else "arithmetic"
+        sub.add_argument("--task", choices=[*TASKS, "both"], default=default_task,
+                         help=f"the built-in task: the addition task, the lab (refused while its preconditions do "
+                         f"not hold, see docs/lab_task.md), or both (default: {default_task})")
         sub.add_argument("--out", default=str(DEFAULT_OUT), help="directory of the per-run JSON results")
         sub.add_argument("--eval-split", choices=["test", "validation"], default="test",
                          help="split the final accuracy is measured on ('validation' to set budgets)")
