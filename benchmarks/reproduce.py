@@ -1232,14 +1232,15 @@ def _ace_section(variants: dict, figures: str) -> str:
             acting.append(f"| {spec_of('ace')['variants'][name]['label']} | "
                           + " | ".join(over_steps(key) for key in ACE_LOGGED if key != "ace/confidence_shift_mean")
                           + " |")
+    origin = ("the settings of `examples/ace_grpo.py`" if _ACTIVE_TASK[0] == "arithmetic" else
+              "the loss, β and learning rate of `examples/ace_grpo.py`; steps and batch are the lab's")
     return "\n\n".join([
         f"Settings: the built-in *student* (the teacher solves nearly every sample, so its GRPO groups would carry no "
         f"signal), {settings['max_steps']} optimiser steps × {settings['per_device_train_batch_size']} rollouts "
         f"({settings['per_device_train_batch_size'] // settings['num_generations']} prompts × "
         f"{settings['num_generations']}), math reward, loss `{settings['loss_type']}`, β = {settings['beta']:g}, lr "
-        f"{_lr(settings['learning_rate'])} {settings['lr_scheduler_type']}, T = {settings['temperature']:g} (the "
-        "settings of `examples/ace_grpo.py`). pass@k is the unbiased estimator over "
-        f"{settings['eval_samples']} samples per test problem at T = {settings['temperature']:g}, the sampling seeded "
+        f"{_lr(settings['learning_rate'])} {settings['lr_scheduler_type']}, T = {settings['temperature']:g} "
+        f"({origin}). pass@k is the unbiased estimator over {settings['eval_samples']} samples per test problem at T = {settings['temperature']:g}, the sampling seeded "
         "with the run's seed, so both methods of a seed are scored on the same random stream; pass@1 equals "
         f"mean@{settings['eval_samples']}.",
         "\n".join(lines),
