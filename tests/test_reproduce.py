@@ -214,3 +214,26 @@ def test_lab_runs_are_their_own_runs_and_render_by_level(tmp_path, reproduce):
     assert sorted(path.relative_to(tmp_path / "docs" / "results").as_posix() for path in figures) == [
         "lab/tip.png", "lab/tip_levels.png"]
     assert "](results/lab/tip_levels.png)" in text
+
+
+def test_an_empty_cache_starts_from_the_shipped_lab_and_a_prepared_one_is_kept(tmp_path, reproduce):
+    from trl_tip.tasks import LabTask, prepare_lab_models
+
+    key = LabTask().cache_key
+    copied = reproduce.seed_lab_cache(tmp_path)
+    assert copied == tmp_path / key
+    shipped = reproduce.SHIPPED_LAB / key
+    assert (copied / "teacher" / "model.safetensors").read_bytes() == (
+        shipped / "teacher" / "model.safetensors").read_bytes()
+    # The copy is a complete cache entry: preparing loads it (training would take minutes and rewrite metrics.json).
+    before = (copied / "metrics.json").read_text()
+    prepared = prepare_lab_models(cache_dir=tmp_path, verbose=False)
+    assert prepared["metrics"]["precondition_failures"] == [] and (copied / "metrics.json").read_text() == before
+    assert not list(tmp_path.glob("*.partial"))
+    # A lab already in the cache (for instance prepared on this machine) is never overwritten.
+    (copied / "metrics.json").write_text('{"precondition_failures": []}')
+    assert reproduce.seed_lab_cache(tmp_path) is None
+    assert (copied / "metrics.json").read_text() == '{"precondition_failures": []}'
+    # Nothing to copy from: nothing happens.
+    assert reproduce.seed_lab_cache(tmp_path / "other", shipped=tmp_path / "nowhere") is None
+    assert not (tmp_path / "other").exists()
