@@ -46,6 +46,7 @@ from trl_tip import ACEGRPOConfig, ACEGRPOTrainer, PassAtKCallback, math_reward
 from trl_tip.script_utils import (
     EvaluateAtTrainBegin,
     as_chat_prompts,
+    end_distributed,
     parse_with_builtin_defaults,
     reset_for_another_trainer,
 )
@@ -268,3 +269,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    end_distributed()

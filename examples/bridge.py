@@ -53,7 +53,7 @@ import torch
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from trl_tip import ACEGRPOConfig, PacedConfig, TipDistillConfig, math_reward
-from trl_tip.script_utils import as_chat_prompts, evaluate_split, parse_with_builtin_defaults
+from trl_tip.script_utils import as_chat_prompts, end_distributed, evaluate_split, parse_with_builtin_defaults
 from trl_tip.sharding import requested_sharded_engine
 
 
@@ -645,3 +645,4 @@ def main(argv: list[str] | None = None):
 
 if __name__ == "__main__":
     main()
+    end_distributed()

@@ -255,4 +255,7 @@ def main(script_args, training_args, model_args):
 
 
 if __name__ == "__main__":
+    from trl_tip.script_utils import end_distributed
+
     main(*parse_arguments())
+    end_distributed()

@@ -42,6 +42,7 @@ from trl_tip import PacedConfig, PacedTrainer
 from trl_tip.script_utils import (
     EvaluateAtTrainBegin,
     as_chat_prompts,
+    end_distributed,
     evaluate_split_with_trainer,
     parse_with_builtin_defaults,
 )
@@ -195,3 +196,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    end_distributed()

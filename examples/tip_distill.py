@@ -34,6 +34,7 @@ from trl_tip import TipDistillConfig, TipDistillTrainer
 from trl_tip.script_utils import (
     EvaluateAtTrainBegin,
     as_chat_prompts,
+    end_distributed,
     evaluate_split_with_trainer,
     parse_with_builtin_defaults,
 )
@@ -155,3 +156,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    end_distributed()
