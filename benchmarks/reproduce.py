@@ -1269,9 +1269,9 @@ def _ace_section(variants: dict, figures: str) -> str:
         f"({settings['per_device_train_batch_size'] // settings['num_generations']} prompts × "
         f"{settings['num_generations']}), math reward, loss `{settings['loss_type']}`, β = {settings['beta']:g}, lr "
         f"{_lr(settings['learning_rate'])} {settings['lr_scheduler_type']}, T = {settings['temperature']:g} "
-        f"({origin}). pass@k is the unbiased estimator over {settings['eval_samples']} samples per test problem at T = {settings['temperature']:g}, the sampling seeded "
-        "with the run's seed, so both methods of a seed are scored on the same random stream; pass@1 equals "
-        f"mean@{settings['eval_samples']}.",
+        f"({origin}). pass@k is the unbiased estimator over {settings['eval_samples']} samples per test problem at "
+        f"T = {settings['temperature']:g}, the sampling seeded with the run's seed, so both methods of a seed are scored "
+        f"on the same random stream; pass@1 equals mean@{settings['eval_samples']}.",
         "\n".join(lines),
         "\n".join(differences),
         *(["What ACE did, from its logged metrics (each a per-step statistic over the step's rollouts, averaged over "

@@ -1,9 +1,9 @@
 """
 The lab's preconditions, re-measured on its cached teacher and student.
 
-Training the pair takes about ten minutes on two cores, too long for the suite, so a copy of the cache directory that
+Training the pair takes about five minutes on two cores, too long for the suite, so a copy of the cache directory that
 `prepare_lab_models()` writes (task seed 0) is kept under `tests/data/lab/`. When the lab's recipe changes, its
-version (`LAB_VERSION`) and so its cache key change, the first test below fails, and the copy is refreshed with
+version (`LAB_VERSION`) and so its cache key change, every test below fails, and the copy is refreshed with
 
     python -m trl_tip.tasks --task lab
     cp -r ~/.cache/trl_tip/<cache key> tests/data/lab/
@@ -24,14 +24,20 @@ FIXTURE = Path(__file__).parent / "data" / "lab"
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
+def stored_metrics() -> dict:
+    """The copy's `metrics.json`, with a clear failure when the copy is not of the current lab version."""
+    path = FIXTURE / LabTask().cache_key / "metrics.json"
+    assert path.exists(), (
+        f"tests/data/lab holds no copy of the lab's cache {LabTask().cache_key!r}; refresh it as this module's "
+        "docstring says."
+    )
+    return json.loads(path.read_text())
+
+
 @pytest.fixture(scope="module")
 def cached_lab():
     task = LabTask()
-    directory = FIXTURE / task.cache_key
-    assert (directory / "metrics.json").exists(), (
-        f"tests/data/lab holds no copy of the lab's cache {task.cache_key!r}; refresh it as this module's docstring "
-        "says."
-    )
+    stored_metrics()
     # Loads from the copy: prepare_lab_models trains only when the directory lacks metrics.json.
     prepared = prepare_lab_models(task, cache_dir=FIXTURE, verbose=False)
     teacher = AutoModelForCausalLM.from_pretrained(prepared["teacher"]).eval()
@@ -40,8 +46,7 @@ def cached_lab():
 
 
 def test_the_copy_is_the_current_lab():
-    task = LabTask()
-    metrics = json.loads((FIXTURE / task.cache_key / "metrics.json").read_text())
+    metrics = stored_metrics()
     assert metrics["task"] == {"num_train_per_level": 1500, "num_validation_per_level": 30, "num_test_per_level": 60,
                                "seed": 0}
     assert metrics["precondition_failures"] == []
@@ -75,7 +80,7 @@ def test_preconditions_hold_when_re_measured(cached_lab):
 
 
 def test_docs_state_the_cached_preconditions():
-    metrics = json.loads((FIXTURE / LabTask().cache_key / "metrics.json").read_text())
+    metrics = stored_metrics()
     measured = metrics["preconditions"]
     page = (DOCS / "lab_task.md").read_text()
     concise = measured["concise_mode"]
