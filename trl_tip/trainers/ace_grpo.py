@@ -12,6 +12,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, use_adapter
 
 from ..hub import TrlTipHubMixin
+from ..resume import ResumableTrainerMixin
 from ..weighting import (
     ACE_CONFIDENCE_REDUCTIONS,
     ACE_TRANSFORMS,
@@ -126,7 +127,7 @@ def _rng_untouched(device: torch.device):
             yield
 
 
-class ACEGRPOTrainer(TrlTipHubMixin, GRPOTrainer):
+class ACEGRPOTrainer(ResumableTrainerMixin, TrlTipHubMixin, GRPOTrainer):
     """
     Trainer for ACE-GRPO: Group Relative Policy Optimization with an asymmetric confidence-aware error penalty.
 

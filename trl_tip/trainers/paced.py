@@ -784,6 +784,10 @@ class PacedTrainer(TipDistillTrainer):
         else:
             logger.warning(f"{checkpoint} has no {PASS_RATE_FILE}; pass rates are estimated again.")
 
+    def _checkpoint_files(self) -> list[str]:
+        # Written by `save_model`, before transformers' trainer state.
+        return [*super()._checkpoint_files(), PASS_RATE_FILE]
+
     def export_pass_rates(self, path: str | None = None) -> Dataset:
         """
         The pass-rate table joined with the training set (prompt, answer, ..., `pass_rate`, `num_graded_rollouts`,

@@ -15,6 +15,7 @@ from trl import DistillationConfig, DistillationTrainer
 from ..hub import TrlTipHubMixin
 from ..losses import SELECTION_DIVERGENCES, STUDENT_SIDE_METHODS, selective_divergence_loss
 from ..quantization import keep_4bit_weights_trainable
+from ..resume import ResumableTrainerMixin, atomic_path
 from ..selection import SELECTION_METHODS, quadrant_counts, quantile, tokens_per_rollout
 from ..sharding import fsdp2_shard_for_inference, is_fsdp2
 from ..vocabulary import first_tokenizer_difference, shared_vocab_size, tokenizer_of
@@ -310,7 +311,7 @@ def _divergence_loss_replaced_by(loss_fn):
         _trl_distillation._chunked_divergence_loss = original
 
 
-class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
+class TipDistillTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrainer):
     """
     On-policy distillation on the tokens that matter (TIP).
 
@@ -502,7 +503,15 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
         super()._save_rng_state(output_dir)
         os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, SELECTION_RNG_FILE.format(process_index=self.args.process_index))
-        torch.save(self._selection_generator.get_state(), path)
+        with atomic_path(path) as temporary:
+            torch.save(self._selection_generator.get_state(), temporary)
+
+    def _checkpoint_files(self) -> list[str]:
+        # Written with the RNG states, which a model-only checkpoint does not save.
+        if self.args.save_only_model:
+            return super()._checkpoint_files()
+        own = [SELECTION_RNG_FILE.format(process_index=index) for index in range(self.args.world_size)]
+        return [*super()._checkpoint_files(), *own]
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
