@@ -673,6 +673,12 @@ class PacedTrainer(TipDistillTrainer):
             )
         return teacher_model
 
+    @staticmethod
+    def _check_teacher_vocabulary(model, teacher_model, args, processing_class) -> int | None:
+        if args is not None and args.self_distillation:
+            return None  # the teacher is a copy of the student: its tokenizer and head
+        return TipDistillTrainer._check_teacher_vocabulary(model, teacher_model, args, processing_class)
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         # With `remove_unused_columns=True`, keep what grading, self-distillation and teacher completions read.
