@@ -102,10 +102,11 @@ class PacedConfig(TipDistillConfig):
             Where teacher completions come from: `"dataset"` (the dataset's `completion` column, e.g. reference
             solutions), `"generate"` (sampled from the teacher with transformers' `generate`, same sampling settings
             as the student), or `"auto"` (`"dataset"` when the column exists, else `"generate"`).
-        kl_schedule (`str`, *optional*, defaults to `"reverse"`):
-            `"reverse"`: reverse KL throughout (`beta=1`). `"forward"`: forward KL throughout (`beta=0`).
-            `"forward_then_reverse"`: forward KL on teacher completions, then, from the switch step on, reverse KL on
-            student rollouts.
+        kl_schedule (`str` or `None`, *optional*, defaults to `None`):
+            `None`: TRL's `beta` throughout (`1.0`, its default, is reverse KL; `0.0` forward KL; in between the
+            generalised JSD). `"reverse"`: reverse KL throughout (`beta=1`). `"forward"`: forward KL throughout
+            (`beta=0`). `"forward_then_reverse"`: forward KL on teacher completions, then, from the switch step on,
+            reverse KL on student rollouts. A schedule sets `beta`, which must then be left at its default.
         schedule_switch_fraction (`float`, *optional*, defaults to `0.5`):
             Fraction of the training steps after which `"forward_then_reverse"` switches: the switch step is
             `⌊fraction × max_steps⌋`.
@@ -125,7 +126,7 @@ class PacedConfig(TipDistillConfig):
 
     > [!NOTE]
     > `token_selection` defaults to `"all"` here (plain PACED); any TIP rule can be combined with the weighting. `beta`
-    > is set by `kl_schedule` and must be left at its default.
+    > means what it means in TRL unless a `kl_schedule` is given, which sets it.
     """
 
     token_selection: str = field(
@@ -195,11 +196,12 @@ class PacedConfig(TipDistillConfig):
             "choices": list(TEACHER_COMPLETION_SOURCES),
         },
     )
-    kl_schedule: str = field(
-        default="reverse",
+    kl_schedule: str | None = field(
+        default=None,
         metadata={
-            "help": "'reverse' (reverse KL throughout), 'forward' (forward KL throughout) or 'forward_then_reverse' "
-            "(forward KL on teacher completions, then reverse KL on student rollouts).",
+            "help": "None (TRL's beta throughout: 1.0 reverse KL, 0.0 forward KL), 'reverse' (reverse KL throughout), "
+            "'forward' (forward KL throughout) or 'forward_then_reverse' (forward KL on teacher completions, then "
+            "reverse KL on student rollouts). A schedule sets beta.",
             "choices": list(KL_SCHEDULES),
         },
     )
@@ -271,18 +273,20 @@ class PacedConfig(TipDistillConfig):
                 f"teacher_completions must be one of {', '.join(TEACHER_COMPLETION_SOURCES)}, got "
                 f"{self.teacher_completions!r}."
             )
-        if self.kl_schedule not in KL_SCHEDULES:
-            raise ValueError(f"kl_schedule must be one of {', '.join(KL_SCHEDULES)}, got {self.kl_schedule!r}.")
+        if self.kl_schedule is not None and self.kl_schedule not in KL_SCHEDULES:
+            raise ValueError(
+                f"kl_schedule must be None or one of {', '.join(KL_SCHEDULES)}, got {self.kl_schedule!r}."
+            )
         if not 0.0 < self.schedule_switch_fraction < 1.0:
             raise ValueError(f"schedule_switch_fraction must be in (0, 1), got {self.schedule_switch_fraction}.")
-        # The divergence is PACED's kl_schedule; TRL's `beta` follows it. 1.0 is DistillationConfig's default.
+        # Without a schedule `beta` is TRL's; a schedule sets it (1.0 is DistillationConfig's default).
         if self.kl_schedule == "forward" and self.beta in (0.0, 1.0):
             self.beta = 0.0
-        elif self.beta != 1.0:
+        elif self.kl_schedule is not None and self.beta != 1.0:
             raise ValueError(
-                f"beta={self.beta} conflicts with kl_schedule={self.kl_schedule!r}: PacedConfig sets the divergence "
-                "through kl_schedule ('reverse': beta=1, 'forward': beta=0, 'forward_then_reverse': 0 then 1). Leave "
-                "beta at its default."
+                f"beta={self.beta} conflicts with kl_schedule={self.kl_schedule!r}, which sets the divergence itself "
+                "('reverse': beta=1, 'forward': beta=0, 'forward_then_reverse': 0 then 1). Leave kl_schedule unset to "
+                f"train with TRL's beta={self.beta} throughout, or leave beta at its default."
             )
         if self.kl_schedule == "forward_then_reverse" and self.rollout_source != "student":
             raise ValueError(
@@ -331,13 +335,23 @@ def schedule_switch_step(max_steps: int, fraction: float) -> int:
     return math.floor(fraction * max_steps)
 
 
-def paced_phase(step: int, max_steps: int, kl_schedule: str, switch_fraction: float, rollout_source: str) -> tuple:
+def paced_phase(
+    step: int,
+    max_steps: int,
+    kl_schedule: str | None,
+    switch_fraction: float,
+    rollout_source: str,
+    beta: float = 1.0,
+) -> tuple:
     """
-    Divergence and rollout source at optimiser step `step` (0-based).
+    Divergence and rollout source at optimiser step `step` (0-based); `beta` is the configured one, used throughout
+    when `kl_schedule` is `None`.
 
     Returns:
         `tuple[float, str]`: TRL's `beta` (`0.0` forward KL, `1.0` reverse KL) and `"student"` or `"teacher"`.
     """
+    if kl_schedule is None:
+        return beta, rollout_source
     if kl_schedule == "reverse":
         return 1.0, rollout_source
     if kl_schedule == "forward":
@@ -837,6 +851,7 @@ class PacedTrainer(TipDistillTrainer):
                 self.args.kl_schedule,
                 self.args.schedule_switch_fraction,
                 self.args.rollout_source,
+                self.args.beta,
             )
         self._teacher_writes_completions = training and self._rollout_source == "teacher"
         self._generation_rows = inputs
