@@ -566,10 +566,27 @@ class TipDistillTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrain
         return output
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        """
+        TRL's `_compute_loss` with the divergence taken on the kept tokens only: `Σ_kept divergence /
+        num_items_in_batch`, where `num_items_in_batch` counts kept tokens (see [`~TipDistillTrainer.compute_loss`]).
+        """
         with _divergence_loss_replaced_by(self._selective_divergence_loss):
             return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """
+        The TIP loss, the paper's: the mean divergence over the **kept** tokens of the generation batch; with a guard
+        that refuses to step on a non-finite loss, and the `tip/*` metrics.
+
+        Normalisation convention: `num_items_in_batch` is the number of kept tokens of the whole generation batch (all
+        accumulation steps and processes), which `_generate_and_score_completions` writes into
+        `inputs["num_items_in_batch"]` and TRL's `compute_loss` reads in training, in place of TRL's count of all
+        completion tokens. So the loss and its gradient do not shrink with `token_ratio`, and logged losses compare
+        across ratios. A `num_items_in_batch` that counts all completion tokens, as TRL means it, would give the sum
+        over kept tokens divided by all tokens: about `token_ratio` times this loss. With `token_selection="all"` the
+        two counts are the same and the loss is TRL's, bit for bit. In evaluation (`num_items_in_batch=None`) the
+        loss is the mean over the micro-batch's kept tokens.
+        """
         output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = output[0] if return_outputs else output
         if not torch.isfinite(loss.detach()).all():
