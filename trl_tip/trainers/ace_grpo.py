@@ -20,7 +20,7 @@ from ..weighting import (
     ace_scale_advantages,
     ace_scale_factors,
 )
-from ._inputs import check_prompts, check_sampling
+from ._inputs import check_prompts, check_reward_columns, check_sampling, pin_memory_where_it_helps
 
 
 # Any non-zero value: while `GRPOTrainer.__init__` runs with it, TRL builds and prepares the reference model exactly
@@ -113,6 +113,7 @@ class ACEGRPOConfig(GRPOConfig):
             greedy_error="every rollout of a group would be the same completion, so every group-normalised "
             "advantage is zero and nothing is learned. Remove do_sample from generation_kwargs.",
         )
+        pin_memory_where_it_helps(self)
 
 
 @contextmanager
@@ -196,6 +197,7 @@ class ACEGRPOTrainer(ResumableTrainerMixin, TrlTipHubMixin, GRPOTrainer):
                 "plus ace_alpha / ace_transform / ace_confidence."
             )
         check_prompts(train_dataset, eval_dataset)
+        check_reward_columns(reward_funcs, train_dataset, eval_dataset)
         if (
             args.beta == 0.0
             and peft_config is None

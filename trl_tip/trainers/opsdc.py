@@ -53,7 +53,7 @@ from ..sharding import (
     prepare_frozen_model,
     requested_fsdp_version,
 )
-from ._inputs import check_prompts, check_sampling
+from ._inputs import check_prompts, check_reward_columns, check_sampling, pin_memory_where_it_helps
 from ._teacher_prompts import pad_teacher_prompts
 
 
@@ -213,6 +213,7 @@ class OPSDCConfig(DistillationConfig):
             )
         super().__post_init__()
         check_sampling(self.temperature, self.generation_kwargs)
+        pin_memory_where_it_helps(self)
         if self.beta == 0.0:
             warnings.warn(
                 "OPSDCConfig(beta=0.0) trains with forward KL, which collapses in self-distillation for conciseness; "
@@ -477,6 +478,7 @@ class OPSDCTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrainer):
         self.concise_instruction = resolve_instruction(args.concise_instruction)
         self.reward_funcs = _as_reward_funcs(reward_funcs)
         check_prompts(train_dataset, eval_dataset)
+        check_reward_columns(self.reward_funcs, train_dataset, eval_dataset)
         for dataset in _map_style_datasets(train_dataset, eval_dataset):
             # Fails now, not at the first generation, on prompts that cannot carry the instruction; and says how the
             # teacher's prompt is built from them.

@@ -38,7 +38,7 @@ from ..pass_rates import (  # noqa: F401 (ema_update, pass_rates_from_rewards: i
 )
 from ..rewards import math_reward
 from ..selection import SELECTION_METHODS
-from ._inputs import check_completion_format, check_prompt_column
+from ._inputs import check_completion_format, check_prompt_column, check_reward_columns, check_train_rows
 from ._teacher_prompts import pad_teacher_prompts
 from .tip_distill import TipDistillConfig, TipDistillTrainer
 
@@ -620,9 +620,8 @@ class PacedTrainer(TipDistillTrainer):
                 "estimated before training. Load the dataset without `streaming=True`."
             )
         check_prompt_column(train_dataset, "train_dataset")
+        check_train_rows(train_dataset)
         columns = train_dataset.column_names
-        if len(train_dataset) == 0:
-            raise ValueError("`train_dataset` is empty.")
         if "image" in columns or "images" in columns:
             raise ValueError("PacedTrainer supports text-only datasets; remove the `image`/`images` column.")
         self._privileged_column, self._privileged_template = None, None
@@ -630,14 +629,8 @@ class PacedTrainer(TipDistillTrainer):
             self._privileged_column, self._privileged_template = privileged_context_setup(
                 columns, args.privileged_context_column, args.privileged_prompt_template
             )
-        needs_answer = [reason for reason, needed in (
-            ("the built-in math reward grades against it", math_reward in self.reward_funcs),
-        ) if needed]
-        if needs_answer and "answer" not in columns:
-            raise ValueError(
-                f"`train_dataset` has columns {columns} but no `answer` column, which PACED needs: "
-                f"{' and '.join(needs_answer)}. Add the ground-truth answers as an `answer` column."
-            )
+        # Pass rates grade training problems only; PACED's evaluation scores the divergence, no reward.
+        check_reward_columns(self.reward_funcs, train_dataset)
         teacher_track = args.rollout_source == "teacher" or args.kl_schedule == "forward_then_reverse"
         if teacher_track and args.teacher_completions == "dataset" and "completion" not in columns:
             raise ValueError(

@@ -19,7 +19,7 @@ from ..resume import ResumableTrainerMixin, atomic_path
 from ..selection import SELECTION_METHODS, quadrant_counts, quantile, tokens_per_rollout
 from ..sharding import fsdp2_shard_for_inference, is_fsdp2
 from ..vocabulary import compare_tokenizers, shared_vocab_size, tokenizer_of
-from ._inputs import check_prompts, check_sampling
+from ._inputs import check_prompts, check_sampling, pin_memory_where_it_helps
 
 
 TEACHER_QUANTIZATION = ("none", "4bit", "8bit")
@@ -227,6 +227,7 @@ class TipDistillConfig(DistillationConfig):
                 "Set it to 1.0."
             )
         check_sampling(self.temperature, self.generation_kwargs)
+        pin_memory_where_it_helps(self)
 
 
 def _load_teacher_tokenizer(teacher, args):
