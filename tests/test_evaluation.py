@@ -450,13 +450,17 @@ def test_cli_vllm_backend_stops_at_the_call_and_writes_no_results(recording_vllm
     assert list(tmp_path.iterdir()) == []
 
 
-def test_vllm_backend_without_vllm_says_how_to_install(monkeypatch, arithmetic_models):
+def test_vllm_backend_without_vllm_says_how_to_install(monkeypatch, arithmetic_models, tmp_path):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
     tokenizer = AutoTokenizer.from_pretrained(arithmetic_models["student"])
     with pytest.raises(ImportError, match=r"pip install 'trl-tip\[vllm\]'"):
         evaluation.evaluate_pass_at_k_vllm(arithmetic_models["student"], tokenizer, load_benchmark("builtin", 2))
+    output_dir = tmp_path / "eval_results"
     with pytest.raises(ImportError, match="--backend transformers"):
-        cli.main(["eval", "--backend", "vllm", "--model", arithmetic_models["student"], "--dataset", "builtin"])
+        cli.main(["eval", "--backend", "vllm", "--model", arithmetic_models["student"], "--dataset", "builtin",
+                  "--output_dir", str(output_dir)])
+    # A run that fails before its first result leaves no output folder behind.
+    assert not output_dir.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
