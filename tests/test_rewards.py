@@ -51,8 +51,8 @@ def test_gold_that_is_not_a_mathematical_object_is_ungradable(gold):
 
 
 @pytest.mark.parametrize("gold", ["42", "-3", "\\frac{1}{2}", "2\\sqrt{3}", "x^2+1", "p-q", "(1,2)", "[0,1)", "\\{1,2\\}",
-                                  "\\infty", "\\pi", "\\{\\}", "\\emptyset", "x=3", "10\\%", "90^\\circ", "5\\text{ cm}",
-                                  "\\text{Evelyn}",
+                                  "\\infty", "\\pi", "\\{\\}", "\\emptyset", "x=3", "10\\%", "90^\\circ",
+                                  "5\\text{ cm}", "\\text{Evelyn}",
                                   "\\text{(C)}", "A", "\\sin x", "sqrt(2)"])
 def test_mathematical_gold_answers_stay_gradable(gold):
     assert parse_gold_answer(gold) is not None

@@ -60,7 +60,8 @@ def test_special_tokens_added_at_the_end_are_a_note():
         "the teacher's tokenizer has 5 token(s) past the other's (vocab_size 259 for the student, 264 for the "
         "teacher): ids 259-263 ('<think>', '</think>', '<tool_call>', '<a>', ...); every shared id is the same token",
     )
-    assert compare_tokenizers(instruct, build_tokenizer()).notes[0].startswith("the student's tokenizer has 5 token(s)")
+    reverse = compare_tokenizers(instruct, build_tokenizer())
+    assert reverse.notes[0].startswith("the student's tokenizer has 5 token(s)")
 
 
 def test_a_permuted_vocabulary_names_the_first_differing_id_and_the_sizes(tmp_path):

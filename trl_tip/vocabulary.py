@@ -126,7 +126,9 @@ def compare_tokenizers(student_tokenizer: Any, teacher_tokenizer: Any) -> Tokeni
             # A tokenizer without an unknown token (byte-level BPE) never writes one; the other's is a class default.
             continue
         if (s_token, s_id) != (t_token, t_id):
-            notes.append(f"{name} is {s_token!r} (id {s_id}) for the student but {t_token!r} (id {t_id}) for the teacher")
+            notes.append(
+                f"{name} is {s_token!r} (id {s_id}) for the student but {t_token!r} (id {t_id}) for the teacher"
+            )
     return TokenizerComparison(notes=tuple(notes))
 
 
