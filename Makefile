@@ -14,17 +14,23 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo test test-fast docs clean
 
+# pip's output goes to $(INSTALL_LOG), shown only when an install fails.
+INSTALL_LOG := $(VENV)/install.log
+PIP_INSTALL = $(PY) -m pip install --quiet
+
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	@$(PIP_INSTALL) --upgrade pip > $(INSTALL_LOG) 2>&1 || { cat $(INSTALL_LOG); exit 1; }
 
 $(DEMO_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e . "$(TORCH)"
-	touch $(DEMO_STAMP)
+	@echo "Installing trl_tip and $(TORCH) into $(VENV) (pip's log: $(INSTALL_LOG)) ..."
+	@$(PIP_INSTALL) -e . "$(TORCH)" >> $(INSTALL_LOG) 2>&1 || { cat $(INSTALL_LOG); exit 1; }
+	@touch $(DEMO_STAMP)
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e ".[dev,quantization]"
-	touch $(STAMP) $(DEMO_STAMP)
+	@echo "Installing trl_tip with its dev and quantization extras into $(VENV) (pip's log: $(INSTALL_LOG)) ..."
+	@$(PIP_INSTALL) -e ".[dev,quantization]" >> $(INSTALL_LOG) 2>&1 || { cat $(INSTALL_LOG); exit 1; }
+	@touch $(STAMP) $(DEMO_STAMP)
 
 install: $(STAMP)
 
