@@ -5,7 +5,6 @@ import os
 import shutil
 
 import pytest
-import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerState
 from trl.trainer.utils import RepeatSampler

@@ -56,10 +56,10 @@ def test_special_tokens_added_at_the_end_are_a_note():
     instruct.add_special_tokens({"additional_special_tokens": ["<think>", "</think>", "<tool_call>", "<a>", "<b>"]})
     comparison = compare_tokenizers(build_tokenizer(), instruct)
     assert comparison.error is None
-    assert comparison.notes == (
+    assert comparison.notes == ((
         "the teacher's tokenizer has 5 token(s) past the other's (vocab_size 259 for the student, 264 for the "
-        "teacher): ids 259-263 ('<think>', '</think>', '<tool_call>', '<a>', ...); every shared id is the same token",
-    )
+        "teacher): ids 259-263 ('<think>', '</think>', '<tool_call>', '<a>', ...); every shared id is the same token"
+    ),)
     reverse = compare_tokenizers(instruct, build_tokenizer())
     assert reverse.notes[0].startswith("the student's tokenizer has 5 token(s)")
 
@@ -130,11 +130,11 @@ def test_a_teacher_built_in_memory_warns_once_that_it_is_not_checked(tiny_model_
         warnings.simplefilter("always")
         TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model("teacher"),
                           args=_config(tmp_path), train_dataset=PROMPTS)
-    assert _tokenizer_warnings(caught) == [
+    assert _tokenizer_warnings(caught) == [(
         "The teacher (a model built in memory, with no name_or_path) comes with no tokenizer, so the check that it "
         "reads the student's token ids is skipped. Save the teacher's tokenizer next to its weights to have it "
         "checked, or set check_teacher_tokenizer=False if you know the ids agree."
-    ]
+    )]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model("teacher"),
