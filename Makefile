@@ -2,22 +2,40 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The torch build the demo and the suite run against (the `dev` extra pins the same); on a CPU-only machine with the
+# CPU wheel available, pip takes that wheel rather than a multi-GB CUDA build. `make demo TORCH=torch` takes any.
+TORCH ?= torch==2.13.0
+# What is installed in $(VENV): the package alone (`make demo`), or with the test and quantisation extras (`make test`,
+# a superset: it marks the demo's install done too, and after `make demo` it only adds what the tests need).
+DEMO_STAMP := $(VENV)/.demo-stamp
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo test test-fast docs clean
 
-$(STAMP): pyproject.toml
+# pip's output goes to $(INSTALL_LOG), shown only when an install fails.
+INSTALL_LOG := $(VENV)/install.log
+PIP_INSTALL = $(PY) -m pip install --quiet
+
+$(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,quantization]"
-	touch $(STAMP)
+	@$(PIP_INSTALL) --upgrade pip > $(INSTALL_LOG) 2>&1 || { cat $(INSTALL_LOG); exit 1; }
+
+$(DEMO_STAMP): pyproject.toml | $(PY)
+	@echo "Installing trl_tip and $(TORCH) into $(VENV) (pip's log: $(INSTALL_LOG)) ..."
+	@$(PIP_INSTALL) -e . "$(TORCH)" >> $(INSTALL_LOG) 2>&1 || { cat $(INSTALL_LOG); exit 1; }
+	@touch $(DEMO_STAMP)
+
+$(STAMP): pyproject.toml | $(PY)
+	@echo "Installing trl_tip with its dev and quantization extras into $(VENV) (pip's log: $(INSTALL_LOG)) ..."
+	@$(PIP_INSTALL) -e ".[dev,quantization]" >> $(INSTALL_LOG) 2>&1 || { cat $(INSTALL_LOG); exit 1; }
+	@touch $(STAMP) $(DEMO_STAMP)
 
 install: $(STAMP)
 
 # The main job: TIP distillation of the built-in student from the built-in teacher, offline, on CPU.
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no examples/tip_distill.py
 
 # The whole suite, slow tests included. pytest exits 5 when it collects nothing: say so rather than fail.

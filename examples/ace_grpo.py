@@ -40,6 +40,7 @@ from pathlib import Path
 from accelerate import PartialState
 from datasets import load_dataset
 from transformers import AutoTokenizer
+import trl_tip  # noqa: F401 (before TRL's PEFT helpers: trl_tip filters a bitsandbytes notice they print)
 from trl import GRPOTrainer, ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from trl_tip import ACEGRPOConfig, ACEGRPOTrainer, PassAtKCallback, math_reward

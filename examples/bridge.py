@@ -447,7 +447,8 @@ def run_bridge(
 ) -> list[dict]:
     """Run the selected stages; returns one row per evaluated model (the initial ones first), as printed."""
     from accelerate import PartialState
-    from transformers.trainer_utils import get_last_checkpoint
+
+    from trl_tip.resume import last_complete_checkpoint
 
     state = PartialState()
     stages = parse_stages(script_args.stages)
@@ -524,7 +525,10 @@ def run_bridge(
                 break
             resume = None
             if os.path.isdir(stage_dir) and not script_args.overwrite_stages:
-                last = get_last_checkpoint(stage_dir)
+                # The last checkpoint saved whole: a save cut off by the interruption leaves a partial folder.
+                last, skipped = last_complete_checkpoint(stage_dir)
+                for path, problem in skipped:
+                    state.print(f"Skipping {path}: {problem} (a save that was cut off).")
                 if last is not None and _read_json(os.path.join(stage_dir, INPUTS_FILE)) == inputs:
                     resume = last
             if resume is None and state.is_main_process and os.path.isdir(stage_dir):

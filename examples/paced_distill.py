@@ -36,6 +36,7 @@ import os
 
 from datasets import load_dataset
 from transformers import AutoTokenizer
+import trl_tip  # noqa: F401 (before TRL's PEFT helpers: trl_tip filters a bitsandbytes notice they print)
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from trl_tip import PacedConfig, PacedTrainer
@@ -184,8 +185,11 @@ def main():
             trainer.export_pass_rates(path)
             print(f"Pass-rate table written to {path}.")
     if trainer.accelerator.is_main_process and after is not None:
+        beta = training_args.beta
+        divergence = (f"{training_args.kl_schedule} KL" if training_args.kl_schedule else
+                      {1.0: "reverse KL", 0.0: "forward KL"}.get(beta, f"JSD beta={beta:g}"))
         print(f"\nPACED distillation (alpha={training_args.paced_alpha:g}, beta={training_args.paced_beta:g}, "
-              f"{training_args.kl_schedule} KL) on {after['num_problems']} test problems:")
+              f"{divergence}) on {after['num_problems']} test problems:")
         print(f"  student accuracy before: {before['accuracy']:.1%}  ({before['mean_completion_tokens']:.1f} tokens)")
         print(f"  student accuracy after:  {after['accuracy']:.1%}  ({after['mean_completion_tokens']:.1f} tokens)")
         print(f"  change: {100 * (after['accuracy'] - before['accuracy']):+.1f} points")

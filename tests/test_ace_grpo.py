@@ -207,6 +207,8 @@ def make_args(output_dir, config_class=ACEGRPOConfig, **overrides):
         "bf16": False,
         "seed": 0,
         "disable_tqdm": True,
+        # TRL's own config pins memory, which torch warns about without an accelerator; trl_tip's do not there.
+        "dataloader_pin_memory": False,
         **overrides,
     }
     return config_class(**fields)

@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -354,6 +355,28 @@ def test_api_reference_covers_the_public_api():
     page = (DOCS / "api.md").read_text()
     for name in trl_tip.__all__:
         assert f"\n### {name}\n" in page, f"{name} is missing from docs/api.md"
+
+
+# --- the README and the Makefile --------------------------------------------------------------------------------
+
+
+def test_readme_sets_up_with_two_commands_and_installs_from_the_clone():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.split("\n## ", 2)[1]  # the first section: what a newcomer runs
+    commands = [line.split("#")[0].strip() for block in _FENCE.findall(start) for line in block.splitlines()]
+    assert [command for command in commands if command] == ["make demo", "make test"]
+    # The package is not on PyPI: every install command names the clone (or a wheel built from it).
+    for block in _FENCE.findall(readme):
+        for line in block.splitlines():
+            if line.startswith("pip install"):
+                assert line.split()[2].strip("'\"").startswith((".", "dist/")), line
+
+
+def test_make_demo_takes_the_torch_the_test_extra_pins():
+    makefile = (ROOT / "Makefile").read_text()
+    demo_torch = re.search(r"^TORCH \?= (\S+)$", makefile, re.MULTILINE).group(1)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert demo_torch in project["optional-dependencies"]["dev"]
 
 
 def test_mkdocs_builds_strict(tmp_path):

@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 import os
 import subprocess
@@ -285,6 +286,21 @@ def test_console_script_is_declared_and_help_works(capsys):
     for flag in ("--backend {transformers,vllm}", "--dataset", "--num_problems", "--n N", "--temperature",
                  "--max_new_tokens", "--output_dir"):
         assert flag in result.stdout
+    # Nothing else: no third-party notice (bitsandbytes', on CPUs with AVX512-BF16, see trl_tip/_notices.py).
+    assert result.stderr == ""
+
+
+def test_only_bitsandbytes_missing_kernels_notice_is_filtered(caplog):
+    import trl_tip  # noqa: F401 (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    message = "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already ..."
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning(message, ModuleNotFoundError("No module named 'kernels'"))
+        logger.warning(message, RuntimeError("the Hub could not be reached"))
+        logger.warning("Another bitsandbytes warning")
+    assert [record.getMessage().split(":")[-1].split(".")[0].strip() for record in caplog.records] == [
+        "the Hub could not be reached", "Another bitsandbytes warning"]
 
 
 def test_cli_eval_on_the_builtin_task_writes_per_problem_jsonl(arithmetic_models, tmp_path, capsys):
@@ -450,13 +466,17 @@ def test_cli_vllm_backend_stops_at_the_call_and_writes_no_results(recording_vllm
     assert list(tmp_path.iterdir()) == []
 
 
-def test_vllm_backend_without_vllm_says_how_to_install(monkeypatch, arithmetic_models):
+def test_vllm_backend_without_vllm_says_how_to_install(monkeypatch, arithmetic_models, tmp_path):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
     tokenizer = AutoTokenizer.from_pretrained(arithmetic_models["student"])
     with pytest.raises(ImportError, match=r"pip install 'trl-tip\[vllm\]'"):
         evaluation.evaluate_pass_at_k_vllm(arithmetic_models["student"], tokenizer, load_benchmark("builtin", 2))
+    output_dir = tmp_path / "eval_results"
     with pytest.raises(ImportError, match="--backend transformers"):
-        cli.main(["eval", "--backend", "vllm", "--model", arithmetic_models["student"], "--dataset", "builtin"])
+        cli.main(["eval", "--backend", "vllm", "--model", arithmetic_models["student"], "--dataset", "builtin",
+                  "--output_dir", str(output_dir)])
+    # A run that fails before its first result leaves no output folder behind.
+    assert not output_dir.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """Bad inputs fail at construction, with a message naming the field, before any model generates anything."""
 
+import warnings
+
 import pytest
+import torch
 from datasets import Dataset
 
 from trl_tip import (
@@ -12,6 +15,7 @@ from trl_tip import (
     PacedTrainer,
     TipDistillConfig,
     TipDistillTrainer,
+    math_reward,
 )
 from trl_tip.testing import build_tokenizer
 
@@ -25,7 +29,7 @@ def _reward(completions, **kwargs):
     return [0.0] * len(completions)
 
 
-def _build(trainer, paths, tmp_path, train_dataset, eval_dataset=None, **config):
+def _build(trainer, paths, tmp_path, train_dataset, eval_dataset=None, reward_funcs=_reward, **config):
     """Construct one of the four trainers on the tiny models, with `config` overriding the defaults above."""
     fields = {"output_dir": str(tmp_path), **COMMON, **config}
     if trainer == "tip":
@@ -33,11 +37,11 @@ def _build(trainer, paths, tmp_path, train_dataset, eval_dataset=None, **config)
                                  train_dataset=train_dataset, eval_dataset=eval_dataset)
     if trainer == "paced":
         return PacedTrainer(model=paths["student"], teacher_model=paths["teacher"], args=PacedConfig(**fields),
-                            train_dataset=train_dataset, eval_dataset=eval_dataset, reward_funcs=_reward)
+                            train_dataset=train_dataset, eval_dataset=eval_dataset, reward_funcs=reward_funcs)
     if trainer == "opsdc":
         return OPSDCTrainer(paths["student"], args=OPSDCConfig(**fields), train_dataset=train_dataset,
-                            eval_dataset=eval_dataset, processing_class=build_tokenizer())
-    return ACEGRPOTrainer(model=paths["student"], reward_funcs=_reward,
+                            eval_dataset=eval_dataset, processing_class=build_tokenizer(), reward_funcs=reward_funcs)
+    return ACEGRPOTrainer(model=paths["student"], reward_funcs=reward_funcs,
                           args=ACEGRPOConfig(num_generations=4, **fields), train_dataset=train_dataset,
                           eval_dataset=eval_dataset)
 
@@ -61,6 +65,52 @@ def test_empty_plain_prompt(tiny_model_paths, tmp_path, trainer):
     dataset = Dataset.from_dict({"prompt": prompts, "answer": ["2", "4", "0", "6"]})
     with pytest.raises(ValueError, match="`train_dataset` row 2 has an empty `prompt`"):
         _build(trainer, tiny_model_paths, tmp_path, dataset)
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_an_empty_training_set_is_refused(tiny_model_paths, tmp_path, trainer):
+    # TRL would train for zero steps and report success.
+    empty = Dataset.from_dict({"prompt": [], "answer": []})
+    with pytest.raises(ValueError, match="`train_dataset` has no rows, so there is nothing to train on"):
+        _build(trainer, tiny_model_paths, tmp_path, empty)
+
+
+@pytest.mark.parametrize("trainer", ["paced", "opsdc", "ace"])
+def test_the_math_reward_needs_an_answer_column_where_it_grades(tiny_model_paths, tmp_path, trainer):
+    # Checked at construction, not after the first rollouts were generated.
+    answered = Dataset.from_dict({"prompt": PROMPTS, "answer": ["1"] * len(PROMPTS)})
+    unanswered = Dataset.from_dict({"prompt": PROMPTS})
+    with pytest.raises(ValueError, match=r"`train_dataset` has columns \['prompt'\] but no `answer` column"):
+        _build(trainer, tiny_model_paths, tmp_path, unanswered, reward_funcs=math_reward)
+    if trainer == "paced":
+        # PACED grades training problems only: its evaluation is the unweighted divergence.
+        _build(trainer, tiny_model_paths, tmp_path, answered, eval_dataset=unanswered, reward_funcs=math_reward)
+        return
+    with pytest.raises(ValueError, match=r"`eval_dataset\['held_out'\]` has columns .* but no `answer` column"):
+        _build(trainer, tiny_model_paths, tmp_path, answered, eval_dataset={"held_out": unanswered},
+               reward_funcs=math_reward)
+    # Other reward functions read what they like: nothing is required of them.
+    _build(trainer, tiny_model_paths, tmp_path, unanswered, eval_dataset=unanswered)
+
+
+@pytest.mark.parametrize("config_class", [TipDistillConfig, PacedConfig, OPSDCConfig, ACEGRPOConfig])
+def test_configs_pin_memory_only_for_an_accelerator(config_class, monkeypatch):
+    # Pinned host memory only speeds copies to a device; without one torch warns on every dataloader built.
+    assert not torch.accelerator.is_available()  # this suite runs on CPU
+    assert config_class(bf16=False).dataloader_pin_memory is False
+    monkeypatch.setattr("trl_tip.trainers._inputs.accelerator_available", lambda: True)
+    assert config_class(bf16=False).dataloader_pin_memory is True
+    assert config_class(bf16=False, dataloader_pin_memory=False).dataloader_pin_memory is False
+
+
+def test_a_trainers_dataloaders_do_not_warn_about_pinned_memory(tiny_model_paths, tmp_path):
+    dataset = Dataset.from_dict({"prompt": PROMPTS, "answer": ["1"] * len(PROMPTS)})
+    trainer = _build("tip", tiny_model_paths, tmp_path, dataset, eval_dataset=dataset)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        next(iter(trainer.get_train_dataloader()))
+        next(iter(trainer.get_eval_dataloader()))
+    assert [str(warning.message) for warning in caught if "pin" in str(warning.message)] == []
 
 
 @pytest.mark.parametrize("config_class", [TipDistillConfig, PacedConfig, OPSDCConfig, ACEGRPOConfig])

@@ -278,8 +278,11 @@ def test_config_validation():
     config = PacedConfig(**base)
     assert (config.paced_alpha, config.paced_beta, config.pass_rate_rollouts, config.pass_rate_mode,
             config.rollout_source, config.kl_schedule, config.schedule_switch_fraction, config.self_distillation,
-            config.token_selection, config.beta) == (1.0, 1.0, 8, "once", "student", "reverse", 0.5, False, "all", 1.0)
+            config.token_selection, config.beta) == (1.0, 1.0, 8, "once", "student", None, 0.5, False, "all", 1.0)
     assert PacedConfig(kl_schedule="forward", **base).beta == 0.0
+    # Without a schedule, `beta` is TRL's: here the β = 0.5 generalised JSD, throughout.
+    assert PacedConfig(beta=0.5, **base).beta == 0.5
+    assert paced_phase(3, 4, None, 0.5, "student", beta=0.5) == (0.5, "student")
     cases = [
         ({"paced_alpha": -0.5}, "paced_alpha and paced_beta must be >= 0"),
         ({"pass_rate_rollouts": 0}, "pass_rate_rollouts"),
@@ -288,9 +291,10 @@ def test_config_validation():
         ({"pass_rate_mode": "sometimes"}, "pass_rate_mode must be one of"),
         ({"pass_rate_ema": 0.0}, "pass_rate_ema"),
         ({"rollout_source": "dataset"}, "rollout_source must be one of"),
-        ({"kl_schedule": "jsd"}, "kl_schedule must be one of"),
+        ({"kl_schedule": "jsd"}, "kl_schedule must be None or one of"),
         ({"schedule_switch_fraction": 1.0}, "schedule_switch_fraction"),
-        ({"beta": 0.5}, "conflicts with kl_schedule"),
+        ({"beta": 0.5, "kl_schedule": "reverse"}, "conflicts with kl_schedule='reverse'.*Leave kl_schedule unset"),
+        ({"beta": 0.5, "kl_schedule": "forward"}, "conflicts with kl_schedule='forward'"),
         ({"kl_schedule": "forward_then_reverse", "rollout_source": "teacher"}, "must stay 'student'"),
         ({"pass_rate_mode": "online", "rollout_source": "teacher"}, "draws none"),
         ({"self_distillation": True, "teacher_model_name_or_path": "x"}, "unset teacher_model_name_or_path"),
@@ -489,6 +493,13 @@ def test_teacher_track_trains_on_reference_completions(arithmetic_models, proble
     assert any(not torch.equal(p, q) for p, q in zip(initial, trainer.model.parameters(), strict=True))
     # Pass rates still measure the student, not the (perfect) teacher.
     assert trainer.pass_rate_table.pass_rates.mean().item() < 0.6
+
+
+def test_beta_without_a_schedule_is_trls_throughout(tiny_model_paths, problems, tmp_path):
+    trainer = _trainer(tiny_model_paths, _config(tmp_path, beta=0.5, max_steps=2, max_completion_length=8), problems,
+                       reward_funcs=ScriptedReward({}))
+    trainer.train()
+    assert _logged(trainer, "paced/beta") == [0.5, 0.5] and trainer.beta == 0.5
 
 
 def test_teacher_track_generates_with_the_teacher(arithmetic_models, problems, tmp_path):

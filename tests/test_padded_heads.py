@@ -15,7 +15,7 @@ from trl_tip.losses import STUDENT_SIDE_METHODS
 from trl_tip.selection import SELECTION_METHODS
 from trl_tip.tasks import build_arithmetic_dataset
 from trl_tip.testing import build_tokenizer, save_pretrained_pair, tiny_model
-from trl_tip.vocabulary import end_of_turn_token, first_tokenizer_difference, shared_vocab_size
+from trl_tip.vocabulary import TokenizerComparison, compare_tokenizers, end_of_turn_token, shared_vocab_size
 
 
 # The byte-level test tokenizer has 259 tokens; like Qwen2.5-1.5B (151,936 rows) and Qwen2.5-14B (152,064 rows) over a
@@ -115,9 +115,9 @@ def _swap_tokens(path, first="a", second="b"):
     file.write_text(json.dumps(data))
 
 
-def test_first_tokenizer_difference_names_the_token(tmp_path):
+def test_compare_tokenizers_names_the_first_differing_id(tmp_path):
     tokenizer = build_tokenizer()
-    assert first_tokenizer_difference(tokenizer, build_tokenizer()) is None
+    assert compare_tokenizers(tokenizer, build_tokenizer()) == TokenizerComparison()
     assert end_of_turn_token(tokenizer) == "<|im_end|>"
 
     tokenizer.save_pretrained(tmp_path)
@@ -125,15 +125,11 @@ def test_first_tokenizer_difference_names_the_token(tmp_path):
     from transformers import AutoTokenizer
 
     swapped = AutoTokenizer.from_pretrained(tmp_path)
-    assert first_tokenizer_difference(tokenizer, swapped) == "id 97 is 'a' for the student but 'b' for the teacher"
-
-    other_eos = build_tokenizer()
-    other_eos.eos_token = "<|endoftext|>"
-    assert first_tokenizer_difference(tokenizer, other_eos).startswith("eos_token is '<|im_end|>' (id 258)")
+    assert compare_tokenizers(tokenizer, swapped).error == "id 97 is 'a' for the student but 'b' for the teacher"
 
     other_template = build_tokenizer()
     other_template.chat_template = other_template.chat_template.replace("'<|im_end|>'", "'<|endoftext|>'")
-    assert first_tokenizer_difference(tokenizer, other_template) == (
+    assert compare_tokenizers(tokenizer, other_template).error == (
         "the chat template ends a turn with '<|im_end|>' for the student but '<|endoftext|>' for the teacher"
     )
 
@@ -278,11 +274,13 @@ def test_padded_pair_trains_with_paced_and_the_loss_is_the_reference(padded_path
     assert torch.allclose(records[0]["loss"].double(), reference, rtol=0, atol=1e-6 * scale)
 
 
-def test_padding_token_and_a_missing_chat_template_are_not_differences():
+def test_padding_token_and_a_missing_chat_template_are_not_errors():
     student, teacher = build_tokenizer(), build_tokenizer()
     teacher.pad_token = "<|im_start|>"  # masked out for both models
     teacher.chat_template = None  # a base teacher: nothing to compare the end of turn with
-    assert first_tokenizer_difference(student, teacher) is None
+    assert compare_tokenizers(student, teacher) == TokenizerComparison(
+        notes=("pad_token is '<|endoftext|>' (id 256) for the student but '<|im_start|>' (id 257) for the teacher",)
+    )
 
 
 @pytest.mark.parametrize("method", [m for m in SELECTION_METHODS if m != "all"])

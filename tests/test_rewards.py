@@ -40,17 +40,19 @@ def test_unparseable_gold_is_skipped():
     assert math_reward(["\\boxed{3}"], answer=[None]) == [None]
 
 
-@pytest.mark.parametrize("gold", ["n/a", "N/A", "see solution", "\\frac{", "???", "-", "none", "  "])
+@pytest.mark.parametrize("gold", ["n/a", "N/A", "see solution", "\\frac{", "???", "-", "none", "  ", "{}", "{ }",
+                                  "{{}}"])
 def test_gold_that_is_not_a_mathematical_object_is_ungradable(gold):
     # math-verify falls back to the raw string (or a product of letters), so these would grade 0.0 against any answer,
-    # and "n/a" would match \boxed{n/a}.
+    # and "n/a" would match \boxed{n/a}. An empty group "{}" it reads as the empty set, which LaTeX writes \{\}.
     assert parse_gold_answer(gold) is None
     assert grade_answer("\\boxed{3}", gold) is None
     assert grade_answer(f"\\boxed{{{gold}}}", gold) is None
 
 
 @pytest.mark.parametrize("gold", ["42", "-3", "\\frac{1}{2}", "2\\sqrt{3}", "x^2+1", "p-q", "(1,2)", "[0,1)", "\\{1,2\\}",
-                                  "\\infty", "\\pi", "x=3", "10\\%", "90^\\circ", "5\\text{ cm}", "\\text{Evelyn}",
+                                  "\\infty", "\\pi", "\\{\\}", "\\emptyset", "x=3", "10\\%", "90^\\circ",
+                                  "5\\text{ cm}", "\\text{Evelyn}",
                                   "\\text{(C)}", "A", "\\sin x", "sqrt(2)"])
 def test_mathematical_gold_answers_stay_gradable(gold):
     assert parse_gold_answer(gold) is not None

@@ -28,6 +28,8 @@ def _config(cls, tmp_path, **overrides):
         "logging_steps": 1,
         "save_strategy": "no",
         "seed": 0,
+        # TRL's own config pins memory, which torch warns about without an accelerator; trl_tip's do not there.
+        "dataloader_pin_memory": False,
     }
     settings.update(overrides)
     return cls(**settings)

@@ -6,6 +6,7 @@ light: it does not import TRL's trainer stack until a trainer, config or kernel 
 
 import importlib
 
+from . import _notices  # noqa: F401 (first: filters a third-party import-time notice, see there)
 from .instructions import CONCISE_INSTRUCTIONS, add_instruction, build_teacher_prompt, resolve_instruction
 from .rewards import extract_answer, grade_answer, math_reward
 from .selection import SELECTION_METHODS, select_tokens

@@ -290,7 +290,6 @@ def run_eval(args: argparse.Namespace) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
     results = {}
-    os.makedirs(args.output_dir, exist_ok=True)
     model = None  # loaded once, on the first dataset
     for name, dataset in datasets.items():
         max_new_tokens = args.max_new_tokens or default_max_new_tokens(name)
@@ -334,6 +333,8 @@ def run_eval(args: argparse.Namespace) -> dict:
         if problems and LEVEL_COLUMN in problems[0]:
             summary["by_level"] = summarize_by(problems, LEVEL_COLUMN, args.n)
         path = os.path.join(args.output_dir, f"{_slug(name)}.jsonl")
+        # Created with the first result, so a run that fails before (a missing backend, a bad model) leaves nothing.
+        os.makedirs(args.output_dir, exist_ok=True)
         with open(path, "w", encoding="utf-8") as file:
             for problem in problems:
                 file.write(json.dumps(problem, ensure_ascii=False, default=str) + "\n")

@@ -19,6 +19,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from .resume import atomic_path
 from .weighting import paced_weight
 
 
@@ -319,7 +320,8 @@ def save_pass_rate_table(table: PassRateTable, path: str, dataset: Dataset, roll
         "pass_rate_rollouts": rollouts,
         **table.state_dict(),
     }
-    with open(path, "w") as file:
+    # Renamed into place once written: a save cut off midway never leaves a truncated table in a checkpoint.
+    with atomic_path(path) as temporary, open(temporary, "w") as file:
         json.dump(state, file)
 
 

@@ -69,6 +69,9 @@ def _parse_expression(text: str) -> list:
 
 # Text that stands for "no answer" rather than for a value ("n/a" would otherwise read as n divided by a).
 _PLACEHOLDER = re.compile(r"^\s*(?:n\s*/\s*a|n\.a\.|tbd|unknown|none|null|nan|\?+|-+|—+)\s*$", re.IGNORECASE)
+# Braces and blanks only ("{}", "{ }", "{{}}"): an empty LaTeX group, what an empty `\boxed{}` leaves behind.
+# math-verify reads "{}" as the empty set, which LaTeX writes `\{\}` or `\emptyset`.
+_EMPTY_GROUPS = re.compile(r"[{}\s]+")
 # LaTeX text blocks (their content is text, graded as such) and commands (\frac, \sqrt, ...), removed before looking
 # for prose.
 _TEXT_BLOCK = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{[^{}]*\}")
@@ -87,14 +90,15 @@ def parse_gold_answer(gold: Any) -> list | None:
 
     math-verify never fails: what it cannot read it returns as the raw string, and letters it reads as a product of
     symbols ("see solution" becomes e²·i·l·n·o²·s²·t·u, which any anagram would match). A gold answer is therefore
-    ungradable when it is empty, a placeholder ("n/a", "none", "???", "-"), parses to no mathematical object
-    ("\\frac{"), or holds a word of three or more letters outside LaTeX commands and `\\text{...}` (prose such as "see
-    solution"). Write text answers as `\\text{...}` to have them graded.
+    ungradable when it is empty, an empty LaTeX group ("{}"; the empty set is `\\{\\}` or `\\emptyset`), a
+    placeholder ("n/a", "none", "???", "-"), parses to no mathematical object ("\\frac{"), or holds a word of three
+    or more letters outside LaTeX commands and `\\text{...}` (prose such as "see solution"). Write text answers as
+    `\\text{...}` to have them graded.
     """
     if gold is None:
         return None
     text = str(gold).strip()
-    if not text or _PLACEHOLDER.match(text):
+    if not text or _PLACEHOLDER.match(text) or not _EMPTY_GROUPS.sub("", text):
         return None
     bare = _COMMAND.sub(" ", _TEXT_BLOCK.sub(" ", text))
     if any(word.lower() not in _FUNCTION_NAMES for word in _WORD.findall(bare)):
@@ -112,7 +116,7 @@ def grade_answer(completion: str, gold: Any) -> float | None:
     Returns:
         `float | None`: `1.0` when the extracted answer is mathematically equal to the gold one, `0.0` when it is not
         or when the completion has no extractable answer, and `None` when the gold answer itself is not a
-        mathematical object ([`parse_gold_answer`]: empty, "n/a", "see solution", "\\frac{", "???").
+        mathematical object ([`parse_gold_answer`]: empty, "{}", "n/a", "see solution", "\\frac{", "???").
     """
     gold_parsed = parse_gold_answer(gold)
     if gold_parsed is None:

@@ -9,12 +9,16 @@ two models are compared over the rows the tokenizer can produce.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 
 _PROBE = "trl-tip end-of-turn probe"
-# The padding token is left out: padded positions are masked for both models, so it may differ harmlessly.
-_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token")
+# Special-token attributes compared for information only: the teacher scores the ids the student's tokenizer produced
+# and the student wrote, so none of them changes which token an id is.
+_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
+# How many of the tokens one tokenizer has past the other's a note names.
+_NAMED_EXTRA_TOKENS = 4
 
 
 def tokenizer_of(processing_class: Any) -> Any:
@@ -49,44 +53,83 @@ def end_of_turn_token(tokenizer: Any) -> str | None:
     return None if first is None else first[1]
 
 
-def first_tokenizer_difference(student_tokenizer: Any, teacher_tokenizer: Any) -> str | None:
+@dataclass(frozen=True)
+class TokenizerComparison:
     """
-    Describe the first difference between two tokenizers that would make a teacher score other tokens than the
-    student wrote, or return `None` when there is none.
+    What [`compare_tokenizers`] found.
 
-    Compared, in order: the number of tokens, each id's token (id by id from 0), the special tokens (bos, eos, unk:
-    string and id; the padding token is masked out and may differ), and, when both have a chat template, the token it
-    ends an assistant turn with ([`end_of_turn_token`]).
+    Attributes:
+        error (`str` or `None`): the first difference that makes the teacher score other tokens than the student
+            wrote (an id that is another token for each, or another end-of-turn token), or `None`.
+        notes (`tuple[str, ...]`): differences that leave every id both tokenizers have the same token: special-token
+            attributes (bos, eos, pad, unk) and tokens one tokenizer has past the other's.
+    """
+
+    error: str | None = None
+    notes: tuple[str, ...] = ()
+
+
+def _tokens_by_id(tokenizer: Any) -> dict[int, str]:
+    return {index: token for token, index in tokenizer.get_vocab().items()}
+
+
+def _special_token(tokenizer: Any, name: str) -> tuple[str | None, int | None]:
+    token = getattr(tokenizer, name, None)
+    return (None if token is None else str(token)), getattr(tokenizer, f"{name}_id", None)
+
+
+def compare_tokenizers(student_tokenizer: Any, teacher_tokenizer: Any) -> TokenizerComparison:
+    """
+    Compare what decides whether a teacher scores the tokens a student wrote: the token of every id both tokenizers
+    have, and, when both have a chat template, the token it ends an assistant turn with ([`end_of_turn_token`]).
+
+    Tokens past the shorter tokenizer (added at the end of one, as instruct models add chat tokens to their base's
+    vocabulary) and special-token attributes (a base model's eos `<|endoftext|>` against its instruct sibling's
+    `<|im_end|>`; an `unk_token` one tokenizer class sets by default) are notes, not errors: the prompts are tokenized
+    by the student's tokenizer only, so no id changes its token. Whether both `lm_head`s can score every token is
+    checked separately ([`shared_vocab_size`]).
 
     Args:
         student_tokenizer, teacher_tokenizer: tokenizers (or processors holding one).
 
     Returns:
-        `str` or `None`: e.g. `"id 1037 is 'ĠTheir' for the student but 'ĠThe' for the teacher"`.
+        [`TokenizerComparison`]: e.g. the error `"id 1037 is 'ĠTheir' for the student but 'ĠThe' for the teacher"`.
     """
     student, teacher = tokenizer_of(student_tokenizer), tokenizer_of(teacher_tokenizer)
-    student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
-    student_by_id = {index: token for token, index in student_vocab.items()}
-    teacher_by_id = {index: token for token, index in teacher_vocab.items()}
-    for index in range(max(len(student), len(teacher))):
+    student_by_id, teacher_by_id = _tokens_by_id(student), _tokens_by_id(teacher)
+    student_size, teacher_size = len(student), len(teacher)
+    sizes = f"vocab_size {student_size} for the student, {teacher_size} for the teacher"
+    for index in range(min(student_size, teacher_size)):
         s_token, t_token = student_by_id.get(index), teacher_by_id.get(index)
         if s_token != t_token:
-            if s_token is None or t_token is None:
-                owner, token = ("teacher", t_token) if s_token is None else ("student", s_token)
-                return (
-                    f"the student has {len(student)} tokens and the teacher {len(teacher)}: id {index} is {token!r} "
-                    f"for the {owner} only"
-                )
-            return f"id {index} is {s_token!r} for the student but {t_token!r} for the teacher"
-    for name in _SPECIAL_TOKEN_NAMES:
-        s_token, t_token = getattr(student, name, None), getattr(teacher, name, None)
-        s_id, t_id = getattr(student, f"{name}_id", None), getattr(teacher, f"{name}_id", None)
-        if (None if s_token is None else str(s_token)) != (None if t_token is None else str(t_token)) or s_id != t_id:
-            return f"{name} is {s_token!r} (id {s_id}) for the student but {t_token!r} (id {t_id}) for the teacher"
+            error = f"id {index} is {s_token!r} for the student but {t_token!r} for the teacher"
+            return TokenizerComparison(error=error if student_size == teacher_size else f"{error} ({sizes})")
     s_end, t_end = end_of_turn_token(student), end_of_turn_token(teacher)
     if s_end is not None and t_end is not None and s_end != t_end:
-        return f"the chat template ends a turn with {s_end!r} for the student but {t_end!r} for the teacher"
-    return None
+        return TokenizerComparison(
+            error=f"the chat template ends a turn with {s_end!r} for the student but {t_end!r} for the teacher"
+        )
+
+    notes = []
+    if student_size != teacher_size:
+        longer, tokens = ("teacher", teacher_by_id) if teacher_size > student_size else ("student", student_by_id)
+        extra = range(min(student_size, teacher_size), max(student_size, teacher_size))
+        named = ", ".join(repr(tokens.get(index)) for index in extra[:_NAMED_EXTRA_TOKENS])
+        more = ", ..." if len(extra) > _NAMED_EXTRA_TOKENS else ""
+        notes.append(
+            f"the {longer}'s tokenizer has {len(extra)} token(s) past the other's ({sizes}): ids {extra[0]}-"
+            f"{extra[-1]} ({named}{more}); every shared id is the same token"
+        )
+    for name in _SPECIAL_TOKEN_NAMES:
+        (s_token, s_id), (t_token, t_id) = _special_token(student, name), _special_token(teacher, name)
+        if name == "unk_token" and (s_token is None or t_token is None):
+            # A tokenizer without an unknown token (byte-level BPE) never writes one; the other's is a class default.
+            continue
+        if (s_token, s_id) != (t_token, t_id):
+            notes.append(
+                f"{name} is {s_token!r} (id {s_id}) for the student but {t_token!r} (id {t_id}) for the teacher"
+            )
+    return TokenizerComparison(notes=tuple(notes))
 
 
 def shared_vocab_size(student_rows: int, teacher_rows: int, num_tokens: int) -> int | None:
@@ -101,8 +144,8 @@ def shared_vocab_size(student_rows: int, teacher_rows: int, num_tokens: int) -> 
         return None
     if num_tokens > min(student_rows, teacher_rows):
         raise ValueError(
-            f"The student's lm_head has {student_rows} rows and the teacher's {teacher_rows}, and the tokenizer has "
-            f"{num_tokens} tokens: one head cannot score every token, so the models do not share a vocabulary. Use a "
-            "teacher with the student's tokenizer, or GOLD for cross-tokenizer distillation."
+            f"The student's lm_head has {student_rows} rows (vocab_size) and the teacher's {teacher_rows}, and the "
+            f"tokenizer has {num_tokens} tokens: one head cannot score every token, so the models do not share a "
+            "vocabulary. Use a teacher with the student's tokenizer, or GOLD for cross-tokenizer distillation."
         )
     return num_tokens

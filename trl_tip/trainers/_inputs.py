@@ -31,12 +31,26 @@ def _prompt_kind(prompt: Any) -> str:
     return "plain" if isinstance(prompt, str) else "conversational"
 
 
+def check_train_rows(train_dataset) -> None:
+    """Fail on a map-style training set without rows, which would train for zero steps without a word."""
+    if _is_map_style(train_dataset) and len(train_dataset) == 0:
+        raise ValueError(
+            "`train_dataset` has no rows, so there is nothing to train on. Check the split and any filtering that "
+            "built it."
+        )
+
+
+def _is_map_style(dataset) -> bool:
+    return getattr(dataset, "column_names", None) is not None and hasattr(dataset, "__len__")
+
+
 def check_prompts(train_dataset, eval_dataset=None) -> None:
     """
-    Check the `prompt` column of the training and evaluation datasets (map-style ones; a streamed dataset is read
-    lazily and cannot be checked up front): present, and no empty plain-string prompt (an empty prompt tokenises to
-    no ids, which the generation step cannot embed).
+    Check the training and evaluation datasets (map-style ones; a streamed dataset is read lazily and cannot be
+    checked up front): a training set with rows, and in each a `prompt` column with no empty plain-string prompt (an
+    empty prompt tokenises to no ids, which the generation step cannot embed).
     """
+    check_train_rows(train_dataset)
     for name, dataset in _named_datasets(train_dataset, eval_dataset):
         check_prompt_column(dataset, name)
         columns = getattr(dataset, "column_names", None)
@@ -53,6 +67,27 @@ def check_prompts(train_dataset, eval_dataset=None) -> None:
                     f"`{name}` row {index} has a `prompt` of type {type(prompt).__name__}; a prompt is a string or "
                     "a list of chat messages."
                 )
+
+
+def check_reward_columns(reward_funcs, train_dataset, eval_dataset=None) -> None:
+    """
+    Fail when the built-in [`~trl_tip.math_reward`] is among `reward_funcs` and a map-style dataset whose rollouts it
+    grades (the training set, and every evaluation set given) has no `answer` column to grade against. Without this
+    check the first rollouts would be generated before the reward fails.
+    """
+    from ..rewards import math_reward
+
+    funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if not any(func is math_reward for func in funcs):
+        return
+    for name, dataset in _named_datasets(train_dataset, eval_dataset):
+        columns = getattr(dataset, "column_names", None)
+        if columns is not None and not isinstance(columns, dict) and "answer" not in columns:
+            raise ValueError(
+                f"`{name}` has columns {columns} but no `answer` column, which the built-in math reward "
+                "(trl_tip.math_reward) grades the rollouts against. Add the ground-truth final answers as an "
+                "`answer` column (e.g. dataset.rename_column('solution', 'answer'))."
+            )
 
 
 def check_completion_format(dataset, name: str) -> None:
@@ -94,3 +129,22 @@ def check_sampling(temperature: float, generation_kwargs: dict | None, greedy_er
         )
     if greedy_error is not None and (generation_kwargs or {}).get("do_sample") is False:
         raise ValueError(f"generation_kwargs sets do_sample=False, which cannot train here: {greedy_error}")
+
+
+def accelerator_available() -> bool:
+    """Whether torch sees an accelerator (CUDA, XPU, MPS, ...) that pinned host memory would speed transfers to."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def pin_memory_where_it_helps(config) -> None:
+    """
+    Turn `dataloader_pin_memory` off when there is no accelerator: pinning only speeds host-to-device copies, and
+    without a device torch's DataLoader warns on every dataloader it builds that pinned memory will not be used.
+    """
+    if config.dataloader_pin_memory and not accelerator_available():
+        config.dataloader_pin_memory = False

@@ -12,6 +12,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, use_adapter
 
 from ..hub import TrlTipHubMixin
+from ..resume import ResumableTrainerMixin
 from ..weighting import (
     ACE_CONFIDENCE_REDUCTIONS,
     ACE_TRANSFORMS,
@@ -19,7 +20,7 @@ from ..weighting import (
     ace_scale_advantages,
     ace_scale_factors,
 )
-from ._inputs import check_prompts, check_sampling
+from ._inputs import check_prompts, check_reward_columns, check_sampling, pin_memory_where_it_helps
 
 
 # Any non-zero value: while `GRPOTrainer.__init__` runs with it, TRL builds and prepares the reference model exactly
@@ -112,6 +113,7 @@ class ACEGRPOConfig(GRPOConfig):
             greedy_error="every rollout of a group would be the same completion, so every group-normalised "
             "advantage is zero and nothing is learned. Remove do_sample from generation_kwargs.",
         )
+        pin_memory_where_it_helps(self)
 
 
 @contextmanager
@@ -126,7 +128,7 @@ def _rng_untouched(device: torch.device):
             yield
 
 
-class ACEGRPOTrainer(TrlTipHubMixin, GRPOTrainer):
+class ACEGRPOTrainer(ResumableTrainerMixin, TrlTipHubMixin, GRPOTrainer):
     """
     Trainer for ACE-GRPO: Group Relative Policy Optimization with an asymmetric confidence-aware error penalty.
 
@@ -195,6 +197,7 @@ class ACEGRPOTrainer(TrlTipHubMixin, GRPOTrainer):
                 "plus ace_alpha / ace_transform / ace_confidence."
             )
         check_prompts(train_dataset, eval_dataset)
+        check_reward_columns(reward_funcs, train_dataset, eval_dataset)
         if (
             args.beta == 0.0
             and peft_config is None

@@ -29,7 +29,7 @@ from accelerate.utils import is_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType
+from transformers.trainer_utils import SchedulerType
 from trl import DistillationConfig, DistillationTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.utils import get_config_model_id
@@ -44,6 +44,7 @@ from ..instructions import (
 )
 from ..losses import selective_divergence_loss
 from ..quantization import keep_4bit_weights_trainable
+from ..resume import ResumableTrainerMixin, atomic_path
 from ..sharding import (
     copy_into_,
     full_copy,
@@ -52,7 +53,7 @@ from ..sharding import (
     prepare_frozen_model,
     requested_fsdp_version,
 )
-from ._inputs import check_prompts, check_sampling
+from ._inputs import check_prompts, check_reward_columns, check_sampling, pin_memory_where_it_helps
 from ._teacher_prompts import pad_teacher_prompts
 
 
@@ -212,6 +213,7 @@ class OPSDCConfig(DistillationConfig):
             )
         super().__post_init__()
         check_sampling(self.temperature, self.generation_kwargs)
+        pin_memory_where_it_helps(self)
         if self.beta == 0.0:
             warnings.warn(
                 "OPSDCConfig(beta=0.0) trains with forward KL, which collapses in self-distillation for conciseness; "
@@ -346,7 +348,7 @@ class _TeacherRefreshCallback(TrainerCallback):
             trainer.refresh_teacher()
 
 
-class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
+class OPSDCTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrainer):
     """
     Trainer for on-policy self-distillation for concise reasoning (OPSDC, also published as CRISP), as introduced in
     [CRISP: Compressed Reasoning via Iterative Self-Policy Distillation](https://huggingface.co/papers/2603.05433).
@@ -476,6 +478,7 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
         self.concise_instruction = resolve_instruction(args.concise_instruction)
         self.reward_funcs = _as_reward_funcs(reward_funcs)
         check_prompts(train_dataset, eval_dataset)
+        check_reward_columns(self.reward_funcs, train_dataset, eval_dataset)
         for dataset in _map_style_datasets(train_dataset, eval_dataset):
             # Fails now, not at the first generation, on prompts that cannot carry the instruction; and says how the
             # teacher's prompt is built from them.
@@ -621,7 +624,8 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
         if not self.args.should_save:
             return
         os.makedirs(directory, exist_ok=True)
-        save_file(tensors, os.path.join(directory, TEACHER_SNAPSHOT_NAME), metadata={"format": "pt"})
+        with atomic_path(os.path.join(directory, TEACHER_SNAPSHOT_NAME)) as temporary:
+            save_file(tensors, temporary, metadata={"format": "pt"})
         state = {
             "teacher_refreshes": self._teacher_refreshes,
             "teacher_refreshed_at_step": self._teacher_refreshed_at_step,
@@ -629,7 +633,7 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
             "length_baseline_sum": self._length_baseline[0],
             "length_baseline_count": self._length_baseline[1],
         }
-        with open(os.path.join(directory, OPSDC_STATE_NAME), "w") as file:
+        with atomic_path(os.path.join(directory, OPSDC_STATE_NAME)) as temporary, open(temporary, "w") as file:
             json.dump(state, file, indent=2)
 
     def load_teacher_snapshot(self, directory: str) -> None:
@@ -664,11 +668,17 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
 
     # ---- Checkpoints ----
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+    def _save_optimizer_and_scheduler(self, output_dir):
+        # Every process comes through here (a sharded snapshot is gathered by all of them), within the checkpoint's
+        # save and before transformers writes the trainer state that marks the checkpoint complete.
+        super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save or is_sharded(self.accelerator):
-            run_dir = self._get_output_dir(trial=trial)
-            self.save_teacher_snapshot(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
+            self.save_teacher_snapshot(output_dir)
+
+    def _checkpoint_files(self) -> list[str]:
+        if self.args.save_only_model:  # saved with the optimizer, which a model-only checkpoint does not save
+            return super()._checkpoint_files()
+        return [*super()._checkpoint_files(), TEACHER_SNAPSHOT_NAME, OPSDC_STATE_NAME]
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # Every resume path (DeepSpeed included, which skips `_load_from_checkpoint`) comes through here, after the
@@ -681,7 +691,7 @@ class OPSDCTrainer(TrlTipHubMixin, DistillationTrainer):
         if self._student_adapter_name is None:
             return super()._save(output_dir, state_dict)
         # `PeftModel.save_pretrained` writes every adapter the model holds; the saved model is the student's adapter
-        # only (checkpoints get the teacher separately, see `_save_checkpoint`).
+        # only (checkpoints get the teacher separately, see `_save_optimizer_and_scheduler`).
         peft_model = self.accelerator.unwrap_model(self.model)
         save_pretrained = peft_model.save_pretrained
 

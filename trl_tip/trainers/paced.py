@@ -38,7 +38,7 @@ from ..pass_rates import (  # noqa: F401 (ema_update, pass_rates_from_rewards: i
 )
 from ..rewards import math_reward
 from ..selection import SELECTION_METHODS
-from ._inputs import check_completion_format, check_prompt_column
+from ._inputs import check_completion_format, check_prompt_column, check_reward_columns, check_train_rows
 from ._teacher_prompts import pad_teacher_prompts
 from .tip_distill import TipDistillConfig, TipDistillTrainer
 
@@ -102,10 +102,11 @@ class PacedConfig(TipDistillConfig):
             Where teacher completions come from: `"dataset"` (the dataset's `completion` column, e.g. reference
             solutions), `"generate"` (sampled from the teacher with transformers' `generate`, same sampling settings
             as the student), or `"auto"` (`"dataset"` when the column exists, else `"generate"`).
-        kl_schedule (`str`, *optional*, defaults to `"reverse"`):
-            `"reverse"`: reverse KL throughout (`beta=1`). `"forward"`: forward KL throughout (`beta=0`).
-            `"forward_then_reverse"`: forward KL on teacher completions, then, from the switch step on, reverse KL on
-            student rollouts.
+        kl_schedule (`str` or `None`, *optional*, defaults to `None`):
+            `None`: TRL's `beta` throughout (`1.0`, its default, is reverse KL; `0.0` forward KL; in between the
+            generalised JSD). `"reverse"`: reverse KL throughout (`beta=1`). `"forward"`: forward KL throughout
+            (`beta=0`). `"forward_then_reverse"`: forward KL on teacher completions, then, from the switch step on,
+            reverse KL on student rollouts. A schedule sets `beta`, which must then be left at its default.
         schedule_switch_fraction (`float`, *optional*, defaults to `0.5`):
             Fraction of the training steps after which `"forward_then_reverse"` switches: the switch step is
             `⌊fraction × max_steps⌋`.
@@ -125,7 +126,7 @@ class PacedConfig(TipDistillConfig):
 
     > [!NOTE]
     > `token_selection` defaults to `"all"` here (plain PACED); any TIP rule can be combined with the weighting. `beta`
-    > is set by `kl_schedule` and must be left at its default.
+    > means what it means in TRL unless a `kl_schedule` is given, which sets it.
     """
 
     token_selection: str = field(
@@ -195,11 +196,12 @@ class PacedConfig(TipDistillConfig):
             "choices": list(TEACHER_COMPLETION_SOURCES),
         },
     )
-    kl_schedule: str = field(
-        default="reverse",
+    kl_schedule: str | None = field(
+        default=None,
         metadata={
-            "help": "'reverse' (reverse KL throughout), 'forward' (forward KL throughout) or 'forward_then_reverse' "
-            "(forward KL on teacher completions, then reverse KL on student rollouts).",
+            "help": "None (TRL's beta throughout: 1.0 reverse KL, 0.0 forward KL), 'reverse' (reverse KL throughout), "
+            "'forward' (forward KL throughout) or 'forward_then_reverse' (forward KL on teacher completions, then "
+            "reverse KL on student rollouts). A schedule sets beta.",
             "choices": list(KL_SCHEDULES),
         },
     )
@@ -271,18 +273,20 @@ class PacedConfig(TipDistillConfig):
                 f"teacher_completions must be one of {', '.join(TEACHER_COMPLETION_SOURCES)}, got "
                 f"{self.teacher_completions!r}."
             )
-        if self.kl_schedule not in KL_SCHEDULES:
-            raise ValueError(f"kl_schedule must be one of {', '.join(KL_SCHEDULES)}, got {self.kl_schedule!r}.")
+        if self.kl_schedule is not None and self.kl_schedule not in KL_SCHEDULES:
+            raise ValueError(
+                f"kl_schedule must be None or one of {', '.join(KL_SCHEDULES)}, got {self.kl_schedule!r}."
+            )
         if not 0.0 < self.schedule_switch_fraction < 1.0:
             raise ValueError(f"schedule_switch_fraction must be in (0, 1), got {self.schedule_switch_fraction}.")
-        # The divergence is PACED's kl_schedule; TRL's `beta` follows it. 1.0 is DistillationConfig's default.
+        # Without a schedule `beta` is TRL's; a schedule sets it (1.0 is DistillationConfig's default).
         if self.kl_schedule == "forward" and self.beta in (0.0, 1.0):
             self.beta = 0.0
-        elif self.beta != 1.0:
+        elif self.kl_schedule is not None and self.beta != 1.0:
             raise ValueError(
-                f"beta={self.beta} conflicts with kl_schedule={self.kl_schedule!r}: PacedConfig sets the divergence "
-                "through kl_schedule ('reverse': beta=1, 'forward': beta=0, 'forward_then_reverse': 0 then 1). Leave "
-                "beta at its default."
+                f"beta={self.beta} conflicts with kl_schedule={self.kl_schedule!r}, which sets the divergence itself "
+                "('reverse': beta=1, 'forward': beta=0, 'forward_then_reverse': 0 then 1). Leave kl_schedule unset to "
+                f"train with TRL's beta={self.beta} throughout, or leave beta at its default."
             )
         if self.kl_schedule == "forward_then_reverse" and self.rollout_source != "student":
             raise ValueError(
@@ -331,13 +335,23 @@ def schedule_switch_step(max_steps: int, fraction: float) -> int:
     return math.floor(fraction * max_steps)
 
 
-def paced_phase(step: int, max_steps: int, kl_schedule: str, switch_fraction: float, rollout_source: str) -> tuple:
+def paced_phase(
+    step: int,
+    max_steps: int,
+    kl_schedule: str | None,
+    switch_fraction: float,
+    rollout_source: str,
+    beta: float = 1.0,
+) -> tuple:
     """
-    Divergence and rollout source at optimiser step `step` (0-based).
+    Divergence and rollout source at optimiser step `step` (0-based); `beta` is the configured one, used throughout
+    when `kl_schedule` is `None`.
 
     Returns:
         `tuple[float, str]`: TRL's `beta` (`0.0` forward KL, `1.0` reverse KL) and `"student"` or `"teacher"`.
     """
+    if kl_schedule is None:
+        return beta, rollout_source
     if kl_schedule == "reverse":
         return 1.0, rollout_source
     if kl_schedule == "forward":
@@ -606,9 +620,8 @@ class PacedTrainer(TipDistillTrainer):
                 "estimated before training. Load the dataset without `streaming=True`."
             )
         check_prompt_column(train_dataset, "train_dataset")
+        check_train_rows(train_dataset)
         columns = train_dataset.column_names
-        if len(train_dataset) == 0:
-            raise ValueError("`train_dataset` is empty.")
         if "image" in columns or "images" in columns:
             raise ValueError("PacedTrainer supports text-only datasets; remove the `image`/`images` column.")
         self._privileged_column, self._privileged_template = None, None
@@ -616,14 +629,8 @@ class PacedTrainer(TipDistillTrainer):
             self._privileged_column, self._privileged_template = privileged_context_setup(
                 columns, args.privileged_context_column, args.privileged_prompt_template
             )
-        needs_answer = [reason for reason, needed in (
-            ("the built-in math reward grades against it", math_reward in self.reward_funcs),
-        ) if needed]
-        if needs_answer and "answer" not in columns:
-            raise ValueError(
-                f"`train_dataset` has columns {columns} but no `answer` column, which PACED needs: "
-                f"{' and '.join(needs_answer)}. Add the ground-truth answers as an `answer` column."
-            )
+        # Pass rates grade training problems only; PACED's evaluation scores the divergence, no reward.
+        check_reward_columns(self.reward_funcs, train_dataset)
         teacher_track = args.rollout_source == "teacher" or args.kl_schedule == "forward_then_reverse"
         if teacher_track and args.teacher_completions == "dataset" and "completion" not in columns:
             raise ValueError(
@@ -672,6 +679,12 @@ class PacedTrainer(TipDistillTrainer):
                 "self_distillation=True to distil from a frozen copy of the student that sees the answer."
             )
         return teacher_model
+
+    @staticmethod
+    def _check_teacher_vocabulary(model, teacher_model, args, processing_class) -> int | None:
+        if args is not None and args.self_distillation:
+            return None  # the teacher is a copy of the student: its tokenizer and head
+        return TipDistillTrainer._check_teacher_vocabulary(model, teacher_model, args, processing_class)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -784,6 +797,10 @@ class PacedTrainer(TipDistillTrainer):
         else:
             logger.warning(f"{checkpoint} has no {PASS_RATE_FILE}; pass rates are estimated again.")
 
+    def _checkpoint_files(self) -> list[str]:
+        # Written by `save_model`, before transformers' trainer state.
+        return [*super()._checkpoint_files(), PASS_RATE_FILE]
+
     def export_pass_rates(self, path: str | None = None) -> Dataset:
         """
         The pass-rate table joined with the training set (prompt, answer, ..., `pass_rate`, `num_graded_rollouts`,
@@ -827,6 +844,7 @@ class PacedTrainer(TipDistillTrainer):
                 self.args.kl_schedule,
                 self.args.schedule_switch_fraction,
                 self.args.rollout_source,
+                self.args.beta,
             )
         self._teacher_writes_completions = training and self._rollout_source == "teacher"
         self._generation_rows = inputs

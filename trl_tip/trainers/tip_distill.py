@@ -15,10 +15,11 @@ from trl import DistillationConfig, DistillationTrainer
 from ..hub import TrlTipHubMixin
 from ..losses import SELECTION_DIVERGENCES, STUDENT_SIDE_METHODS, selective_divergence_loss
 from ..quantization import keep_4bit_weights_trainable
+from ..resume import ResumableTrainerMixin, atomic_path
 from ..selection import SELECTION_METHODS, quadrant_counts, quantile, tokens_per_rollout
 from ..sharding import fsdp2_shard_for_inference, is_fsdp2
-from ..vocabulary import first_tokenizer_difference, shared_vocab_size, tokenizer_of
-from ._inputs import check_prompts, check_sampling
+from ..vocabulary import compare_tokenizers, shared_vocab_size, tokenizer_of
+from ._inputs import check_prompts, check_sampling, pin_memory_where_it_helps
 
 
 TEACHER_QUANTIZATION = ("none", "4bit", "8bit")
@@ -107,9 +108,12 @@ class TipDistillConfig(DistillationConfig):
             `--load_in_4bit` in the examples) never quantises the teacher.
         check_teacher_tokenizer (`bool`, *optional*, defaults to `True`):
             When the teacher comes with a tokenizer (saved next to its weights), compare it with the student's at
-            init (every id's token, the special tokens, the chat template's end-of-turn token) and fail on the first
-            difference. `False` skips the comparison: you assert that the teacher reads the student's token ids,
-            which also lets heads padded to different sizes be compared over the student tokenizer's tokens.
+            init: fail on the first id that is another token for each, or on another end-of-turn token of the chat
+            template; warn on differences that change no id's token (special-token attributes such as a base
+            model's eos against its instruct sibling's, tokens past the shorter tokenizer). A teacher without a
+            tokenizer is not checked, with a warning. `False` skips the comparison: you assert that the teacher reads
+            the student's token ids, which also lets heads padded to different sizes be compared over the student
+            tokenizer's tokens.
 
     Batch statistics (the quantile clips, min-max normalisation, the quadrant medians) are taken over the completion
     tokens of the micro-batch one loss call sees, i.e. `per_device_train_batch_size` rollouts on one process, so the
@@ -169,8 +173,9 @@ class TipDistillConfig(DistillationConfig):
     check_teacher_tokenizer: bool = field(
         default=True,
         metadata={
-            "help": "Compare the teacher's tokenizer (when it has one) with the student's at init and fail on the "
-            "first differing token, special token or end-of-turn token. False skips the check: you assert the teacher "
+            "help": "Compare the teacher's tokenizer (when it has one) with the student's at init: fail on the first "
+            "id that is another token, or another chat-template end-of-turn token; warn on special-token attribute "
+            "differences and on tokens past the shorter tokenizer. False skips the check: you assert the teacher "
             "reads the student's token ids (heads padded to different sizes are then compared over the student "
             "tokenizer's tokens)."
         },
@@ -222,6 +227,7 @@ class TipDistillConfig(DistillationConfig):
                 "Set it to 1.0."
             )
         check_sampling(self.temperature, self.generation_kwargs)
+        pin_memory_where_it_helps(self)
 
 
 def _load_teacher_tokenizer(teacher, args):
@@ -310,7 +316,7 @@ def _divergence_loss_replaced_by(loss_fn):
         _trl_distillation._chunked_divergence_loss = original
 
 
-class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
+class TipDistillTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrainer):
     """
     On-policy distillation on the tokens that matter (TIP).
 
@@ -430,8 +436,10 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
     @staticmethod
     def _check_teacher_vocabulary(model, teacher_model, args, processing_class) -> int | None:
         """
-        Check that the teacher reads the student's token ids, and return how many `lm_head` rows the divergence
-        compares (`None`: all, as TRL; else the shared tokenizer's size, for heads padded to different sizes).
+        Check that the teacher reads the student's token ids ([`~trl_tip.vocabulary.compare_tokenizers`]: an error on
+        a difference that changes what the teacher scores, a warning on the others), and return how many `lm_head`
+        rows the divergence compares (`None`: all, as TRL; else the shared tokenizer's size, for heads padded to
+        different sizes).
         """
         if teacher_model is None or args is None:
             return None
@@ -446,30 +454,48 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
             except (OSError, ValueError, TypeError, KeyError):
                 student_tokenizer = None  # TRL's own processor loading reports this
         teacher_tokenizer = _load_teacher_tokenizer(teacher_model, args) if check else None
-        if check and student_tokenizer is not None and teacher_tokenizer is not None:
-            difference = first_tokenizer_difference(student_tokenizer, teacher_tokenizer)
-            if difference is not None:
-                raise ValueError(
-                    f"The teacher's tokenizer differs from the student's: {difference}. Distillation compares the "
-                    "two models' distributions id by id, so the teacher would score other tokens than the student "
-                    "wrote. Use a teacher with the student's tokenizer (GOLD distils across tokenizers), or set "
-                    "check_teacher_tokenizer=False if you know the ids agree."
-                )
         student_rows = _vocab_rows(model, trust_remote_code=args.trust_remote_code)
         teacher_rows = _vocab_rows(
             teacher_model,
             revision=args.teacher_model_revision if isinstance(teacher_model, str) else None,
             trust_remote_code=args.trust_remote_code,
         )
+        if student_rows != teacher_rows and (student_tokenizer is None or (check and teacher_tokenizer is None)):
+            raise ValueError(
+                f"The student's lm_head has {student_rows} rows (vocab_size) and the teacher's {teacher_rows}. Heads "
+                "padded to different sizes can be distilled when both models share one tokenizer, but the teacher "
+                "comes with no tokenizer to compare with the student's. Save the teacher's tokenizer next to its "
+                "weights, or set check_teacher_tokenizer=False if you know it is the student's."
+            )
+        if check and student_tokenizer is not None and teacher_tokenizer is None:
+            source = teacher_model if isinstance(teacher_model, str) else getattr(teacher_model, "name_or_path", None)
+            warnings.warn(
+                f"The teacher ({source or 'a model built in memory, with no name_or_path'}) comes with no tokenizer, "
+                "so the check that it reads the student's token ids is skipped. Save the teacher's tokenizer next to "
+                "its weights to have it checked, or set check_teacher_tokenizer=False if you know the ids agree.",
+                stacklevel=3,
+            )
+        if check and student_tokenizer is not None and teacher_tokenizer is not None:
+            comparison = compare_tokenizers(student_tokenizer, teacher_tokenizer)
+            if comparison.error is not None:
+                heads = "" if student_rows == teacher_rows else (
+                    f" (and the student's lm_head has vocab_size {student_rows}, the teacher's {teacher_rows})"
+                )
+                raise ValueError(
+                    f"The teacher's tokenizer differs from the student's: {comparison.error}{heads}. Distillation "
+                    "compares the two models' distributions id by id, so the teacher would score other tokens than "
+                    "the student wrote. Use a teacher with the student's tokenizer (GOLD distils across tokenizers), "
+                    "or set check_teacher_tokenizer=False if you know the ids agree."
+                )
+            if comparison.notes:
+                warnings.warn(
+                    "The teacher's tokenizer gives every id it shares with the student's the same token, but: "
+                    + "; ".join(comparison.notes)
+                    + ". Training goes ahead: the prompts are tokenized by the student's tokenizer only.",
+                    stacklevel=3,
+                )
         if student_rows == teacher_rows:
             return None
-        if student_tokenizer is None or (check and teacher_tokenizer is None):
-            raise ValueError(
-                f"The student's lm_head has {student_rows} rows and the teacher's {teacher_rows}. Heads padded to "
-                "different sizes can be distilled when both models share one tokenizer, but the teacher comes with "
-                "no tokenizer to compare with the student's. Save the teacher's tokenizer next to its weights, or set "
-                "check_teacher_tokenizer=False if you know it is the student's."
-            )
         rows = shared_vocab_size(student_rows, teacher_rows, len(tokenizer_of(student_tokenizer)))
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
@@ -502,7 +528,15 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
         super()._save_rng_state(output_dir)
         os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, SELECTION_RNG_FILE.format(process_index=self.args.process_index))
-        torch.save(self._selection_generator.get_state(), path)
+        with atomic_path(path) as temporary:
+            torch.save(self._selection_generator.get_state(), temporary)
+
+    def _checkpoint_files(self) -> list[str]:
+        # Written with the RNG states, which a model-only checkpoint does not save.
+        if self.args.save_only_model:
+            return super()._checkpoint_files()
+        own = [SELECTION_RNG_FILE.format(process_index=index) for index in range(self.args.world_size)]
+        return [*super()._checkpoint_files(), *own]
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
@@ -533,10 +567,27 @@ class TipDistillTrainer(TrlTipHubMixin, DistillationTrainer):
         return output
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        """
+        TRL's `_compute_loss` with the divergence taken on the kept tokens only: `Σ_kept divergence /
+        num_items_in_batch`, where `num_items_in_batch` counts kept tokens (see [`~TipDistillTrainer.compute_loss`]).
+        """
         with _divergence_loss_replaced_by(self._selective_divergence_loss):
             return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """
+        The TIP loss, the paper's: the mean divergence over the **kept** tokens of the generation batch; with a guard
+        that refuses to step on a non-finite loss, and the `tip/*` metrics.
+
+        Normalisation convention: `num_items_in_batch` is the number of kept tokens of the whole generation batch (all
+        accumulation steps and processes), which `_generate_and_score_completions` writes into
+        `inputs["num_items_in_batch"]` and TRL's `compute_loss` reads in training, in place of TRL's count of all
+        completion tokens. So the loss and its gradient do not shrink with `token_ratio`, and logged losses compare
+        across ratios. A `num_items_in_batch` that counts all completion tokens, as TRL means it, would give the sum
+        over kept tokens divided by all tokens: about `token_ratio` times this loss. With `token_selection="all"` the
+        two counts are the same and the loss is TRL's, bit for bit. In evaluation (`num_items_in_batch=None`) the
+        loss is the mean over the micro-batch's kept tokens.
+        """
         output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = output[0] if return_outputs else output
         if not torch.isfinite(loss.detach()).all():

@@ -1,0 +1,142 @@
+"""The teacher-tokenizer check on pairs shaped like real ones: what changes the scored tokens fails, the rest warns."""
+
+import itertools
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trl_tip import TipDistillConfig, TipDistillTrainer
+from trl_tip.testing import build_tokenizer, save_pretrained_pair, tiny_model
+from trl_tip.vocabulary import TokenizerComparison, compare_tokenizers
+
+
+PROMPTS = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"{a}+{a + 1}"}] for a in range(4)]})
+
+
+def _config(tmp_path, **overrides):
+    return TipDistillConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1,
+                            max_completion_length=8, bf16=False, report_to="none", save_strategy="no",
+                            disable_tqdm=True, **overrides)
+
+
+def _tokenizer_warnings(caught):
+    return [str(warning.message) for warning in caught if "tokenizer" in str(warning.message)]
+
+
+def _base_tokenizer():
+    # A base model's tokenizer: the instruct sibling's vocabulary and chat template, but eos `<|endoftext|>`.
+    tokenizer = build_tokenizer()
+    tokenizer.eos_token = "<|endoftext|>"
+    return tokenizer
+
+
+def test_an_in_memory_tokenizer_and_its_reloaded_files_are_the_same(tiny_model_paths):
+    # Reloaded next to a qwen2 config, the files become a Qwen2Tokenizer, whose class sets unk_token by default.
+    reloaded = AutoTokenizer.from_pretrained(tiny_model_paths["teacher"])
+    assert type(reloaded).__name__ == "Qwen2Tokenizer" and reloaded.unk_token is not None
+    assert build_tokenizer().unk_token is None
+    assert compare_tokenizers(build_tokenizer(), reloaded) == TokenizerComparison()
+    assert compare_tokenizers(reloaded, build_tokenizer()) == TokenizerComparison()
+
+
+def test_base_and_instruct_eos_is_a_note():
+    comparison = compare_tokenizers(build_tokenizer(), _base_tokenizer())
+    assert comparison.error is None
+    assert comparison.notes == (
+        "eos_token is '<|im_end|>' (id 258) for the student but '<|endoftext|>' (id 256) for the teacher",
+    )
+
+
+def test_special_tokens_added_at_the_end_are_a_note():
+    instruct = build_tokenizer()
+    instruct.add_special_tokens({"additional_special_tokens": ["<think>", "</think>", "<tool_call>", "<a>", "<b>"]})
+    comparison = compare_tokenizers(build_tokenizer(), instruct)
+    assert comparison.error is None
+    assert comparison.notes == ((
+        "the teacher's tokenizer has 5 token(s) past the other's (vocab_size 259 for the student, 264 for the "
+        "teacher): ids 259-263 ('<think>', '</think>', '<tool_call>', '<a>', ...); every shared id is the same token"
+    ),)
+    reverse = compare_tokenizers(instruct, build_tokenizer())
+    assert reverse.notes[0].startswith("the student's tokenizer has 5 token(s)")
+
+
+def test_a_permuted_vocabulary_names_the_first_differing_id_and_the_sizes(tmp_path):
+    build_tokenizer().save_pretrained(tmp_path)
+    file = Path(tmp_path) / "tokenizer.json"
+    data = json.loads(file.read_text())
+    vocab = data["model"]["vocab"]
+    vocab["x"], vocab["y"] = vocab["y"], vocab["x"]
+    file.write_text(json.dumps(data))
+    permuted = AutoTokenizer.from_pretrained(tmp_path)
+    assert compare_tokenizers(build_tokenizer(), permuted).error == (
+        "id 120 is 'x' for the student but 'y' for the teacher"
+    )
+    permuted.add_special_tokens({"additional_special_tokens": ["<extra>"]})
+    assert compare_tokenizers(build_tokenizer(), permuted).error == (
+        "id 120 is 'x' for the student but 'y' for the teacher (vocab_size 259 for the student, 260 for the teacher)"
+    )
+
+
+@pytest.mark.parametrize(
+    "student_as, teacher_as, processing_class",
+    list(itertools.product(["path", "instance"], ["path", "instance"], [True, False])),
+)
+def test_identical_vocabularies_are_accepted_in_every_loading_combination(tiny_model_paths, tmp_path, student_as,
+                                                                          teacher_as, processing_class):
+    def load(role, kind):
+        path = tiny_model_paths[role]
+        return path if kind == "path" else AutoModelForCausalLM.from_pretrained(path)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TipDistillTrainer(model=load("student", student_as), teacher_model=load("teacher", teacher_as),
+                          args=_config(tmp_path), train_dataset=PROMPTS,
+                          processing_class=build_tokenizer() if processing_class else None)
+    assert _tokenizer_warnings(caught) == []
+
+
+def test_a_base_teacher_of_an_instruct_student_warns_and_trains(tiny_model_paths, tmp_path):
+    teacher = save_pretrained_pair(AutoModelForCausalLM.from_pretrained(tiny_model_paths["teacher"]),
+                                   _base_tokenizer(), tmp_path / "base-teacher")
+    with pytest.warns(UserWarning, match=r"same token, but: eos_token is '<\|im_end\|>' .* Training goes ahead"):
+        trainer = TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=teacher,
+                                    args=_config(tmp_path / "out"), train_dataset=PROMPTS)
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_a_teacher_of_another_vocab_size_and_tokenizer_is_refused_naming_vocab_size(tiny_model_paths, tmp_path):
+    # As TRL's own check of a teacher of another vocabulary expects: the message names `vocab_size`.
+    other = build_tokenizer()
+    other.save_pretrained(tmp_path / "tokenizer")
+    file = tmp_path / "tokenizer" / "tokenizer.json"
+    data = json.loads(file.read_text())
+    vocab = data["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    file.write_text(json.dumps(data))
+    teacher = save_pretrained_pair(tiny_model("teacher", vocab_size=300), AutoTokenizer.from_pretrained(
+        tmp_path / "tokenizer"), tmp_path / "teacher")
+    with pytest.raises(ValueError, match=r"id 97 is 'a' .*lm_head has vocab_size 259, the teacher's 300"):
+        TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=teacher, args=_config(tmp_path / "out"),
+                          train_dataset=PROMPTS)
+
+
+def test_a_teacher_built_in_memory_warns_once_that_it_is_not_checked(tiny_model_paths, tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model("teacher"),
+                          args=_config(tmp_path), train_dataset=PROMPTS)
+    assert _tokenizer_warnings(caught) == [(
+        "The teacher (a model built in memory, with no name_or_path) comes with no tokenizer, so the check that it "
+        "reads the student's token ids is skipped. Save the teacher's tokenizer next to its weights to have it "
+        "checked, or set check_teacher_tokenizer=False if you know the ids agree."
+    )]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model("teacher"),
+                          args=_config(tmp_path, check_teacher_tokenizer=False), train_dataset=PROMPTS)
+    assert _tokenizer_warnings(caught) == []
