@@ -16,8 +16,14 @@ and repacks them like the first load:
 The colocated engine runs in the training model's dtype (vLLM would sample a float32 checkpoint in bfloat16 by
 default) and eagerly (vLLM's CPU compilation costs tens of seconds at every start and gave no measured speed-up on
 small models; see docs/scale.md). PEFT adapters are merged before the push, as TRL does. FSDP and DeepSpeed ZeRO-3 are
-not supported on this path. [`trl_tip._trl_compat.platform_vllm_generation`] selects this class only when vLLM runs
-on its CPU platform; on a GPU TRL's own class runs untouched.
+not supported on this path. [`platform_vllm_generation`] selects this class only when vLLM runs on its CPU
+platform; on a GPU TRL's own class runs untouched. trl_tip's trainers apply it themselves; wrap the construction of
+TRL's own trainers in it to give them the same path:
+
+```python
+>>> with platform_vllm_generation(grpo_config):
+...     trainer = GRPOTrainer(model=..., reward_funcs=..., args=grpo_config, train_dataset=...)
+```
 """
 
 from __future__ import annotations
@@ -34,7 +40,10 @@ from trl.generation.vllm_client import VLLMClient
 from trl.generation.vllm_generation import VLLMGeneration
 from trl.trainer.utils import ensure_master_addr_port
 
-from ._trl_compat import iter_vllm_weights
+from ._trl_compat import iter_vllm_weights, platform_vllm_generation
+
+
+__all__ = ["CPUVLLMGeneration", "engine_dtype", "ensure_cpu_kv_cache_space", "platform_vllm_generation"]
 
 
 logger = logging.getLogger(__name__)
