@@ -29,9 +29,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)
 
-# The tests marked `vllm` (tests/vllm_engine): real vLLM engines and a real `trl vllm-serve` on this CPU. vLLM's CPU build
-# pins transformers below the version the main environment gets, so they run in an environment of their own, set up
-# by scripts/install_vllm_cpu.sh (the install docs/scale.md gives CPU users).
+# The tests marked `vllm` (tests/vllm_engine): real vLLM engines and a real `trl vllm-serve` on this CPU. vLLM's
+# CPU build pins transformers below the version the main environment gets, so they run in an environment of their
+# own, set up by scripts/install_vllm_cpu.sh (the install docs/scale.md gives CPU users).
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp

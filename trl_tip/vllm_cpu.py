@@ -148,7 +148,9 @@ class CPUVLLMGeneration(VLLMGeneration):
             from safetensors.torch import save_file
 
             # Copies: under PEFT the merged weights are unmerged in place once the iteration ends.
-            weights = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in iter_vllm_weights(self)}
+            weights = {
+                name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in iter_vllm_weights(self)
+            }
             directory = self._checkpoint_directory()
             save_file(weights, os.path.join(directory, "model.safetensors"))
             url = f"{self.vllm_client.base_url}/collective_rpc"
