@@ -229,3 +229,29 @@ def test_engine_follows_pushed_weights(mode, tiny_model_paths, prompts, tmp_path
     assert after != before
     assert_greedy_follows(other, prompt_ids, after, eos)
     _release(trainer)
+
+
+def test_lora_adapters_are_merged_into_the_push(tiny_model_paths, prompts, tmp_path):
+    # A LoRA student: the engine holds the base weights with the adapters merged, as TRL pushes them.
+    from peft import LoraConfig
+
+    from trl_tip import TipDistillConfig, TipDistillTrainer
+
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+    trainer = TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model_paths["teacher"],
+                                args=TipDistillConfig(**_settings(tmp_path, "colocate", None)), train_dataset=prompts,
+                                peft_config=lora)
+    eos = build_tokenizer().eos_token_id
+    prompt_ids = _prompt_ids(prompts)
+    trainer.vllm_generation.sync_weights()
+    before = _engine_greedy(trainer.vllm_generation, prompt_ids)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # adapters far from their zero initialisation
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    trainer.vllm_generation.sync_weights()
+    after = _engine_greedy(trainer.vllm_generation, prompt_ids)
+    assert after != before
+    assert_greedy_follows(trainer.model, prompt_ids, after, eos)
+    _release(trainer)
