@@ -182,6 +182,7 @@ def _trainer(variant: str, setup: dict, steps: int, cuda: bool, use_vllm: bool =
 
     from trl_tip import (ACEGRPOConfig, ACEGRPOTrainer, OPSDCConfig, OPSDCTrainer, PacedConfig, PacedTrainer,
                          TipDistillConfig, TipDistillTrainer, math_reward)
+    from trl_tip.vllm_cpu import platform_vllm_generation
 
     kind, settings, _ = VARIANTS[variant]
     common = {
@@ -195,7 +196,10 @@ def _trainer(variant: str, setup: dict, steps: int, cuda: bool, use_vllm: bool =
                       vllm_gpu_memory_utilization=0.3)
     models = {"model": setup["student"], "processing_class": setup["tokenizer"], "train_dataset": setup["train"]}
     if kind == "trl_distillation":
-        return DistillationTrainer(teacher_model=setup["teacher"], args=DistillationConfig(**common), **models)
+        # TRL's own trainers take trl_tip's weight path on vLLM's CPU build too (trl_tip's trainers take it alone).
+        config = DistillationConfig(**common)
+        with platform_vllm_generation(config):
+            return DistillationTrainer(teacher_model=setup["teacher"], args=config, **models)
     if kind == "tip":
         return TipDistillTrainer(teacher_model=setup["teacher"], args=TipDistillConfig(**common, **settings), **models)
     if kind == "paced":
@@ -206,7 +210,9 @@ def _trainer(variant: str, setup: dict, steps: int, cuda: bool, use_vllm: bool =
         return OPSDCTrainer(args=OPSDCConfig(**common), **models)
     grpo = {**common, "num_generations": 8, "loss_type": "dapo", "beta": 0.0}
     if kind == "trl_grpo":
-        return GRPOTrainer(reward_funcs=[math_reward], args=GRPOConfig(**grpo), **models)
+        config = GRPOConfig(**grpo)
+        with platform_vllm_generation(config):
+            return GRPOTrainer(reward_funcs=[math_reward], args=config, **models)
     return ACEGRPOTrainer(reward_funcs=[math_reward], args=ACEGRPOConfig(**grpo, **settings), **models)
 
 
