@@ -74,10 +74,8 @@ class CPUVLLMGeneration(VLLMGeneration):
     """
     [`~trl.generation.vllm_generation.VLLMGeneration`] on vLLM's CPU platform: same arguments, same generation; the
     engine is built in the training dtype and weights are pushed through vLLM's `reload_weights` (see the module
-    docstring). `num_weight_syncs` counts the pushes.
+    docstring).
     """
-
-    num_weight_syncs = 0
 
     def _init_vllm(self):
         distributed = DistributedBackend(self.accelerator)
@@ -113,7 +111,7 @@ class CPUVLLMGeneration(VLLMGeneration):
         if any(type(module).__name__ in ("Linear4bit", "Linear8bitLt") for module in self.model.modules()):
             raise ValueError(
                 "vLLM's CPU platform does not load bitsandbytes-quantised models; train the quantised model with "
-                "use_vllm=False, or without quantisation_config to generate with vLLM."
+                "use_vllm=False, or without quantization_config to generate with vLLM."
             )
         ensure_cpu_kv_cache_space()
         # As TRL's colocate mode: each training process is a one-process vLLM "external launcher" world.
@@ -166,7 +164,6 @@ class CPUVLLMGeneration(VLLMGeneration):
         else:
             for _ in iter_vllm_weights(self):  # the main process's iteration may gather; keep in step with it
                 pass
-        self.num_weight_syncs += 1
 
     def _checkpoint_directory(self) -> str:
         # One directory for the run, overwritten at every push: after a reload the server reads its model from there.
