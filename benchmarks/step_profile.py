@@ -26,6 +26,12 @@ OPSDC and ACE run on the built-in task only (they need answers a reward can chec
 
     python benchmarks/step_profile.py                             # both shapes, tables on stdout
     python benchmarks/step_profile.py --write docs/benchmarks.md
+
+With `--use_vllm` (an environment with vLLM, e.g. the `.venv-vllm` that `make test-vllm` builds), each variant of the
+built-in shape runs twice, generating with transformers and with vLLM colocated in the training process (on a CPU:
+trl_tip's CPU path, float32, eager), and the tables give both, the weight push counted in `generation`:
+
+    .venv-vllm/bin/python benchmarks/step_profile.py --use_vllm --shapes builtin --write docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -171,11 +177,12 @@ def _heavy_setup(device, dtype):
             "batch": 4, "completion_length": completion_length, "temperature": 1.0}
 
 
-def _trainer(variant: str, setup: dict, steps: int, cuda: bool):
+def _trainer(variant: str, setup: dict, steps: int, cuda: bool, use_vllm: bool = False):
     from trl import DistillationConfig, DistillationTrainer, GRPOConfig, GRPOTrainer
 
     from trl_tip import (ACEGRPOConfig, ACEGRPOTrainer, OPSDCConfig, OPSDCTrainer, PacedConfig, PacedTrainer,
                          TipDistillConfig, TipDistillTrainer, math_reward)
+    from trl_tip.vllm_cpu import platform_vllm_generation
 
     kind, settings, _ = VARIANTS[variant]
     common = {
@@ -184,9 +191,15 @@ def _trainer(variant: str, setup: dict, steps: int, cuda: bool):
         "max_completion_length": setup["completion_length"], "temperature": setup["temperature"], "bf16": cuda,
         "use_cpu": not cuda, "gradient_checkpointing": False, "disable_tqdm": True, "seed": 0,
     }
+    if use_vllm:
+        common.update(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=512,
+                      vllm_gpu_memory_utilization=0.3)
     models = {"model": setup["student"], "processing_class": setup["tokenizer"], "train_dataset": setup["train"]}
     if kind == "trl_distillation":
-        return DistillationTrainer(teacher_model=setup["teacher"], args=DistillationConfig(**common), **models)
+        # TRL's own trainers take trl_tip's weight path on vLLM's CPU build too (trl_tip's trainers take it alone).
+        config = DistillationConfig(**common)
+        with platform_vllm_generation(config):
+            return DistillationTrainer(teacher_model=setup["teacher"], args=config, **models)
     if kind == "tip":
         return TipDistillTrainer(teacher_model=setup["teacher"], args=TipDistillConfig(**common, **settings), **models)
     if kind == "paced":
@@ -197,7 +210,9 @@ def _trainer(variant: str, setup: dict, steps: int, cuda: bool):
         return OPSDCTrainer(args=OPSDCConfig(**common), **models)
     grpo = {**common, "num_generations": 8, "loss_type": "dapo", "beta": 0.0}
     if kind == "trl_grpo":
-        return GRPOTrainer(reward_funcs=[math_reward], args=GRPOConfig(**grpo), **models)
+        config = GRPOConfig(**grpo)
+        with platform_vllm_generation(config):
+            return GRPOTrainer(reward_funcs=[math_reward], args=config, **models)
     return ACEGRPOTrainer(reward_funcs=[math_reward], args=ACEGRPOConfig(**grpo, **settings), **models)
 
 
@@ -258,7 +273,7 @@ def _instrument(trainer, timer: PhaseTimer) -> None:
     trainer.add_callback(StepClock())
 
 
-def run_worker(variant: str, shape: str, steps: int) -> dict:
+def run_worker(variant: str, shape: str, steps: int, use_vllm: bool = False) -> dict:
     import torch
     from transformers import TrainerCallback
 
@@ -267,7 +282,7 @@ def run_worker(variant: str, shape: str, steps: int) -> dict:
         torch.set_num_threads(1)
     device = torch.device("cuda" if cuda else "cpu")
     setup = _builtin_setup() if shape == "builtin" else _heavy_setup(device, torch.bfloat16 if cuda else torch.float32)
-    trainer = _trainer(variant, setup, 1 + steps, cuda)
+    trainer = _trainer(variant, setup, 1 + steps, cuda, use_vllm)
     timer = PhaseTimer(cuda)
     _instrument(trainer, timer)
 
@@ -292,7 +307,7 @@ def run_worker(variant: str, shape: str, steps: int) -> dict:
     measured = timer.steps[1:]
     median = {key: statistics.median(step.get(key, 0.0) for step in measured) for key in ("step", *PHASES)}
     return {"variant": variant, "shape": shape, "phases": median, "peak_bytes": max(peak_bytes, 0),
-            "steps": len(measured)}
+            "steps": len(measured), "generation": "vllm" if use_vllm else "transformers"}
 
 
 # --- driver ----------------------------------------------------------------------------------------------------------
@@ -300,22 +315,26 @@ def run_worker(variant: str, shape: str, steps: int) -> dict:
 
 def run_all(args) -> list[dict]:
     rows = []
-    for shape in args.shapes:
-        for variant in SHAPES[shape]:
-            if args.variants and variant not in args.variants:
-                continue
-            command = [sys.executable, __file__, "--worker", variant, "--shape", shape, "--steps", str(args.steps)]
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1",
-                   "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join([str(ROOT),
-                                                                                   os.environ.get("PYTHONPATH", "")])}
-            if not args.cuda:
-                env["OMP_NUM_THREADS"] = "1"
-            result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-            if result.returncode != 0:
-                raise RuntimeError(f"{variant} ({shape}) failed:\n{result.stderr[-3000:]}")
-            row = json.loads(result.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(f"  {shape:<14} {variant:<24} step {row['phases']['step']:.3f} s", flush=True)
+    runs = [(shape, variant, False) for shape in args.shapes for variant in SHAPES[shape]]
+    if args.use_vllm:
+        # vLLM loads the models from their paths: the built-in shape only.
+        runs += [(shape, variant, True) for shape, variant, _ in runs if shape == "builtin"]
+    for shape, variant, use_vllm in runs:
+        if args.variants and variant not in args.variants:
+            continue
+        command = [sys.executable, __file__, "--worker", variant, "--shape", shape, "--steps", str(args.steps)]
+        command += ["--use_vllm"] if use_vllm else []
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join([str(ROOT),
+                                                                               os.environ.get("PYTHONPATH", "")])}
+        if not args.cuda:
+            env["OMP_NUM_THREADS"] = "1"
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+        if result.returncode != 0:
+            raise RuntimeError(f"{variant} ({shape}) failed:\n{result.stderr[-3000:]}")
+        row = json.loads(result.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"  {shape:<14} {variant:<24} {row['generation']:<12} step {row['phases']['step']:.3f} s", flush=True)
     return rows
 
 
@@ -323,7 +342,8 @@ def _without_generation(phases: dict) -> float:
     return phases["step"] - phases["generation"]
 
 
-def table(rows: list[dict], shape: str) -> str:
+def table(rows: list[dict], shape: str, generation: str = "transformers") -> str:
+    rows = [row for row in rows if row.get("generation", "transformers") == generation]
     shown = [phase for phase in PHASES if any(row["phases"][phase] > 0 for row in rows if row["shape"] == shape)]
     header = ("| variant | step (s) | vs baseline | step without generation (s) | vs baseline | "
               + " | ".join(f"{phase} (s, share)" for phase in shown))
@@ -338,6 +358,24 @@ def table(rows: list[dict], shape: str) -> str:
         cells = [f"{phases[phase]:.3f} ({phases[phase] / phases['step']:.0%})" for phase in shown]
         lines.append(f"| {variant} | {phases['step']:.3f} | {ratio} | {rest:.3f} | {rest_ratio} | "
                      + " | ".join(cells) + f" | {row['peak_bytes'] / 2**20:.1f} |")
+    return "\n".join(lines)
+
+
+def generation_table(rows: list[dict], shape: str) -> str:
+    """Each variant's step with transformers' and with vLLM's generation, side by side, from the same run."""
+    by_generation = {
+        generation: {row["variant"]: row["phases"] for row in rows
+                     if row["shape"] == shape and row.get("generation", "transformers") == generation}
+        for generation in ("transformers", "vllm")
+    }
+    lines = ["| variant | step, transformers generation (s) | generation share | step, vLLM generation (s) | "
+             "generation share | vLLM step vs transformers step |", "|---|---:|---:|---:|---:|---:|"]
+    for variant, hf in by_generation["transformers"].items():
+        vllm = by_generation["vllm"].get(variant)
+        if vllm is None:
+            continue
+        lines.append(f"| {variant} | {hf['step']:.3f} | {hf['generation'] / hf['step']:.0%} | {vllm['step']:.3f} | "
+                     f"{vllm['generation'] / vllm['step']:.0%} | {vllm['step'] / hf['step']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -377,11 +415,13 @@ def main():
     parser.add_argument("--write", default=None, help="markdown file whose step-profile section is (re)written")
     parser.add_argument("--save", default=None, help="JSON file the measured rows are written to")
     parser.add_argument("--load", default=None, help="render rows saved by --save instead of measuring")
+    parser.add_argument("--use_vllm", action="store_true",
+                        help="also run the built-in shape with vLLM generation (colocated) and compare")
     parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--shape", choices=list(SHAPES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_worker(args.worker, args.shape, args.steps)))
+        print(json.dumps(run_worker(args.worker, args.shape, args.steps, args.use_vllm)))
         return
 
     import torch
@@ -403,6 +443,27 @@ def main():
         notes = savings(rows, shape)
         print(f"\n{shape} ({clock}, median of {args.steps} steps after a warm-up)\n{text}\n{notes}")
         sections.append(f"### {shape}\n\n{text}\n\n{notes}\n")
+    vllm_shapes = [shape for shape in args.shapes if any(row.get("generation") == "vllm" and row["shape"] == shape
+                                                         for row in rows)]
+    vllm_sections = []
+    for shape in vllm_shapes:
+        text = generation_table(rows, shape)
+        full = table(rows, shape, generation="vllm")
+        print(f"\n{shape}, transformers vs vLLM generation ({clock})\n{text}\n\n{full}")
+        vllm_sections.append(f"### {shape}: transformers vs vLLM generation\n\n{text}\n\nThe vLLM runs, phase by "
+                             f"phase:\n\n{full}\n")
+    if args.write and vllm_shapes:
+        import vllm
+
+        command = "python " + " ".join(sys.argv)
+        body = (f"## Step profile with vLLM generation ({device})\n\nMeasured {time.strftime('%Y-%m-%d')} with "
+                f"`{command}` ({platform.python_version()}, torch {torch.__version__}, vLLM {vllm.__version__}); "
+                f"{clock}, median of {args.steps} steps after a warm-up. Each variant ran twice in this run, "
+                "generating with transformers' `generate` and with vLLM colocated in the training process (float32, "
+                "eager; its weight push before each generation is counted in `generation`; the engine's start is "
+                "not part of a step).\n\n" + "\n".join(vllm_sections))
+        write_section(args.write, "step-profile-vllm", body)
+        return
     if args.write:
         command = "python " + " ".join(sys.argv)
         body = (f"## Step profile ({device})\n\nMeasured {time.strftime('%Y-%m-%d')} with `{command}` "

@@ -51,6 +51,7 @@ from trl_tip.script_utils import (
     parse_with_builtin_defaults,
     reset_for_another_trainer,
 )
+from trl_tip.vllm_cpu import platform_vllm_generation
 
 
 # The built-in run: 100 steps of 8 prompts x 8 rollouts per method, about a minute and a half each on 2 CPU cores.
@@ -222,15 +223,17 @@ def main():
     for index, (name, trainer_class, args) in enumerate(runs):
         if index > 0:
             reset_for_another_trainer(args)
-        trainer = trainer_class(
-            model=model_args.model_name_or_path,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=dataset[script_args.dataset_train_split],
-            processing_class=tokenizer,
-            quantization_config=get_quantization_config(model_args),
-            peft_config=get_peft_config(model_args),
-        )
+        # On vLLM's CPU build TRL's own GRPOTrainer needs trl_tip's weight path too (trl_tip's trainers take it alone).
+        with platform_vllm_generation(args):
+            trainer = trainer_class(
+                model=model_args.model_name_or_path,
+                reward_funcs=reward_funcs,
+                args=args,
+                train_dataset=dataset[script_args.dataset_train_split],
+                processing_class=tokenizer,
+                quantization_config=get_quantization_config(model_args),
+                peft_config=get_peft_config(model_args),
+            )
         before_training = None
         if evaluate and index == 0:
             # "before": the first run's policy as its training begins (prepared, before the first step).

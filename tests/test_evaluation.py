@@ -440,7 +440,7 @@ def test_vllm_backend_builds_the_engine_and_one_request_per_problem(recording_vl
         )
     assert recording_vllm["engines"] == [{
         "model": arithmetic_models["student"], "tensor_parallel_size": 2, "gpu_memory_utilization": 0.5,
-        "dtype": "auto", "seed": 5, "trust_remote_code": False, "max_model_len": 4096,
+        "dtype": "auto", "seed": 5, "trust_remote_code": False, "enforce_eager": False, "max_model_len": 4096,
     }]
     (call,) = recording_vllm["generate"]
     expected_ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, enable_thinking=False)["input_ids"]
@@ -456,9 +456,10 @@ def test_cli_vllm_backend_stops_at_the_call_and_writes_no_results(recording_vllm
     with pytest.raises(_StopAtTheCall):
         cli.main(["eval", "--backend", "vllm", "--model", arithmetic_models["student"], "--dataset", "builtin",
                   "--num_problems", "2", "--n", "3", "--top_k", "20", "--tensor_parallel_size", "4",
-                  "--dtype", "bfloat16", "--output_dir", str(tmp_path)])
+                  "--dtype", "bfloat16", "--enforce_eager", "--output_dir", str(tmp_path)])
     (engine,) = recording_vllm["engines"]
     assert (engine["tensor_parallel_size"], engine["dtype"], engine["seed"]) == (4, "bfloat16", 0)
+    assert engine["enforce_eager"] is True
     assert "max_model_len" not in engine
     params = [p.kwargs for p in recording_vllm["generate"][0]["sampling_params"]]
     assert [(p["n"], p["top_k"], p["temperature"], p["top_p"], p["max_tokens"]) for p in params] == [

@@ -142,6 +142,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--max_model_len", type=_positive_int, default=None, help="vLLM context length (vllm backend)."
     )
     parser.add_argument(
+        "--enforce_eager",
+        action="store_true",
+        help="Run the vLLM engine eagerly, without compiling it (CUDA graphs on a GPU, torch.compile on vLLM's CPU "
+        "build): a faster start, possibly slower generation (vllm backend).",
+    )
+    parser.add_argument(
         "--output_dir",
         default="eval_results",
         help="Where to write <dataset>.jsonl (one record per problem), summary.json and the pass@k plot "
@@ -304,6 +310,7 @@ def run_eval(args: argparse.Namespace) -> dict:
                     dtype=args.dtype,
                     max_model_len=args.max_model_len,
                     trust_remote_code=args.trust_remote_code,
+                    enforce_eager=args.enforce_eager,
                 )
             summary, problems = evaluate_pass_at_k_vllm(
                 model,
@@ -344,6 +351,10 @@ def run_eval(args: argparse.Namespace) -> dict:
             print(line, flush=True)
         print(f"  per-problem results: {path}", flush=True)
     report = {"model": args.model, "backend": args.backend, "num_samples": args.n, **sampling, "results": results}
+    if model is not None:
+        # What the numbers were computed in: vLLM's "auto" runs a float32 checkpoint in half precision, transformers'
+        # keeps float32.
+        report["model_dtype"] = _model_dtype(model)
     with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as file:
         json.dump(report, file, indent=2)
     _write_plots(report, args.output_dir)
@@ -370,6 +381,11 @@ def run_compare(args: argparse.Namespace) -> list:
     for path in paths:
         print(f"comparison: {path}", flush=True)
     return paths
+
+
+def _model_dtype(model) -> str:
+    dtype = model.llm_engine.model_config.dtype if hasattr(model, "llm_engine") else model.dtype
+    return str(dtype).removeprefix("torch.")
 
 
 def _load_model(args: argparse.Namespace):

@@ -330,16 +330,34 @@ def load_vllm_engine(
     dtype: str = "auto",
     max_model_len: int | None = None,
     trust_remote_code: bool = False,
+    enforce_eager: bool = False,
 ):
-    """A `vllm.LLM` engine for `model_path`; raises `ImportError` with install instructions when vLLM is missing."""
+    """
+    A `vllm.LLM` engine for `model_path`; raises `ImportError` with install instructions when vLLM is missing.
+    `dtype="auto"` is vLLM's choice, which runs a float32 checkpoint in the platform's half precision (bfloat16 on
+    CPUs and recent GPUs); `enforce_eager` skips compiling the model (CUDA graphs, or torch.compile on vLLM's CPU
+    build). On vLLM's CPU build the KV cache gets
+    `VLLM_CPU_KVCACHE_SPACE` GiB, 1 when unset.
+    """
     LLM, _ = _import_vllm()
+    from ._trl_compat import vllm_runs_on_cpu
+
+    if vllm_runs_on_cpu():
+        from .vllm_cpu import ensure_cpu_kv_cache_space
+
+        ensure_cpu_kv_cache_space()
+        cpu_kwargs = {"enable_chunked_prefill": False}
+    else:
+        cpu_kwargs = {}
     engine_kwargs = {
+        **cpu_kwargs,
         "model": model_path,
         "tensor_parallel_size": tensor_parallel_size,
         "gpu_memory_utilization": gpu_memory_utilization,
         "dtype": dtype,
         "seed": seed,
         "trust_remote_code": trust_remote_code,
+        "enforce_eager": enforce_eager,
     }
     if max_model_len is not None:
         engine_kwargs["max_model_len"] = max_model_len
@@ -582,9 +600,9 @@ def evaluate_pass_at_k_vllm(
     """
     [`evaluate_pass_at_k`] with vLLM. `llm` is a `vllm.LLM` engine, or a model path from which one is built with
     `engine_kwargs` (`tensor_parallel_size`, `gpu_memory_utilization`, `dtype`, `max_model_len`,
-    `trust_remote_code`; see [`load_vllm_engine`]). Every problem's `num_samples` completions come from one
-    `SamplingParams(n=num_samples)` request. Same return value. Raises `ImportError` with install instructions when
-    vLLM is missing.
+    `trust_remote_code`, `enforce_eager`; see [`load_vllm_engine`]). Every problem's `num_samples` completions come
+    from one `SamplingParams(n=num_samples)` request. Same return value. Raises `ImportError` with install
+    instructions when vLLM is missing.
     """
     prompts, answers = _check_dataset(dataset, num_samples)
     if isinstance(llm, str):

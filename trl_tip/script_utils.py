@@ -156,9 +156,33 @@ def end_distributed() -> None:
     Left to interpreter exit, a process group's communication threads are torn down in no defined order, and under
     DeepSpeed on gloo a rank that finished first was seen to abort (SIGABRT, "terminate called without an active
     exception") after training and saving had succeeded. Nothing happens outside a distributed run.
+
+    A colocated vLLM engine (`use_vllm=True`, `vllm_mode="colocate"`) is shut down first: its shutdown, otherwise run
+    at interpreter exit, destroys vLLM's process groups and fails once the default group is gone ("Invalid process
+    group specified").
     """
+    shutdown_vllm()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def shutdown_vllm() -> None:
+    """
+    Shut down the vLLM engines of this process and vLLM's process groups (the default one included, which vLLM
+    shares). Nothing happens where vLLM was never imported or built no engine.
+    """
+    import sys
+
+    if "vllm" not in sys.modules:
+        return
+    import gc
+
+    # Engines no longer referenced (the script's trainers are gone) run their own shutdown when collected.
+    gc.collect()
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory, model_parallel_is_initialized
+
+    if model_parallel_is_initialized():
+        cleanup_dist_env_and_memory()
 
 
 def reset_for_another_trainer(args) -> None:

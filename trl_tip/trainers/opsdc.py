@@ -34,6 +34,7 @@ from trl import DistillationConfig, DistillationTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.utils import get_config_model_id
 
+from .._trl_compat import platform_vllm_generation
 from ..hub import TrlTipHubMixin
 from .tip_distill import _divergence_loss_replaced_by
 from ..instructions import (
@@ -498,19 +499,20 @@ class OPSDCTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrainer):
                     "pass its regular expression as lead_instruction_pattern so the teacher does not get both."
                 )
 
-        super().__init__(
-            model=model,
-            teacher_model=None,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            tools=tools,
-        )
+        with platform_vllm_generation(args):
+            super().__init__(
+                model=model,
+                teacher_model=None,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+                tools=tools,
+            )
         # Evaluation runs the student in eval mode without gradient, which would repack its 4-bit weights for good.
         keep_4bit_weights_trainable(self.model)
 

@@ -12,6 +12,7 @@ import torch
 import trl.trainer.distillation_trainer as _trl_distillation
 from trl import DistillationConfig, DistillationTrainer
 
+from .._trl_compat import platform_vllm_generation
 from ..hub import TrlTipHubMixin
 from ..losses import SELECTION_DIVERGENCES, STUDENT_SIDE_METHODS, selective_divergence_loss
 from ..quantization import keep_4bit_weights_trainable
@@ -392,7 +393,7 @@ class TipDistillTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrain
             if shared_rows is not None
             else contextlib.nullcontext()
         )
-        with _teacher_init_kwargs(args, teacher_model), vocab_check:
+        with _teacher_init_kwargs(args, teacher_model), vocab_check, platform_vllm_generation(args):
             super().__init__(
                 model=model,
                 teacher_model=teacher_model,
