@@ -272,18 +272,18 @@ def test_alpha_zero_reproduces_grpo_exactly(
     assert all(entry["ace/scaled_fraction"] == 0.0 for entry in ace.state.log_history if "loss" in entry)
 
 
-def test_negative_advantages_scaled_positive_untouched(tiny_model_paths, prompts, tmp_path):
-    """ACE's advantages equal ace_scale_advantages(GRPO's advantages, c), with c measured against the reference."""
+def _moved_pair(tiny_model_paths, prompts, tmp_path, **ace_overrides):
+    """GRPO and ACE (α = 2) on the same policy, moved away from the reference identically."""
     grpo = GRPOTrainer(
         model=tiny_model_paths["student"],
         reward_funcs=diversity_reward,
-        args=make_args(tmp_path / "grpo", GRPOConfig),
+        args=make_args(tmp_path / "grpo", GRPOConfig, **ace_overrides),
         train_dataset=prompts,
     )
     ace = ACEGRPOTrainer(
         model=tiny_model_paths["student"],
         reward_funcs=diversity_reward,
-        args=make_args(tmp_path / "ace", ace_alpha=2.0),
+        args=make_args(tmp_path / "ace", ace_alpha=2.0, **ace_overrides),
         train_dataset=prompts,
     )
     # Move both policies away from the reference identically, so that confidence shifts are not all zero.
@@ -298,20 +298,86 @@ def test_negative_advantages_scaled_positive_untouched(tiny_model_paths, prompts
     grpo_batch = grpo._generate_and_score_completions([dict(x) for x in inputs])
     torch.manual_seed(0)
     ace_batch = ace._generate_and_score_completions([dict(x) for x in inputs])
-
     assert torch.equal(ace_batch["completion_ids"], grpo_batch["completion_ids"])
-    before, after = grpo_batch["advantages"], ace_batch["advantages"]
-    assert (before > 0).any() and (before < 0).any()
-    assert torch.equal(after[before >= 0], before[before >= 0])
-    assert (after[before < 0] < before[before < 0]).all()
+    return ace, ace_batch, grpo_batch
 
+
+def _expected_ace_advantages(ace, ace_batch, advantages, model_path):
     mask = ace_batch["completion_mask"]
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model_paths["student"])
+    reference = AutoModelForCausalLM.from_pretrained(model_path)
     shifts = ace_confidence_shift(completion_logps(ace.model, ace_batch), completion_logps(reference, ace_batch), mask)
     assert shifts.abs().max() > 1e-3
+    return ace_scale_advantages(advantages, shifts, alpha=2.0)
+
+
+def test_negative_advantages_scaled_positive_untouched(tiny_model_paths, prompts, tmp_path):
+    """
+    ACE's advantages equal ace_scale_advantages(GRPO's advantages, c), c measured against the reference. With one
+    iteration and generation aligned with the optimiser step (TRL computes no `old_per_token_logps`), the scaling
+    happens in the loss, from the log-probabilities the loss computes anyway.
+    """
+    ace, ace_batch, grpo_batch = _moved_pair(tiny_model_paths, prompts, tmp_path)
+    before = grpo_batch["advantages"]
+    assert (before > 0).any() and (before < 0).any()
+    # Not scaled yet: the batch carries the reference log-probabilities and the mark of a scaling in the loss.
+    assert torch.equal(ace_batch["advantages"], before)
+    assert "ref_per_token_logps" not in ace_batch  # beta = 0: TRL's KL term sees nothing
+    expected = _expected_ace_advantages(ace, ace_batch, before, tiny_model_paths["student"])
+
+    loss = ace._compute_loss(ace.model, ace_batch)
+    after = ace_batch["advantages"]
+    assert torch.isfinite(loss)
+    assert torch.equal(after[before >= 0], before[before >= 0])
+    assert (after[before < 0] < before[before < 0]).all()
     # The shifts here and in the trainer are two float32 evaluations of the same log-probability sums.
-    assert_reordered_close(after, ace_scale_advantages(before, shifts, alpha=2.0))
-    assert "ref_per_token_logps" not in ace_batch  # beta = 0: nothing extra flows into the loss
+    assert_reordered_close(after, expected)
+    # Scaled once: the mark is consumed, so a second loss pass on the same micro-batch does not scale again.
+    ace._compute_loss(ace.model, ace_batch)
+    assert torch.equal(ace_batch["advantages"], after)
+
+
+def test_advantages_scaled_at_generation_when_trl_keeps_the_sampling_policy(tiny_model_paths, prompts, tmp_path):
+    # A generation batch spanning two optimiser steps: the weights move between generation and the second half's
+    # loss, so TRL computes `old_per_token_logps` at generation, and ACE scales there, from those.
+    ace, ace_batch, grpo_batch = _moved_pair(
+        tiny_model_paths, prompts, tmp_path, per_device_train_batch_size=4, steps_per_generation=2
+    )
+    assert ace_batch.get("old_per_token_logps") is not None
+    before, after = grpo_batch["advantages"], ace_batch["advantages"]
+    assert (before < 0).any()
+    assert torch.equal(after[before >= 0], before[before >= 0])
+    assert_reordered_close(after, _expected_ace_advantages(ace, ace_batch, before, tiny_model_paths["student"]))
+
+
+def _policy_and_reference_forwards(trainer):
+    counts = {"policy": 0, "reference": 0}
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    unwrapped.register_forward_hook(lambda *_: counts.__setitem__("policy", counts["policy"] + 1))
+    if trainer.ref_model is not None:
+        trainer.ref_model.register_forward_hook(lambda *_: counts.__setitem__("reference", counts["reference"] + 1))
+    return counts
+
+
+def test_ace_costs_the_forward_passes_of_grpo_with_a_reference(tiny_model_paths, prompts, tmp_path):
+    # GRPO with a KL penalty (beta > 0) scores the completions under the reference once per generation batch; ACE at
+    # beta = 0 needs exactly that reference pass and no policy pass besides the loss's own.
+    runs = {}
+    for name, trainer_class, config_class, overrides in (
+        ("grpo_reference", GRPOTrainer, GRPOConfig, {"beta": 0.04}),
+        ("ace", ACEGRPOTrainer, ACEGRPOConfig, {}),
+    ):
+        trainer = trainer_class(
+            model=tiny_model_paths["student"],
+            reward_funcs=diversity_reward,
+            args=make_args(tmp_path / name, config_class, max_steps=2, **overrides),
+            train_dataset=prompts,
+        )
+        counts = _policy_and_reference_forwards(trainer)
+        trainer.train()
+        runs[name] = counts
+    # Generation itself calls the policy's forward once per generated token in both; the counts must agree exactly.
+    assert runs["ace"] == runs["grpo_reference"]
+    assert runs["ace"]["reference"] == 2
 
 
 def test_full_model_reference_with_beta_zero(tiny_model_paths, prompts, tmp_path):

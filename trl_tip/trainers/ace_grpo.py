@@ -27,6 +27,11 @@ from ._inputs import check_prompts, check_reward_columns, check_sampling, pin_me
 # Any non-zero value: while `GRPOTrainer.__init__` runs with it, TRL builds and prepares the reference model exactly
 # as it does for a KL penalty. The configured `beta` is restored before training starts.
 _BETA_THAT_BUILDS_THE_REFERENCE = 1.0
+# Keys ACE adds to a generation batch (each `(B, ...)`, so TRL's shuffling and splitting carry them with their rows):
+# the reference log-probabilities when TRL computes none (beta = 0), and the mark of a batch whose advantages are
+# scaled in the loss, from the log-probabilities the loss computes anyway.
+REFERENCE_LOGPS_KEY = "ace_ref_per_token_logps"
+DEFERRED_SCALING_KEY = "ace_scale_in_loss"
 
 
 @dataclass
@@ -141,9 +146,12 @@ class ACEGRPOTrainer(ResumableTrainerMixin, TrlTipHubMixin, GRPOTrainer):
     The constructor is that of [`~trl.GRPOTrainer`]; `args` must be an [`ACEGRPOConfig`]. Unlike `GRPOTrainer`, a
     reference model is used even when `beta=0.0`: with PEFT the adapter is disabled to score it, otherwise a frozen
     copy of the initial model is loaded from the policy's path (the model must therefore be given as a path or have
-    been loaded with `from_pretrained`).
+    been loaded with `from_pretrained`). π_old costs no pass of its own: ACE reads TRL's sampling-time log-probabilities
+    where TRL computes them, and otherwise scales each micro-batch's advantages in the loss, from the log-probabilities
+    TRL's loss computes anyway (which it takes, detached, as π_old).
 
-    Logged metrics (besides GRPO's): the distribution of `c_i` over the generation batch of all processes
+    Logged metrics (besides GRPO's): the distribution of `c_i` over the batch the advantages are scaled on (the
+    generation batch, or the micro-batch when they are scaled in the loss) of all processes
     (`ace/confidence_shift_mean`, `_min`, `_p10`, `_p50`, `_p90`, `_max`), that of the factor over the wrong rollouts
     (`ace/scale_factor_mean`, `_p50`, `_p90`, `_max`) and `ace/scaled_fraction` (share of rollouts whose advantage was
     changed).
@@ -240,6 +248,8 @@ class ACEGRPOTrainer(ResumableTrainerMixin, TrlTipHubMixin, GRPOTrainer):
         finally:
             args.beta = beta
         self.beta = beta
+        # The micro-batch whose advantages the loss's next log-probability pass scales (see `_compute_loss`).
+        self._micro_batch_to_scale = None
         if self.ref_model is None and not is_peft_model(self.model):
             raise RuntimeError(
                 "ACEGRPOTrainer found no reference model after GRPOTrainer's setup; this trl version builds it "
@@ -250,36 +260,71 @@ class ACEGRPOTrainer(ResumableTrainerMixin, TrlTipHubMixin, GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
 
-        # TRL already has these when it needs them (importance sampling, KL penalty); otherwise the policy now is the
-        # sampling-time policy, since generation has just happened with the current weights.
-        policy_logps = output.get("old_per_token_logps")
-        reference_logps = output.get("ref_per_token_logps")
-        if policy_logps is None or reference_logps is None:
+        # The reference log-probabilities: TRL's when it scores a KL penalty (beta != 0), else one no-grad pass, the
+        # same extra forward TRL's GRPO makes with a reference model.
+        if output.get("ref_per_token_logps") is None:
             with (
                 _rng_untouched(self.accelerator.device),
                 torch.no_grad(),
                 disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             ):
-                if policy_logps is None:
-                    policy_logps = self._completion_logps(self.model, output, mode)
-                if reference_logps is None:
-                    reference_logps = self._reference_completion_logps(output, mode)
+                output[REFERENCE_LOGPS_KEY] = self._reference_completion_logps(output, mode)
+        policy_logps = output.get("old_per_token_logps")
+        if policy_logps is None:
+            # TRL computes no sampling-time log-probabilities when the weights cannot move between generation and the
+            # loss (one iteration, generation aligned with the optimiser step): its loss then takes the detached
+            # log-probabilities of its own forward as π_old. The confidence shift is measured on those too, when the
+            # loss computes them (`_get_per_token_logps_and_entropies`), so ACE costs no policy pass of its own.
+            output[DEFERRED_SCALING_KEY] = torch.ones_like(output["advantages"], dtype=torch.bool)
+        else:
+            # Importance sampling (vLLM) or a generation batch spanning optimiser steps: TRL has π_old already.
+            output["advantages"] = self._ace_advantages(output, policy_logps, mode)
+        return output
 
-        mask = output["completion_mask"]
-        if "tool_mask" in output:  # tool output was not sampled from the policy
-            mask = mask * output["tool_mask"]
-        confidence_shift = ace_confidence_shift(policy_logps, reference_logps, mask, self.args.ace_confidence)
+    def _reference_logps(self, batch) -> torch.Tensor:
+        reference_logps = batch.get("ref_per_token_logps")
+        return batch[REFERENCE_LOGPS_KEY] if reference_logps is None else reference_logps
+
+    def _ace_advantages(self, batch, policy_logps: torch.Tensor, mode: str) -> torch.Tensor:
+        """`batch`'s advantages scaled by ACE, with the confidence shift of `policy_logps` (π_old) against π_ref."""
+        mask = batch["completion_mask"]
+        if "tool_mask" in batch:  # tool output was not sampled from the policy
+            mask = mask * batch["tool_mask"]
+        confidence_shift = ace_confidence_shift(
+            policy_logps, self._reference_logps(batch), mask, self.args.ace_confidence
+        )
         if not torch.isfinite(confidence_shift).all():
             raise FloatingPointError(
                 "ACE got a non-finite confidence shift: the policy or the reference model gave a completion token a "
                 "log-probability of -inf or NaN. Check the models' dtype (e.g. use bf16 rather than fp16)."
             )
-        advantages = output["advantages"]
-        output["advantages"] = ace_scale_advantages(
+        advantages = batch["advantages"]
+        scaled = ace_scale_advantages(
             advantages, confidence_shift, self.args.ace_alpha, self.args.ace_transform, self.args.ace_max_factor
         )
         self._log_ace_metrics(mode, advantages, confidence_shift)
-        return output
+        return scaled
+
+    def _compute_loss(self, model, inputs):
+        if DEFERRED_SCALING_KEY not in inputs:
+            return super()._compute_loss(model, inputs)
+        # The advantages are scaled from the log-probabilities TRL's loss computes first (see
+        # `_get_per_token_logps_and_entropies`), before it reads them; the micro-batch is marked for that call only.
+        self._micro_batch_to_scale = inputs
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._micro_batch_to_scale = None
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        batch, self._micro_batch_to_scale = self._micro_batch_to_scale, None
+        if batch is not None:
+            # TRL's loss takes these, detached, as π_old (`old_per_token_logps` is None): the same policy ACE measures.
+            mode = "train" if self.model.training else "eval"
+            batch["advantages"] = self._ace_advantages(batch, result[0].detach(), mode)
+            del batch[DEFERRED_SCALING_KEY]
+        return result
 
     def _completion_logps(self, model, batch, mode):
         # The same call `_compute_loss` makes, on the generation batch, without gradients or entropies.
