@@ -32,6 +32,8 @@ _BETA_THAT_BUILDS_THE_REFERENCE = 1.0
 # scaled in the loss, from the log-probabilities the loss computes anyway.
 REFERENCE_LOGPS_KEY = "ace_ref_per_token_logps"
 DEFERRED_SCALING_KEY = "ace_scale_in_loss"
+# The confidence shift measured in the loss's pass, kept in the micro-batch until the loss has been computed.
+CONFIDENCE_SHIFT_KEY = "ace_confidence_shift"
 
 
 @dataclass
@@ -278,15 +280,20 @@ class ACEGRPOTrainer(ResumableTrainerMixin, TrlTipHubMixin, GRPOTrainer):
             output[DEFERRED_SCALING_KEY] = torch.ones_like(output["advantages"], dtype=torch.bool)
         else:
             # Importance sampling (vLLM) or a generation batch spanning optimiser steps: TRL has π_old already.
-            output["advantages"] = self._ace_advantages(output, policy_logps, mode)
+            advantages = output["advantages"]
+            output["advantages"], confidence_shift = self._ace_advantages(output, policy_logps)
+            self._log_ace_metrics(mode, advantages, confidence_shift)
         return output
 
     def _reference_logps(self, batch) -> torch.Tensor:
         reference_logps = batch.get("ref_per_token_logps")
         return batch[REFERENCE_LOGPS_KEY] if reference_logps is None else reference_logps
 
-    def _ace_advantages(self, batch, policy_logps: torch.Tensor, mode: str) -> torch.Tensor:
-        """`batch`'s advantages scaled by ACE, with the confidence shift of `policy_logps` (π_old) against π_ref."""
+    def _ace_advantages(self, batch, policy_logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        `batch`'s advantages scaled by ACE, and the confidence shift of `policy_logps` (π_old) against π_ref that
+        scaled them. Local to this process: the metrics, which gather across processes, are logged by the caller.
+        """
         mask = batch["completion_mask"]
         if "tool_mask" in batch:  # tool output was not sampled from the policy
             mask = mask * batch["tool_mask"]
@@ -302,27 +309,31 @@ class ACEGRPOTrainer(ResumableTrainerMixin, TrlTipHubMixin, GRPOTrainer):
         scaled = ace_scale_advantages(
             advantages, confidence_shift, self.args.ace_alpha, self.args.ace_transform, self.args.ace_max_factor
         )
-        self._log_ace_metrics(mode, advantages, confidence_shift)
-        return scaled
+        return scaled, confidence_shift
 
     def _compute_loss(self, model, inputs):
         if DEFERRED_SCALING_KEY not in inputs:
             return super()._compute_loss(model, inputs)
         # The advantages are scaled from the log-probabilities TRL's loss computes first (see
         # `_get_per_token_logps_and_entropies`), before it reads them; the micro-batch is marked for that call only.
+        # The metrics gather across processes, so they are logged once the loss is computed, not inside the model's
+        # forward pass, where DDP and ZeRO run collectives of their own.
+        advantages = inputs["advantages"]
         self._micro_batch_to_scale = inputs
         try:
-            return super()._compute_loss(model, inputs)
+            loss = super()._compute_loss(model, inputs)
         finally:
             self._micro_batch_to_scale = None
+        mode = "train" if self.model.training else "eval"
+        self._log_ace_metrics(mode, advantages, inputs.pop(CONFIDENCE_SHIFT_KEY))
+        return loss
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         batch, self._micro_batch_to_scale = self._micro_batch_to_scale, None
         if batch is not None:
             # TRL's loss takes these, detached, as π_old (`old_per_token_logps` is None): the same policy ACE measures.
-            mode = "train" if self.model.training else "eval"
-            batch["advantages"] = self._ace_advantages(batch, result[0].detach(), mode)
+            batch["advantages"], batch[CONFIDENCE_SHIFT_KEY] = self._ace_advantages(batch, result[0].detach())
             del batch[DEFERRED_SCALING_KEY]
         return result
 
