@@ -5,8 +5,8 @@ Each engine is one launch (one pair of processes) that trains the four trainers 
 (tests/distributed/train_two_steps.py). DeepSpeed and FSDP2 are launched by `accelerate launch` from the configs in
 examples/accelerate_configs/ (those of the README's commands, `--num_processes 2 --mixed_precision no`), through
 tests/distributed/cpu_world.py, which lets accelerate treat the gloo world as multi-device; DDP is accelerate's CPU
-world under `torchrun`. DeepSpeed's first run on a machine compiles a CPU communication op (about 75 s on two cores);
-it is cached under the torch extensions directory and shared by every later launch (LAUNCH_TIMEOUT_S allows for it).
+world under `torchrun`. The harness keeps DeepSpeed from building its shared-memory communication op, a native
+kernel only its inference all-reduce uses (see cpu_world.py); training communicates through gloo either way.
 
 Tolerance against DDP. The engines run the same per-rank computation; they differ in how the two ranks' gradients
 are reduced (bucketed all-reduce, reduce-scatter, pre- or post-division), so a gradient element differs by a few
@@ -20,6 +20,7 @@ through its gradient (of the same order at this learning rate), the parameters d
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,8 +37,9 @@ CONFIGS = ROOT / "examples" / "accelerate_configs"
 TRAINERS = ("tip", "paced", "opsdc", "ace")
 ENGINE_CONFIGS = {"zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml", "fsdp2": "fsdp2.yaml"}
 DISTRIBUTED_TYPES = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp2": "FSDP"}
-# The first DeepSpeed launch on a clean machine compiles its communication op.
-LAUNCH_TIMEOUT_S = 1200
+# A launch takes about a minute on two idle cores; a loaded machine may take several times that. One that runs
+# past this limit is hung (a rank died while its peer waits in a collective) and is killed.
+LAUNCH_TIMEOUT_S = 900
 
 
 def _free_port() -> int:
@@ -61,6 +63,23 @@ def launch_env() -> dict[str, str]:
             "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def run_launch(command: list[str]) -> subprocess.CompletedProcess:
+    """
+    Run a two-process launch to its end, or kill all of it after LAUNCH_TIMEOUT_S. The launcher's workers hold its
+    output pipes: killing the launcher alone (what `subprocess.run(timeout=...)` does) would leave the test waiting
+    on them, so the launch runs in a session of its own, killed as a whole.
+    """
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env(),
+                               cwd=ROOT, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"no exit within {LAUNCH_TIMEOUT_S} s: {' '.join(command)}\n{stderr[-6000:]}") from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from trl_tip.testing import save_tiny_models
@@ -72,19 +91,27 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine_runs(model_dir, tmp_path_factory):
-    """`engine -> output directory` of its launch, each engine launched once, on first use."""
+    """
+    `engine -> output directory` of its launch, each engine launched once, on first use. A launch that fails is not
+    retried: the engine's other tests fail at once with the first failure.
+    """
     done: dict[str, Path] = {}
+    failed: dict[str, str] = {}
 
     def run(engine: str) -> Path:
+        if engine in failed:
+            pytest.fail(f"the {engine} launch failed (see its first test): {failed[engine]}")
         if engine not in done:
             if engine != "ddp":
                 pytest.importorskip("deepspeed" if engine.startswith("zero") else "torch.distributed.fsdp")
             output = tmp_path_factory.mktemp(f"dist-{engine}")
             command = launch_command(engine, str(SCRIPT), "--engine", engine, "--trainers", ",".join(TRAINERS),
                                      "--models", str(model_dir), "--output-dir", str(output))
-            result = subprocess.run(command, capture_output=True, text=True, env=launch_env(),
-                                    timeout=LAUNCH_TIMEOUT_S, cwd=ROOT)
+            failed[engine] = "no exit within the time limit"
+            result = run_launch(command)
+            failed[engine] = f"exit status {result.returncode}"
             assert result.returncode == 0, result.stderr[-6000:]
+            del failed[engine]
             done[engine] = output
         return done[engine]
 
@@ -99,8 +126,7 @@ def _report(directory: Path, trainer: str) -> dict:
 def test_paced_sampling_ranks_draw_disjoint_slices_of_one_global_draw(model_dir, tmp_path):
     command = launch_command("ddp", str(SCRIPT), "--engine", "ddp", "--trainers", "paced_sample", "--models",
                              str(model_dir), "--output-dir", str(tmp_path))
-    result = subprocess.run(command, capture_output=True, text=True, env=launch_env(), timeout=LAUNCH_TIMEOUT_S,
-                            cwd=ROOT)
+    result = run_launch(command)
     assert result.returncode == 0, result.stderr[-6000:]
     report = _report(tmp_path, "paced_sample")
     assert report["world_size"] == 2 and report["identical_across_ranks"]
@@ -205,8 +231,7 @@ def test_example_trains_and_evaluates_sharded(run, tmp_path):
     output = tmp_path / "out"
     command = launch_command(engine, str(ROOT / "examples" / script), "--max_steps", "2", "--ddp_backend", "gloo",
                              "--num_eval_problems", "3", "--output_dir", str(output), *extra)
-    result = subprocess.run(command, capture_output=True, text=True, env=launch_env(), timeout=LAUNCH_TIMEOUT_S,
-                            cwd=ROOT)
+    result = run_launch(command)
     assert result.returncode == 0, result.stderr[-6000:]
     assert expected in result.stdout, result.stdout[-3000:]
     assert (output / "model.safetensors").is_file()
