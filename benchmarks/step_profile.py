@@ -216,13 +216,14 @@ def _trainer(variant: str, setup: dict, steps: int, cuda: bool, use_vllm: bool =
     return ACEGRPOTrainer(reward_funcs=[math_reward], args=ACEGRPOConfig(**grpo, **settings), **models)
 
 
-def _instrument(trainer, timer: PhaseTimer) -> None:
+def _instrument(trainer, timer: PhaseTimer):
+    """Time the trainer's phases; returns the context in which TRL's own tile projections are timed too."""
     import torch
     from transformers import TrainerCallback
-    from trl.kernels import chunked_divergence
 
     import trl_tip.chunked_stats as chunked_stats
     import trl_tip.losses as losses
+    from trl_tip._trl_compat import tile_projection_wrapped
 
     teacher = getattr(trainer, "teacher_model", None)
     teacher_heads = set()
@@ -249,8 +250,10 @@ def _instrument(trainer, timer: PhaseTimer) -> None:
     def projection_phase(tile, hidden_chunk, weight, *args, **kwargs):
         return "teacher lm_head" if id(weight) in teacher_heads else None
 
-    for module in (chunked_stats, chunked_divergence):
-        module._project = timer.wrap(None, module._project, projection_phase)
+    def timed_projection(project):
+        return timer.wrap(None, project, projection_phase)
+
+    chunked_stats.project_tile = timed_projection(chunked_stats.project_tile)
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -271,6 +274,7 @@ def _instrument(trainer, timer: PhaseTimer) -> None:
 
     timer.steps = []
     trainer.add_callback(StepClock())
+    return tile_projection_wrapped(timed_projection)
 
 
 def run_worker(variant: str, shape: str, steps: int, use_vllm: bool = False) -> dict:
@@ -284,7 +288,7 @@ def run_worker(variant: str, shape: str, steps: int, use_vllm: bool = False) -> 
     setup = _builtin_setup() if shape == "builtin" else _heavy_setup(device, torch.bfloat16 if cuda else torch.float32)
     trainer = _trainer(variant, setup, 1 + steps, cuda, use_vllm)
     timer = PhaseTimer(cuda)
-    _instrument(trainer, timer)
+    projections_timed = _instrument(trainer, timer)
 
     class Peak(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -299,7 +303,8 @@ def run_worker(variant: str, shape: str, steps: int, use_vllm: bool = False) -> 
 
     peak = Peak()
     trainer.add_callback(peak)
-    trainer.train()
+    with projections_timed:
+        trainer.train()
     if cuda:
         peak_bytes = torch.cuda.max_memory_allocated() - peak.base
     else:

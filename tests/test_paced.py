@@ -149,7 +149,7 @@ def _divergence_reference(h_s, w_s, h_t, w_t, beta):
 def test_weighted_loss_is_the_weighted_mean_of_rollout_means(method, beta, compact, monkeypatch):
     # `compact`: score completion rows only, as on GPUs with Triton (the row bookkeeping is what differs; the tiles
     # still run on CPU).
-    monkeypatch.setattr(losses_module, "_use_triton", lambda device: compact)
+    monkeypatch.setattr(losses_module, "use_triton", lambda device: compact)
     generator = torch.Generator().manual_seed(0)
     batch, length, hidden, vocab = 4, 6, 8, 23
     h_s = torch.randn(batch, length, hidden, generator=generator, requires_grad=True)

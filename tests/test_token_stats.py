@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from trl.kernels import chunked_divergence
-from trl.trainer.distillation_trainer import _chunked_divergence_loss
+from trl_tip._trl_compat import trl_chunked_divergence_loss
 
 import importlib
 from trl_tip import selective_divergence_loss, token_stats
@@ -144,7 +144,9 @@ def _batch(seed=0, batch=3, width=6, hidden_s=8, hidden_t=10, vocab=29):
 def test_all_is_bit_identical_to_trl(small_chunks, beta, num_items):
     h_s, h_t, w_s, w_t, mask = _batch()
     a_h, a_w = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
-    loss_trl, entropy_trl, n_trl = _chunked_divergence_loss(a_h, h_t, a_w, w_t, mask, beta, num_items_in_batch=num_items)
+    loss_trl, entropy_trl, n_trl = trl_chunked_divergence_loss(
+        a_h, h_t, a_w, w_t, mask, beta, num_items_in_batch=num_items
+    )
     loss_trl.backward()
     b_h, b_w = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
     ours = selective_divergence_loss(b_h, h_t, b_w, w_t, mask, beta, num_items_in_batch=num_items, method="all")
@@ -225,14 +227,14 @@ def test_student_entropy_is_the_entropy_of_token_stats(small_chunks, with_bias):
 def _record_projected_rows(monkeypatch, weight_to_watch) -> list[int]:
     # The rows of every projection onto `weight_to_watch`, counted once per token chunk (at its first vocabulary tile).
     rows = []
-    project = chunked_stats_module._project
+    project = chunked_stats_module.project_tile
 
     def recording_project(tile, hidden_chunk, weight, bias, start, end, dtype):
         if weight is weight_to_watch and start == 0:
             rows.append(hidden_chunk.shape[0])
         return project(tile, hidden_chunk, weight, bias, start, end, dtype)
 
-    monkeypatch.setattr(chunked_stats_module, "_project", recording_project)
+    monkeypatch.setattr(chunked_stats_module, "project_tile", recording_project)
     return rows
 
 
@@ -245,7 +247,7 @@ def test_student_side_rules_match_the_full_pass_and_project_the_teacher_on_kept_
 ):
     losses_module = importlib.import_module("trl_tip.losses")
     # `compact`: completion rows only, as where Triton runs (the bookkeeping differs; the tiles still run on CPU).
-    monkeypatch.setattr(losses_module, "_use_triton", lambda device: compact)
+    monkeypatch.setattr(losses_module, "use_triton", lambda device: compact)
     h_s, h_t, w_s, w_t, _ = _batch(seed=12, batch=4, width=7)
     # Rollouts of 7, 5 and 2 tokens, and an empty one.
     mask = (torch.arange(7).unsqueeze(0) < torch.tensor([7, 5, 2, 0]).unsqueeze(1)).long()

@@ -13,19 +13,22 @@ import math
 from dataclasses import dataclass
 
 import torch
-from trl.kernels.chunked_divergence import (
-    TOKEN_CHUNK_SIZE,
-    VOCAB_CHUNK_SIZE,
-    ChunkedDivergenceFunction,
-    _compute_dtype,
-    _jsd_kernel,
-    _jsd_tile,
-    _project,
-    _stats_kernel,
-    _stats_tile,
-)
-from trl.kernels.chunked_logprob import _BLOCK_SIZE, _torch_transform, _use_triton
+from trl.kernels.chunked_divergence import TOKEN_CHUNK_SIZE, VOCAB_CHUNK_SIZE
 from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from ._trl_compat import (
+    KERNEL_BLOCK_SIZE,
+    chunked_divergence_backward,
+    compute_dtype,
+    jsd_kernel,
+    jsd_tile,
+    project_tile,
+    save_for_chunked_divergence_backward,
+    stats_kernel,
+    stats_tile,
+    torch_transform,
+    use_triton,
+)
 
 
 @dataclass
@@ -71,7 +74,7 @@ def _projected_tiles(student_hidden, student_weight, student_bias, teacher_hidde
     """
     n_tokens = student_hidden.shape[0]
     device = student_hidden.device
-    s_dtype, t_dtype = _compute_dtype(student_hidden), _compute_dtype(teacher_hidden)
+    s_dtype, t_dtype = compute_dtype(student_hidden), compute_dtype(teacher_hidden)
     rows = min(n_tokens, TOKEN_CHUNK_SIZE)
     s_buf = torch.empty((rows, VOCAB_CHUNK_SIZE), device=device, dtype=torch.float32)
     t_buf = torch.empty((rows, VOCAB_CHUNK_SIZE), device=device, dtype=torch.float32)
@@ -85,8 +88,8 @@ def _projected_tiles(student_hidden, student_weight, student_bias, teacher_hidde
             for start in range(0, vocab, VOCAB_CHUNK_SIZE):
                 end = min(start + VOCAB_CHUNK_SIZE, vocab)
                 s_tile, t_tile = s_buf[:n, : end - start], t_buf[:n, : end - start]
-                _project(s_tile, h_s, student_weight, student_bias, start, end, s_dtype)
-                _project(t_tile, h_t, teacher_weight, teacher_bias, start, end, t_dtype)
+                project_tile(s_tile, h_s, student_weight, student_bias, start, end, s_dtype)
+                project_tile(t_tile, h_t, teacher_weight, teacher_bias, start, end, t_dtype)
                 yield slice(token_start, token_end), s_tile, t_tile
 
 
@@ -159,7 +162,7 @@ def token_stats(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias
         ):
             n = sl.stop - sl.start
-            fold = _stats_kernel[(n,)] if _use_triton(device) else _stats_tile
+            fold = stats_kernel[(n,)] if use_triton(device) else stats_tile
             fold(
                 s_tile,
                 s_tile.stride(0),
@@ -173,7 +176,7 @@ def token_stats(
                 t_weighted_gap[sl],
                 s_weighted_gap[sl],
                 s_tile.shape[1],
-                BLOCK_SIZE=_BLOCK_SIZE,
+                BLOCK_SIZE=KERNEL_BLOCK_SIZE,
                 **kernel_args,
             )
         # The same closed forms as `ChunkedDivergenceFunction.forward`, so β ∈ {0, 1} losses are bit-identical to
@@ -207,7 +210,7 @@ def _generalized_jsd(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias
     ):
         n = sl.stop - sl.start
-        fold = _jsd_kernel[(n,)] if _use_triton(device) else _jsd_tile
+        fold = jsd_kernel[(n,)] if use_triton(device) else jsd_tile
         fold(
             s_tile,
             s_tile.stride(0),
@@ -219,7 +222,7 @@ def _generalized_jsd(
             kl_student[sl],
             s_tile.shape[1],
             beta,
-            BLOCK_SIZE=_BLOCK_SIZE,
+            BLOCK_SIZE=KERNEL_BLOCK_SIZE,
             **kernel_args,
         )
     return jsd, kl_student
@@ -249,7 +252,9 @@ class _PrecomputedDivergenceFunction(torch.autograd.Function):
         kernel_args,
     ):
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(
+        # The context `ChunkedDivergenceFunction.backward` reads, filled as its forward fills it.
+        save_for_chunked_divergence_backward(
+            ctx,
             student_hidden,
             student_weight,
             student_bias,
@@ -259,17 +264,14 @@ class _PrecomputedDivergenceFunction(torch.autograd.Function):
             student_log_z,
             teacher_log_z,
             aux,
+            beta,
+            kernel_args,
         )
-        # The attributes `ChunkedDivergenceFunction.backward` reads from its context.
-        ctx.dtypes = _compute_dtype(student_hidden), _compute_dtype(teacher_hidden)
-        ctx.beta = beta
-        ctx.mode = 0 if beta == 0.0 else 1 if beta == 1.0 else 2
-        ctx.kernel_args = kernel_args
         return divergence.clone()
 
     @staticmethod
     def backward(ctx, grad_divergence):  # type: ignore[override]
-        grad_hidden, grad_weight, grad_bias, *_ = ChunkedDivergenceFunction.backward(ctx, grad_divergence, None)
+        grad_hidden, grad_weight, grad_bias = chunked_divergence_backward(ctx, grad_divergence)
         return grad_hidden, grad_weight, grad_bias, *(None,) * 9
 
 
@@ -349,7 +351,7 @@ def divergence_from_stats(
 
 def _student_stats_tile(s_tile, s_max, s_sum, s_x_sum, s_scale, s_softcap, inv_t, S_HAS_SOFTCAP):
     # The student half of TRL's `_stats_tile`, the same operations in the same order (so the same bits).
-    zs = _torch_transform(s_tile, s_scale, s_softcap, inv_t, S_HAS_SOFTCAP)
+    zs = torch_transform(s_tile, s_scale, s_softcap, inv_t, S_HAS_SOFTCAP)
     new_s_m = torch.maximum(s_max, zs.amax(-1))
     s_rescale = torch.exp(s_max - new_s_m)
     es = torch.exp(zs - new_s_m.unsqueeze(-1))
@@ -389,12 +391,12 @@ def student_entropy(
         hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
         device, n_tokens, vocab = hidden.device, hidden.shape[0], student_weight.shape[0]
         kernel_args = _kernel_args(temperature, student_logit_scale, student_final_logit_softcapping, 1.0, None)
-        dtype = _compute_dtype(hidden)
+        dtype = compute_dtype(hidden)
         s_max = torch.full((n_tokens,), -math.inf, device=device, dtype=torch.float32)
         s_sum, s_x_sum = torch.zeros_like(s_max), torch.zeros_like(s_max)
         rows = min(n_tokens, TOKEN_CHUNK_SIZE)
         s_buf = torch.empty((rows, VOCAB_CHUNK_SIZE), device=device, dtype=torch.float32)
-        triton = _use_triton(device)
+        triton = use_triton(device)
         if triton:
             # TRL's fused kernel folds a teacher too: hand it the student's tile in that role and discard its outputs.
             t_max, t_sum = torch.zeros_like(s_max) - math.inf, torch.zeros_like(s_max)
@@ -408,11 +410,11 @@ def student_entropy(
             for start in range(0, vocab, VOCAB_CHUNK_SIZE):
                 end = min(start + VOCAB_CHUNK_SIZE, vocab)
                 s_tile = s_buf[:n, : end - start]
-                _project(s_tile, h_s, student_weight, student_bias, start, end, dtype)
+                project_tile(s_tile, h_s, student_weight, student_bias, start, end, dtype)
                 if triton:
-                    _stats_kernel[(n,)](
+                    stats_kernel[(n,)](
                         s_tile, s_tile.stride(0), s_tile, s_tile.stride(0), s_max[sl], s_sum[sl], s_x_sum[sl],
-                        t_max[sl], t_sum[sl], t_gap[sl], s_gap[sl], s_tile.shape[1], BLOCK_SIZE=_BLOCK_SIZE,
+                        t_max[sl], t_sum[sl], t_gap[sl], s_gap[sl], s_tile.shape[1], BLOCK_SIZE=KERNEL_BLOCK_SIZE,
                         **kernel_args,
                     )
                 else:

@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from trl.kernels.chunked_logprob import _use_triton
 
+from ._trl_compat import use_triton
 from .chunked_stats import divergence_from_stats, normalized_jsd, shared_vocab_head, student_entropy, token_stats
 from .selection import normalized_divergence, select_tokens
 
@@ -110,7 +110,7 @@ def selective_divergence_loss(
     vocab_size: int | None = None,
 ) -> SelectiveLossOutput:
     """
-    TRL's generalised-JSD distillation loss (`trl.trainer.distillation_trainer._chunked_divergence_loss`, same
+    TRL's generalised-JSD distillation loss (`_chunked_divergence_loss` of `trl.trainer.distillation_trainer`, same
     positional arguments) restricted to the tokens a TIP rule keeps.
 
     1. One chunked pass without gradient scores every completion token: normalised student entropy, reverse KL,
@@ -176,7 +176,7 @@ def selective_divergence_loss(
     h_t = teacher_hidden_states.reshape(-1, teacher_hidden_states.size(-1))
     # Rows scored: like TRL, only completion positions where Triton runs, every position elsewhere (fixed tile shapes
     # for compiled backends). Following TRL's choice also keeps method="all" bit-identical to TRL on every device.
-    compact = _use_triton(student_hidden_states.device)
+    compact = use_triton(student_hidden_states.device)
     scored_rows = valid.nonzero().squeeze(-1) if compact else torch.arange(valid.numel(), device=valid.device)
 
     def per_position(values, rows=scored_rows, fill=0.0):

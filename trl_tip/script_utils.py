@@ -193,12 +193,14 @@ def reset_for_another_trainer(args) -> None:
     state, but a config built earlier (or copied) does not. This resets it and gives `args` a fresh plugin, as
     transformers' hyperparameter search does between trials. Nothing happens outside DeepSpeed.
     """
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, is_initialized
     from accelerate.utils import DeepSpeedPlugin, DistributedType
 
-    if not AcceleratorState._shared_state or AcceleratorState().distributed_type != DistributedType.DEEPSPEED:
+    from ._trl_compat import reset_accelerator_state
+
+    if not is_initialized() or AcceleratorState().distributed_type != DistributedType.DEEPSPEED:
         return
-    AcceleratorState._reset_state()
+    reset_accelerator_state()
     if getattr(args, "deepspeed", None):
         from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 

@@ -40,7 +40,7 @@ from trl.generation.vllm_client import VLLMClient
 from trl.generation.vllm_generation import VLLMGeneration
 from trl.trainer.utils import ensure_master_addr_port
 
-from ._trl_compat import iter_vllm_weights, platform_vllm_generation
+from ._trl_compat import iter_vllm_weights, mark_vllm_weights_awake, platform_vllm_generation
 
 
 __all__ = ["CPUVLLMGeneration", "engine_dtype", "ensure_cpu_kv_cache_space", "platform_vllm_generation"]
@@ -134,7 +134,7 @@ class CPUVLLMGeneration(VLLMGeneration):
             logprobs_mode="processed_logprobs",
             trust_remote_code=self.trust_remote_code,
         )
-        self._llm_weights_sleeping = False
+        mark_vllm_weights_awake(self)
 
     def sync_weights(self):
         """Push the training model's current weights into the engine (merged adapters under PEFT)."""

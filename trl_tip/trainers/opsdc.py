@@ -34,9 +34,8 @@ from trl import DistillationConfig, DistillationTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.utils import get_config_model_id
 
-from .._trl_compat import platform_vllm_generation
+from .._trl_compat import divergence_loss_replaced_by, platform_vllm_generation
 from ..hub import TrlTipHubMixin
-from .tip_distill import _divergence_loss_replaced_by
 from ..instructions import (
     INSTRUCTION_POSITIONS,
     build_teacher_prompt,
@@ -796,7 +795,7 @@ class OPSDCTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrainer):
         if "opsdc_rollout_weights" in inputs:
             # Per-process share of the global rollout count: DDP averages gradients over processes, as TRL divides
             # `num_items_in_batch` by the process count.
-            per_rollout = _divergence_loss_replaced_by(
+            per_rollout = divergence_loss_replaced_by(
                 _per_rollout_mean_loss(
                     inputs["opsdc_rollout_weights"], inputs["opsdc_rollout_count"][0] / self.accelerator.num_processes
                 )

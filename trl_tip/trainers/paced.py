@@ -24,6 +24,7 @@ from trl.data_utils import is_conversational
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import get_config_model_id, pad
 
+from .._trl_compat import report_optimizer_step_skipped
 from ..pass_rates import (  # noqa: F401 (ema_update, pass_rates_from_rewards: importable from here as before)
     INDEX_COLUMN,
     PASS_RATE_FILE,
@@ -1001,10 +1002,10 @@ class PacedTrainer(TipDistillTrainer):
                 if total.item() == 0:
                     self._skipped_steps += 1
                     self._metrics["train"]["paced/skipped_steps"] = [float(self._skipped_steps)]
-                    optimizer._is_overflow = True
+                    report_optimizer_step_skipped(optimizer, True)
                     return None
             if getattr(optimizer, "scaler", None) is None:
-                optimizer._is_overflow = False
+                report_optimizer_step_skipped(optimizer, False)
             return original_step(*args, **kwargs)
 
         optimizer.step = step

@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import trl.trainer.distillation_trainer as _trl_distillation
 from trl import DistillationConfig, DistillationTrainer
 
-from .._trl_compat import platform_vllm_generation
+from .._trl_compat import divergence_loss_replaced_by, models_loaded_by_path_passed_to, platform_vllm_generation
 from ..hub import TrlTipHubMixin
 from ..losses import SELECTION_DIVERGENCES, STUDENT_SIDE_METHODS, selective_divergence_loss
 from ..quantization import keep_4bit_weights_trainable
@@ -284,37 +283,21 @@ def _vocab_check_passed(teacher, student_rows: int):
         marked.append((text_config, text_config.vocab_size))
         text_config.vocab_size = student_rows
 
-    load = _trl_distillation.create_model_from_path
+    def mark_the_teacher(path, model):
+        if path == teacher:
+            mark(model)
+
     if isinstance(teacher, str):
-
-        def load_and_mark(path, *args, **kwargs):
-            model = load(path, *args, **kwargs)
-            if path == teacher:
-                mark(model)
-            return model
-
-        _trl_distillation.create_model_from_path = load_and_mark
+        marking = models_loaded_by_path_passed_to(mark_the_teacher)
     else:
         mark(teacher)
+        marking = contextlib.nullcontext()
     try:
-        yield
+        with marking:
+            yield
     finally:
-        _trl_distillation.create_model_from_path = load
         for text_config, rows in marked:
             text_config.vocab_size = rows
-
-
-@contextlib.contextmanager
-def _divergence_loss_replaced_by(loss_fn):
-    # `DistillationTrainer._compute_loss` builds both models' hidden states, heads and logit post-processing, then calls
-    # the module-level `_chunked_divergence_loss`, looked up at call time. Swapping that one function for the length of
-    # one `_compute_loss` call is the narrowest hook TRL 1.16 offers between "hidden states" and "divergence".
-    original = _trl_distillation._chunked_divergence_loss
-    _trl_distillation._chunked_divergence_loss = loss_fn
-    try:
-        yield
-    finally:
-        _trl_distillation._chunked_divergence_loss = original
 
 
 class TipDistillTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrainer):
@@ -572,7 +555,7 @@ class TipDistillTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrain
         TRL's `_compute_loss` with the divergence taken on the kept tokens only: `Σ_kept divergence /
         num_items_in_batch`, where `num_items_in_batch` counts kept tokens (see [`~TipDistillTrainer.compute_loss`]).
         """
-        with _divergence_loss_replaced_by(self._selective_divergence_loss):
+        with divergence_loss_replaced_by(self._selective_divergence_loss):
             return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -627,7 +610,7 @@ class TipDistillTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrain
         return torch.stack([quantile(values, 0.5), quantile(values, 0.9), torch.ones((), device=values.device)]).cpu()
 
     def _selective_divergence_loss(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # Same signature and return value as TRL's `_chunked_divergence_loss`; see `_divergence_loss_replaced_by`.
+        # Same signature and return value as TRL's `_chunked_divergence_loss`; see `divergence_loss_replaced_by`.
         result = selective_divergence_loss(
             *args,
             method=self.token_selection,
