@@ -6,9 +6,9 @@ methods wrapped by timers, and reports the median over the measured steps of the
 
 - `generation`: the rollouts (`_generate`; transformers' `generate` here, vLLM where enabled);
 - `teacher forward`: the teacher's trunk (every hidden state the loss reads; GRPO and ACE: the log-prob passes without
-  gradient, e.g. ACE's confidence of each rollout under the policy), and `teacher lm_head`: every projection of the
-  teacher's hidden states onto the vocabulary, forward and backward (in TRL's loss kernel or in trl_tip's statistics
-  pass);
+  gradient, i.e. the reference model scoring the rollouts for GRPO's KL penalty or ACE's confidence shift), and
+  `teacher lm_head`: every projection of the teacher's hidden states onto the vocabulary, forward and backward (in
+  TRL's loss kernel or in trl_tip's statistics pass);
 - `student forward`: the student's trunk (GRPO and ACE: the policy's log-prob pass with gradient, head included);
 - `selection/statistics`: trl_tip's per-token statistics pass and selection rule (none in TRL's trainers);
 - `loss`: the rest of `compute_loss` (the divergence kernel with the student's projection, PACED/TIP bookkeeping);
@@ -58,6 +58,7 @@ PHASES = ("generation", "teacher forward", "teacher lm_head", "student forward",
           "backward", "optimiser", "other")
 # Variant -> (trainer, settings, baseline variant).
 DISTILLATION = "trl-distillation"
+GRPO_WITH_REFERENCE = "trl-grpo-reference"
 VARIANTS = {
     DISTILLATION: ("trl_distillation", {}, None),
     "tip-soft_or-0.5": ("tip", {"token_selection": "soft_or", "token_ratio": 0.5}, DISTILLATION),
@@ -68,7 +69,10 @@ VARIANTS = {
     "paced-sample": ("paced", {"paced_sampling": "sample"}, DISTILLATION),
     "opsdc": ("opsdc", {}, DISTILLATION),
     "trl-grpo": ("trl_grpo", {}, None),
-    "ace": ("ace", {"ace_alpha": 1.0}, "trl-grpo"),
+    # GRPO with a KL penalty scores the completions under a frozen reference, as ACE does at beta = 0 for its
+    # confidence shift: the baseline for what ACE adds to a step.
+    GRPO_WITH_REFERENCE: ("trl_grpo", {"beta": 0.04}, None),
+    "ace": ("ace", {"ace_alpha": 1.0}, GRPO_WITH_REFERENCE),
 }
 SHAPES = {
     "builtin": list(VARIANTS),
@@ -210,7 +214,7 @@ def _trainer(variant: str, setup: dict, steps: int, cuda: bool, use_vllm: bool =
         return OPSDCTrainer(args=OPSDCConfig(**common), **models)
     grpo = {**common, "num_generations": 8, "loss_type": "dapo", "beta": 0.0}
     if kind == "trl_grpo":
-        config = GRPOConfig(**grpo)
+        config = GRPOConfig(**{**grpo, **settings})
         with platform_vllm_generation(config):
             return GRPOTrainer(reward_funcs=[math_reward], args=config, **models)
     return ACEGRPOTrainer(reward_funcs=[math_reward], args=ACEGRPOConfig(**grpo, **settings), **models)
@@ -390,7 +394,10 @@ def _saved_or_added(fraction: float) -> str:
 
 
 def savings(rows: list[dict], shape: str) -> str:
-    """What TIP ρ = 0.5 saves of TRL's step, and the teacher projection of the entropy rules at ρ = 0.5 vs ρ = 1."""
+    """
+    What TIP ρ = 0.5 saves of TRL's step, ACE's step against GRPO with a reference model, and the teacher projection
+    of the entropy rules at ρ = 0.5 vs ρ = 1.
+    """
     by_variant = {row["variant"]: row["phases"] for row in rows if row["shape"] == shape}
     lines = []
     trl = by_variant.get(DISTILLATION)
@@ -403,6 +410,11 @@ def savings(rows: list[dict], shape: str) -> str:
                              f"({by_variant[variant]['step']:.3f} s vs {trl['step']:.3f} s); {_saved_or_added(rest)} "
                              "its step without generation (generation is the same work for every distillation "
                              "variant).")
+    reference, ace = by_variant.get(GRPO_WITH_REFERENCE), by_variant.get("ace")
+    if reference and ace:
+        lines.append(f"- ace: {ace['step'] / reference['step']:.2f}x the step of TRL's GRPO with a reference model "
+                     f"({ace['step']:.3f} s vs {reference['step']:.3f} s), "
+                     f"{_without_generation(ace) / _without_generation(reference):.2f}x its step without generation.")
     full = by_variant.get("tip-entropy_sample-1.0")
     for variant in ("tip-entropy_sample-0.5", "tip-entropy_topk-0.5"):
         if full and variant in by_variant and full["teacher lm_head"] > 0:
@@ -474,8 +486,9 @@ def main():
         body = (f"## Step profile ({device})\n\nMeasured {time.strftime('%Y-%m-%d')} with `{command}` "
                 f"({platform.python_version()}, torch {torch.__version__}); {clock}, median of {args.steps} steps "
                 "after a warm-up; phases are exclusive and add up to the step (see the script's docstring). "
-                "Baselines: TRL's `DistillationTrainer` for the distillation trainers, TRL's `GRPOTrainer` for "
-                "ACE.\n\n" + "\n".join(sections))
+                "Baselines: TRL's `DistillationTrainer` for the distillation trainers; for ACE (at beta = 0), TRL's "
+                "`GRPOTrainer` with a reference model (`beta=0.04`), which scores the completions under the same "
+                "frozen reference ACE needs; `trl-grpo` is TRL's GRPO at beta = 0.\n\n" + "\n".join(sections))
         write_section(args.write, "step-profile", body)
 
 
