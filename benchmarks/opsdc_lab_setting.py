@@ -145,6 +145,10 @@ def run_builtin(work: Path) -> dict:
 # --- rendering -------------------------------------------------------------------------------------------------------
 
 
+def _lr(value: float) -> str:
+    return f"{value:.0e}".replace("e-0", "e-")
+
+
 def _pct(value: float) -> str:
     return f"{100 * value:.1f} %"
 
@@ -173,43 +177,46 @@ def section(results: dict) -> str:
         f"{grid['seed']}. Greedy decoding.",
         "",
         f"**The grid and the rule, fixed before it ran**: learning rate "
-        f"{', '.join(f'{lr:g}' for lr in grid['learning_rates'])} × instruction "
+        f"{', '.join(_lr(lr) for lr in grid['learning_rates'])} × instruction "
         f"{' and '.join(grid['instructions'])}. On the validation split (90 problems, 30 per level), among the runs "
         f"whose accuracy after training is at most {100 * grid['max_accuracy_drop']:.0f} points below the base "
         f"model's, the one with the shortest completions; if none, the most conservative "
-        f"({grid['conservative'][0]} at {grid['conservative'][1]:g}). The test split (180 problems) was not used "
+        f"({grid['conservative'][0]} at {_lr(grid['conservative'][1])}). The test split (180 problems) was not used "
         "for the choice.",
         "",
-        "| instruction | learning rate | validation accuracy before → after | validation tokens before → after "
-        "| test accuracy after | test tokens after | run wall time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| instruction | learning rate | validation accuracy: before → after | the teacher's view | "
+        "validation tokens: before → after | the teacher's view | test accuracy after | test tokens after | "
+        "run wall time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in results["runs"]:
         val, test = run["validation"], run["test_after"]
         mark = " (chosen)" if run["name"] == choice["name"] else ""
         lines.append(
-            f"| {run['instruction']}{mark} | {run['learning_rate']:g} | {_pct(val['before']['accuracy'])} → "
-            f"{_pct(val['after']['accuracy'])} | {val['before']['mean_completion_tokens']:.1f} → "
-            f"{val['after']['mean_completion_tokens']:.1f} | {_pct(test['accuracy'])} | "
+            f"| {run['instruction']}{mark} | {_lr(run['learning_rate'])} | {_pct(val['before']['accuracy'])} → "
+            f"{_pct(val['after']['accuracy'])} | {_pct(val['before_with_instruction']['accuracy'])} | "
+            f"{val['before']['mean_completion_tokens']:.1f} → {val['after']['mean_completion_tokens']:.1f} | "
+            f"{val['before_with_instruction']['mean_completion_tokens']:.1f} | {_pct(test['accuracy'])} | "
             f"{test['mean_completion_tokens']:.1f} | {run['wall_seconds']:.0f} |"
         )
     before = results["test_before"]
     lines += [
         "",
         f"Base model on the test split: {_pct(before['accuracy'])}, {before['mean_completion_tokens']:.1f} tokens. "
-        f"The grid took {results['grid_wall_seconds'] / 60:.1f} min of wall time, {results['parallel_runs']} runs at a "
+        f"The grid took {results['grid_wall_seconds'] / 60:.1f} min of wall time, {results['parallel_runs']} runs "
+        f"at a "
         f"time, on {results['machine']['cpus']} CPU cores shared with other work (load average "
         f"{results['machine']['load_average'][0]:.1f} at the start, {results['load_average_after'][0]:.1f} at the "
         "end).",
         "",
     ]
     if choice["holds_accuracy"]:
-        lines.append(f"Chosen: {chosen['instruction']} at learning rate {chosen['learning_rate']:g}, the built-in "
+        lines.append(f"Chosen: {chosen['instruction']} at learning rate {_lr(chosen['learning_rate'])}, the built-in "
                      "default.")
     else:
         lines.append(f"No run held validation accuracy within {100 * grid['max_accuracy_drop']:.0f} points; the "
                      f"built-in default is the most conservative run, {chosen['instruction']} at "
-                     f"{chosen['learning_rate']:g}, and it **does not hold accuracy**.")
+                     f"{_lr(chosen['learning_rate'])}, and it **does not hold accuracy**.")
     builtin = results.get("builtin")
     if builtin is not None:
         measured = builtin["results"]
@@ -217,7 +224,7 @@ def section(results: dict) -> str:
         lines += [
             "",
             f"**The built-in run**, `{builtin['command']}` ({settings['concise_instruction']}, learning rate "
-            f"{settings['learning_rate']:g}, {settings['max_steps']} steps × "
+            f"{_lr(settings['learning_rate'])}, {settings['max_steps']} steps × "
             f"{settings['per_device_train_batch_size']} prompts, M = {settings['teacher_refresh_steps']}), on the "
             f"{measured['after']['num_problems']} test problems: it took {builtin['wall_seconds']:.0f} s of wall time "
             f"({measured['train_seconds']:.0f} s of training, the rest loading and the three evaluations; one thread, "
@@ -233,13 +240,17 @@ def section(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=("grid", "builtin", "render", "test-eval"))
     parser.add_argument("model_dir", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--work", default=str(ROOT / "outputs" / "opsdc_lab_setting"))
     parser.add_argument("--write", default=None, help="markdown file whose opsdc-lab-setting section is rewritten")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = make_parser().parse_args(argv)
     if args.mode == "test-eval":
         model_dir = args.model_dir
         if model_dir == "base":
