@@ -323,6 +323,29 @@ def test_generated_sections_are_up_to_date():
     assert not stale, f"{[str(p.relative_to(ROOT)) for p in stale]} out of date: run `python docs/generate.py`"
 
 
+def test_opsdc_built_in_setting_is_rendered_from_its_measurements():
+    # docs/opsdc.md quotes the grid and the built-in run of benchmarks/opsdc_lab_setting.py, from its committed JSON.
+    import json
+
+    setting = _load_module(ROOT / "benchmarks" / "opsdc_lab_setting.py", "_docs_opsdc_lab_setting")
+    results = json.loads(setting.RESULTS.read_text())
+    text = (DOCS / "opsdc.md").read_text(encoding="utf-8")
+    start, end = "<!-- opsdc-lab-setting:start -->\n", "<!-- opsdc-lab-setting:end -->"
+    assert text.split(start, 1)[1].split(end, 1)[0] == setting.section(results), (
+        "docs/opsdc.md is out of date: run `python benchmarks/opsdc_lab_setting.py render --write docs/opsdc.md`"
+    )
+    # The built-in run that was measured is the example as it ships.
+    example = _example("opsdc.py")
+    chosen = next(run for run in results["runs"] if run["name"] == results["choice"]["name"])
+    defaults = example.BUILTIN_DEFAULTS
+    assert (defaults["learning_rate"], defaults.get("concise_instruction", "v2")) == (
+        chosen["learning_rate"], chosen["instruction"])
+    for key in ("max_steps", "per_device_train_batch_size", "teacher_refresh_steps", "seed"):
+        assert defaults[key] == results["grid"][key]
+    settings = results["builtin"]["results"]["settings"]
+    assert settings["learning_rate"] == defaults["learning_rate"] and settings["max_steps"] == defaults["max_steps"]
+
+
 def test_config_tables_list_every_added_field_with_its_help():
     import dataclasses
 

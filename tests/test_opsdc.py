@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -399,7 +400,8 @@ def test_checkpoint_saves_teacher_and_resume_restores_it(tiny_model_paths, promp
 
 
 @pytest.mark.slow
-def test_example_runs_on_the_builtin_task(arithmetic_models, tmp_path):
+def test_example_runs_on_the_lab_task(tmp_path):
+    # The built-in run: the lab's shipped teacher, a few steps and problems (the defaults: docs/opsdc.md).
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     command = [
         sys.executable,
@@ -407,16 +409,27 @@ def test_example_runs_on_the_builtin_task(arithmetic_models, tmp_path):
         "--output_dir",
         str(tmp_path / "run"),
         "--max_steps",
-        "4",
+        "2",
         "--num_eval_problems",
-        "40",
+        "12",
     ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "before OPSDC" in result.stdout and "after OPSDC" in result.stdout
+    assert "Lab task" in result.stdout and "before OPSDC" in result.stdout and "after OPSDC" in result.stdout
+    assert "level 0" in result.stdout and "level 2" in result.stdout
     metrics = json.loads((tmp_path / "run" / "opsdc_builtin_metrics.json").read_text())
-    for stage in ("before", "after"):
-        assert 0.0 <= metrics[stage]["accuracy"] <= 1.0 and metrics[stage]["mean_completion_tokens"] > 0
+    for stage in ("before", "before_with_instruction", "after"):
+        measured = metrics[stage]
+        assert measured["num_problems"] == 12
+        # The first problems of the test split take the levels in turn: 4 per level.
+        assert sorted(measured["levels"]) == ["0", "1", "2"]
+        for cell in [measured, *measured["levels"].values()]:
+            assert 0.0 <= cell["accuracy"] <= 1.0
+            assert math.isfinite(cell["mean_completion_tokens"]) and cell["mean_completion_tokens"] > 0
+        assert sum(level["num_problems"] for level in measured["levels"].values()) == 12
+    # The lab's base model writes far fewer tokens under the instruction (docs/lab_task.md): the teacher's view.
+    assert metrics["before_with_instruction"]["mean_completion_tokens"] < metrics["before"]["mean_completion_tokens"]
+    assert metrics["settings"]["max_steps"] == 2 and metrics["settings"]["concise_instruction"] == "v2"
 
 
 # ---- The teacher prompt: the instruction replaces the dataset's lead ----
