@@ -9,7 +9,6 @@ the update.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import math
 import os
@@ -22,9 +21,9 @@ from accelerate.logging import get_logger
 from datasets import Dataset, IterableDataset
 from trl.data_utils import is_conversational
 from trl.models.utils import unwrap_model_for_generation
+from transformers.optimization import GreedyLR
 from trl.trainer.utils import get_config_model_id, pad
 
-from .._trl_compat import report_optimizer_step_skipped
 from ..pass_rates import (  # noqa: F401 (ema_update, pass_rates_from_rewards: importable from here as before)
     INDEX_COLUMN,
     PASS_RATE_FILE,
@@ -455,6 +454,33 @@ def _reward_name(func: Callable) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# Schedulers transformers' `Trainer` steps on evaluation metrics, not after each optimiser step.
+_SCHEDULERS_STEPPED_ON_METRICS = (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR)
+
+
+class _HeldOnSkippedSteps:
+    """
+    A learning-rate scheduler that stays where it is on the optimiser steps its trainer skips.
+
+    transformers' `Trainer` steps `self.lr_scheduler` after every optimiser step; on a step that [`PacedTrainer`]
+    skips, `step` does nothing. Everything else (`get_last_lr`, `state_dict`, `load_state_dict`, ...) is the wrapped
+    scheduler's, so checkpoints are the same as without the wrapper.
+    """
+
+    def __init__(self, scheduler, step_skipped: Callable[[], bool]):
+        self.scheduler = scheduler
+        self._step_skipped = step_skipped
+
+    def step(self, *args, **kwargs):
+        if not self._step_skipped():
+            self.scheduler.step(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name == "scheduler":  # not set yet (copy, unpickling)
+            raise AttributeError(name)
+        return getattr(self.scheduler, name)
+
+
 class PacedTrainer(TipDistillTrainer):
     """
     Distillation weighted by the student's pass rate: PACED (distillation at the frontier of student competence).
@@ -599,9 +625,10 @@ class PacedTrainer(TipDistillTrainer):
         )
         self._training_rollouts = 0
         self._zero_weight_batches = 0
-        # Σ of the PACED weights of the micro-batches since the last optimiser step (local), and the count of steps
-        # skipped because that sum was zero on every process (see `_skip_zero_weight_steps`).
+        # Σ of the PACED weights of the micro-batches since the last optimiser step (local), whether the coming step
+        # is skipped because that sum is zero on every process, and the count of such steps (see `training_step`).
         self._step_weight: torch.Tensor | None = None
+        self._skip_optimizer_step = False
         self._skipped_steps = 0
         self._rollout_source = self.args.rollout_source
         self._teacher_writes_completions = False
@@ -975,41 +1002,42 @@ class PacedTrainer(TipDistillTrainer):
     # ---- Loss ----
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self._skip_zero_weight_steps()
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # transformers' `Trainer` marks the micro-batch after which it steps the optimiser with `sync_gradients`.
+        if self.accelerator.sync_gradients:
+            self._skip_optimizer_step = self._step_weighs_nothing()
+            if self._skip_optimizer_step:
+                # Torch's optimisers leave a parameter without a gradient alone: no momentum, no weight decay, no
+                # state update. The schedule is held by `_HeldOnSkippedSteps`.
+                model.zero_grad(set_to_none=True)
+        return loss
 
-    def _skip_zero_weight_steps(self) -> None:
+    def _step_weighs_nothing(self) -> bool:
         """
-        Make the optimiser skip, together with its learning-rate schedule, every step whose micro-batches all carry
-        zero PACED weight on every process. Their gradient is zero, but AdamW would still move the parameters (its
-        momentum, and decoupled weight decay); the skipped step is reported to the trainer as accelerate reports an
-        overflowed mixed-precision step, so the scheduler does not advance either. Installed once, on the prepared
-        optimiser. DeepSpeed steps inside its engine instead, where this guard does not reach.
+        Whether the coming optimiser step's micro-batches all carry zero PACED weight on every process. Such a step
+        is skipped, its learning-rate step included: its gradient is zero, but AdamW would still move the parameters
+        (its momentum, and decoupled weight decay). DeepSpeed steps inside its engine instead, where the trainer does
+        not skip.
         """
-        optimizer = self.optimizer
-        if optimizer is None or getattr(optimizer, "_paced_zero_weight_guard", False) or self.is_deepspeed_enabled:
-            return
-        original_step = optimizer.step
+        weight, self._step_weight = self._step_weight, None
+        if weight is None or self.is_deepspeed_enabled:
+            return False
+        # Every process runs the micro-batch that ends an accumulation window, so this collective is matched.
+        total = self.accelerator.reduce(weight.to(self.accelerator.device), reduction="sum")
+        if total.item() != 0:
+            return False
+        self._skipped_steps += 1
+        self._metrics["train"]["paced/skipped_steps"] = [float(self._skipped_steps)]
+        return True
 
-        # `wraps` keeps the marker torch's learning-rate scheduler looks for on `optimizer.step`, so the guard does not
-        # trigger its "optimizer.step() has been overridden" warning.
-        @functools.wraps(original_step)
-        def step(*args, **kwargs):
-            weight, self._step_weight = self._step_weight, None
-            if weight is not None:
-                # Every process calls the optimiser step together, so this collective is matched on all of them.
-                total = self.accelerator.reduce(weight.to(self.accelerator.device), reduction="sum")
-                if total.item() == 0:
-                    self._skipped_steps += 1
-                    self._metrics["train"]["paced/skipped_steps"] = [float(self._skipped_steps)]
-                    report_optimizer_step_skipped(optimizer, True)
-                    return None
-            if getattr(optimizer, "scaler", None) is None:
-                report_optimizer_step_skipped(optimizer, False)
-            return original_step(*args, **kwargs)
-
-        optimizer.step = step
-        optimizer._paced_zero_weight_guard = True
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if (
+            not self.is_deepspeed_enabled
+            and not isinstance(scheduler, (_HeldOnSkippedSteps, *_SCHEDULERS_STEPPED_ON_METRICS))
+        ):
+            self.lr_scheduler = scheduler = _HeldOnSkippedSteps(scheduler, lambda: self._skip_optimizer_step)
+        return scheduler
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         if self.model.training and "paced_weights" in inputs:
