@@ -19,7 +19,7 @@ from ..resume import ResumableTrainerMixin, atomic_path
 from ..selection import SELECTION_METHODS, quadrant_counts, quantile, tokens_per_rollout
 from ..sharding import fsdp2_shard_for_inference, is_fsdp2
 from ..vocabulary import compare_tokenizers, shared_vocab_size, tokenizer_of
-from ._inputs import check_prompts, check_sampling, pin_memory_where_it_helps
+from ._inputs import check_prompts, check_sampling, default_config, pin_memory_where_it_helps
 
 
 TEACHER_QUANTIZATION = ("none", "4bit", "8bit")
@@ -310,7 +310,8 @@ class TipDistillTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrain
     through the `lm_head`. With `token_selection="all"` the losses and updates are those of
     [`~trl.DistillationTrainer`], bit for bit.
 
-    The constructor is [`~trl.DistillationTrainer`]'s. Logged per step, besides TRL's metrics: `tip/kept_fraction`,
+    The constructor is [`~trl.DistillationTrainer`]'s; with `args=None` it builds a [`TipDistillConfig`] writing to
+    `<model name>-TIP`, before any model is loaded. Logged per step, besides TRL's metrics: `tip/kept_fraction`,
     the quadrant shares `tip/q1_share` … `tip/q4_share` (batch-median split of entropy and reverse KL; Q3 = confident
     and far from the teacher), the mean normalised entropy and reverse KL of kept vs all tokens (`tip/entropy_kept`,
     `tip/entropy_all`, `tip/divergence_kept`, `tip/divergence_all`) and, for soft-OR, the spread of its divergence
@@ -362,9 +363,10 @@ class TipDistillTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrain
         peft_config=None,
         tools=None,
     ):
+        if args is None:
+            args = default_config(TipDistillConfig, model, "TIP")
         check_prompts(train_dataset, eval_dataset)
-        if args is not None:
-            check_sampling(args.temperature, args.generation_kwargs)
+        check_sampling(args.temperature, args.generation_kwargs)
         if getattr(args, "teacher_quantization", "none") != "none" and not isinstance(teacher_model, str):
             raise ValueError(
                 "teacher_quantization applies when the teacher is loaded by the trainer: pass `teacher_model` as a "

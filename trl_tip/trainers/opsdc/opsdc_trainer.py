@@ -20,7 +20,6 @@ from accelerate.logging import get_logger
 from transformers import TrainerCallback
 from trl import DistillationTrainer
 from trl.data_utils import is_conversational
-from trl.trainer.utils import get_config_model_id
 
 from ..._trl_compat import divergence_loss_replaced_by, platform_vllm_generation
 from ...hub import TrlTipHubMixin
@@ -29,7 +28,7 @@ from ...losses import selective_divergence_loss
 from ...quantization import keep_4bit_weights_trainable
 from ...resume import ResumableTrainerMixin
 from ...sharding import requested_fsdp_version
-from .._inputs import check_prompts, check_reward_columns
+from .._inputs import check_prompts, check_reward_columns, default_config
 from .._teacher_prompts import pad_teacher_prompts
 from .opsdc_config import OPSDCConfig
 from .teacher_snapshot import TeacherSnapshotMixin, _AdapterSnapshot
@@ -84,7 +83,8 @@ class OPSDCTrainer(
         model (`str` or [`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
             Model to be trained, and the source of its own teacher. See [`~trl.DistillationTrainer`].
         args ([`OPSDCConfig`], *optional*):
-            Configuration for this trainer. If `None`, a default configuration is used.
+            Configuration for this trainer. If `None`, a default one writing to `<model name>-OPSDC` (built before any
+            model is loaded).
         train_dataset ([`~datasets.Dataset`] or [`~datasets.IterableDataset`]):
             Dataset with a `"prompt"` column, plain text or conversational. Other columns are passed to `reward_funcs`.
         eval_dataset ([`~datasets.Dataset`] or `dict[str, Dataset]`, *optional*):
@@ -153,8 +153,7 @@ class OPSDCTrainer(
                 "trl.DistillationTrainer to distil from a separate teacher."
             )
         if args is None:
-            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = OPSDCConfig(f"{model_name.split('/')[-1]}-OPSDC")
+            args = default_config(OPSDCConfig, model, "OPSDC")
         elif not isinstance(args, OPSDCConfig):
             raise TypeError(
                 f"OPSDCTrainer needs an OPSDCConfig, got {type(args).__name__}; build one with the same fields plus "

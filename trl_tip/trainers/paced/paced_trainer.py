@@ -19,10 +19,16 @@ from datasets import Dataset, IterableDataset
 from transformers.optimization import GreedyLR
 from trl.data_utils import is_conversational
 from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import get_config_model_id, pad
+from trl.trainer.utils import pad
 
 from ...pass_rates import INDEX_COLUMN, PassRateTable, ProblemSampler
-from .._inputs import check_completion_format, check_prompt_column, check_reward_columns, check_train_rows
+from .._inputs import (
+    check_completion_format,
+    check_prompt_column,
+    check_reward_columns,
+    check_train_rows,
+    default_config,
+)
 from .._teacher_prompts import pad_teacher_prompts
 from ..tip_distill import TipDistillTrainer
 from .callbacks import PassRateCallback
@@ -91,7 +97,8 @@ class PacedTrainer(PassRateMixin, TipDistillTrainer):
         model (`str` or [`~transformers.PreTrainedModel`]): the student, as in [`~trl.DistillationTrainer`].
         teacher_model (`str` or [`~transformers.PreTrainedModel`], *optional*):
             The teacher; defaults to `args.teacher_model_name_or_path`. Must be unset with `self_distillation=True`.
-        args ([`PacedConfig`], *optional*): configuration.
+        args ([`PacedConfig`], *optional*):
+            Configuration. If `None`, a default one writing to `<model name>-PACED` (built before any model is loaded).
         train_dataset ([`~datasets.Dataset`]):
             Map-style, text-only dataset with a `prompt` column, an `answer` column (for the built-in math reward and
             self-distillation; every column is passed to reward functions) and, for teacher completions from the
@@ -164,8 +171,7 @@ class PacedTrainer(PassRateMixin, TipDistillTrainer):
         reward_funcs=None,
     ):
         if args is None:
-            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = PacedConfig(f"{model_name.split('/')[-1]}-PACED")
+            args = default_config(PacedConfig, model, "PACED")
         if not isinstance(args, PacedConfig):
             raise TypeError(
                 f"PacedTrainer needs a PacedConfig as `args`, got {type(args).__name__}. PacedConfig accepts every "
