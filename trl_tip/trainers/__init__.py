@@ -1,7 +1,7 @@
 """
-trl_tip's trainers, each a config dataclass and a subclass of a TRL trainer: one module per trainer (`tip_distill`,
-`ace_grpo`), or, for the larger ones, one package laid out like TRL's experimental trainers (`opsdc`, `paced`: config,
-trainer, and the pieces the trainer wires in, each in its own module).
+trl_tip's trainers, each a config dataclass and a subclass of a TRL trainer: one module (`ace_grpo`), or one package
+laid out like TRL's experimental trainers (`tip_distill`, `opsdc`, `paced`: config, trainer, and the pieces the trainer
+wires in, each in its own module).
 """
 
 from ..pass_rates import PassRateTable
