@@ -29,7 +29,7 @@ from ...quantization import keep_4bit_weights_trainable
 from ...resume import ResumableTrainerMixin
 from ...sharding import requested_fsdp_version
 from .._inputs import check_prompts, check_reward_columns, default_config
-from .._teacher_prompts import pad_teacher_prompts
+from .._teacher_prompts import TeacherSequence, pad_teacher_prompts
 from .opsdc_config import OPSDCConfig
 from .teacher_snapshot import TeacherSnapshotMixin, _AdapterSnapshot
 
@@ -197,7 +197,7 @@ class OPSDCTrainer(
         # Sum and count of the mean completion length over the first logging window: the compression baseline.
         self._length_baseline = [0.0, 0]
         # The teacher's (input_ids, attention_mask) for the micro-batch in flight; set by `_compute_loss`.
-        self._teacher_sequence: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._teacher_sequence: TeacherSequence | None = None
         self._start_teacher()
 
     def _check_teacher_prompts(self, args: OPSDCConfig, train_dataset, eval_dataset) -> None:
@@ -301,12 +301,8 @@ class OPSDCTrainer(
                 self._metrics[mode]["opsdc/accuracy"].append(mean_reward)
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
-        # The teacher reads its own prompt followed by the student's completion. Both sequences end with the same
-        # completion block, so TRL's `logits_to_keep` = completion length aligns them on the completion tokens.
-        self._teacher_sequence = (
-            torch.cat([inputs["teacher_prompt_ids"], inputs["completion_ids"]], dim=1),
-            torch.cat([inputs["teacher_prompt_mask"], inputs["completion_mask"]], dim=1),
-        )
+        # The teacher reads its own prompt (with the instruction) followed by the student's completion.
+        self._teacher_sequence = TeacherSequence.of(inputs)
         per_rollout = contextlib.nullcontext()
         if "opsdc_rollout_weights" in inputs:
             # Per-process share of the global rollout count: DDP averages gradients over processes, as TRL divides
@@ -336,15 +332,13 @@ class OPSDCTrainer(
             return super()._get_last_hidden_state(
                 unwrapped_model, input_ids, attention_mask, logits_to_keep, **multimodal_inputs
             )
-        teacher_input_ids, teacher_attention_mask = self._teacher_sequence
+        teacher = self._teacher_sequence
         if isinstance(unwrapped_model, _AdapterSnapshot):
             with unwrapped_model.active() as shared_model:
                 return super()._get_last_hidden_state(
-                    shared_model, teacher_input_ids, teacher_attention_mask, logits_to_keep
+                    shared_model, teacher.input_ids, teacher.attention_mask, logits_to_keep
                 )
-        return super()._get_last_hidden_state(
-            unwrapped_model, teacher_input_ids, teacher_attention_mask, logits_to_keep
-        )
+        return super()._get_last_hidden_state(unwrapped_model, teacher.input_ids, teacher.attention_mask, logits_to_keep)
 
 
 def _per_rollout_mean_loss(rollout_weights: torch.Tensor, rollout_count: torch.Tensor):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from .._inputs import (
     check_train_rows,
     default_config,
 )
-from .._teacher_prompts import pad_teacher_prompts
+from .._teacher_prompts import TeacherSequence, pad_teacher_prompts
 from ..tip_distill import TipDistillTrainer
 from .callbacks import PassRateCallback
 from .paced_config import PacedConfig
@@ -44,6 +45,18 @@ from .pass_rate_glue import PassRateMixin
 
 
 logger = get_logger(__name__)
+
+
+@dataclass
+class RolloutWeights:
+    """
+    The PACED weights of the micro-batch in flight: `weights` `(B,)`, one per rollout, and `weight_sum`, this process's
+    share of their sum over the whole generation batch of every process (DDP averages gradients over processes, as
+    TRL divides `num_items_in_batch` by the process count).
+    """
+
+    weights: torch.Tensor
+    weight_sum: torch.Tensor
 
 
 # Schedulers transformers' `Trainer` steps on evaluation metrics, not after each optimiser step.
@@ -225,8 +238,9 @@ class PacedTrainer(PassRateMixin, TipDistillTrainer):
         self._rollout_source = self.args.rollout_source
         self._teacher_writes_completions = False
         self._generation_rows: list[dict] | None = None
-        self._loss_weights: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._teacher_sequence: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The micro-batch in flight, for the TRL hooks `_compute_loss` calls without its inputs.
+        self._rollout_weights: RolloutWeights | None = None
+        self._teacher_sequence: TeacherSequence | None = None
         self.add_callback(PassRateCallback(self))
 
     # ---- Construction checks ----
@@ -512,29 +526,24 @@ class PacedTrainer(PassRateMixin, TipDistillTrainer):
             self._step_weight = local if self._step_weight is None else self._step_weight + local
             # The per-process share of the global weight sum: DDP averages gradients over processes, as TRL's
             # `num_items_in_batch` is divided by the process count.
-            self._loss_weights = (
-                inputs["paced_weights"],
-                inputs["paced_weight_sum"] / self.accelerator.num_processes,
+            self._rollout_weights = RolloutWeights(
+                inputs["paced_weights"], inputs["paced_weight_sum"] / self.accelerator.num_processes
             )
-        if "teacher_prompt_ids" in inputs:
-            # The teacher reads its own prompt followed by the same completion; TRL keeps the last
-            # `completion length` positions of both, which aligns them on the completion tokens.
-            self._teacher_sequence = (
-                torch.cat([inputs["teacher_prompt_ids"], inputs["completion_ids"]], dim=1),
-                torch.cat([inputs["teacher_prompt_mask"], inputs["completion_mask"]], dim=1),
-            )
+        if "teacher_prompt_ids" in inputs:  # the self-distillation teacher reads its privileged prompt
+            self._teacher_sequence = TeacherSequence.of(inputs)
         try:
             return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
         finally:
-            self._loss_weights = None
+            self._rollout_weights = None
             self._teacher_sequence = None
 
     def _selective_divergence_loss(self, *args, **kwargs):
-        if self._loss_weights is not None:
-            kwargs["rollout_weights"], kwargs["weight_sum"] = self._loss_weights
+        if self._rollout_weights is not None:
+            kwargs["rollout_weights"] = self._rollout_weights.weights
+            kwargs["weight_sum"] = self._rollout_weights.weight_sum
         return super()._selective_divergence_loss(*args, **kwargs)
 
     def _get_last_hidden_state(self, unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs):
         if self._teacher_sequence is not None and unwrapped_model is self.accelerator.unwrap_model(self.teacher_model):
-            input_ids, attention_mask = self._teacher_sequence
+            input_ids, attention_mask = self._teacher_sequence.input_ids, self._teacher_sequence.attention_mask
         return super()._get_last_hidden_state(unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs)
