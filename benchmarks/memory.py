@@ -21,10 +21,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    RETURN_LARGE_BLOCKS,
+    command_line,
+    describe_versions,
+    device_name,
+    run_worker_process,
+    status_kib,
+    worker_env,
+    write_section,
+)
 
 
 SETUPS = {
@@ -32,14 +46,6 @@ SETUPS = {
     "QLoRA student + 4-bit teacher": {"student": "qlora", "teacher": "4bit"},
     "QLoRA student + bf16 teacher": {"student": "qlora", "teacher": "none"},
 }
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found")
 
 
 def save_models(directory: str, args) -> dict[str, str]:
@@ -77,7 +83,7 @@ def run_worker(setup: str, paths: dict[str, str]) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _status_kib("VmRSS") * 1024
+        base = status_kib("VmRSS") * 1024
     kwargs = {}
     if choice["student"] == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -96,7 +102,7 @@ def run_worker(setup: str, paths: dict[str, str]) -> dict:
                                 train_dataset=dataset, **kwargs)
     trainer.train()
     seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else status_kib("VmHWM") * 1024
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return {"setup": setup, "peak_bytes": peak - base, "seconds": seconds, "trainable": trainable}
 
@@ -117,18 +123,14 @@ def main():
 
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    device = device_name(torch.cuda.is_available(), cpu_note=None)
     print(f"Memory benchmark on {device}, torch {torch.__version__}")
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         paths = save_models(directory, args)
         for setup in SETUPS:
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
-            result = subprocess.run([sys.executable, __file__, "--worker", setup, "--paths", json.dumps(paths)],
-                                    capture_output=True, text=True, env=env)
-            if result.returncode != 0:
-                raise RuntimeError(f"{setup} failed:\n{result.stderr[-3000:]}")
-            row = json.loads(result.stdout.strip().splitlines()[-1])
+            row = run_worker_process([sys.executable, __file__, "--worker", setup, "--paths", json.dumps(paths)],
+                                     setup, worker_env(**RETURN_LARGE_BLOCKS))
             rows.append(row)
             print(f"  {setup:<32} {row['peak_bytes'] / 2**20:9.1f} MiB  ({row['seconds']:.0f} s)", flush=True)
     baseline = rows[0]["peak_bytes"]
@@ -143,14 +145,10 @@ def main():
     print(shape)
     print(table)
     if args.write:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from token_selection import write_section
-
-        command = "python " + " ".join(sys.argv)
         write_section(args.write, "memory", (
             f"## Memory: QLoRA students and quantised teachers ({device})\n\n"
-            f"Measured {time.strftime('%Y-%m-%d')} with `{command}` (torch {torch.__version__}).\n{shape}.\n\n"
-            f"{table}\n"
+            f"Measured {time.strftime('%Y-%m-%d')} with `{command_line()}` ({describe_versions(python=False)}).\n"
+            f"{shape}.\n\n{table}\n"
         ))
 
 

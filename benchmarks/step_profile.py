@@ -51,7 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from token_selection import _reset_peak_rss, _status_kib, write_section  # noqa: E402
+from common import reset_peak_rss as _reset_peak_rss, status_kib as _status_kib, write_section  # noqa: E402
 
 
 PHASES = ("generation", "teacher forward", "teacher lm_head", "student forward", "selection/statistics", "loss",

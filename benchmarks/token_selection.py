@@ -23,29 +23,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    RETURN_LARGE_BLOCKS,
+    command_line,
+    describe_versions,
+    device_name,
+    reset_peak_rss,
+    run_worker_process,
+    status_kib,
+    worker_env,
+    write_section,
+)
 
 
 VARIANTS = ("trl", "tip-1.0", "tip-0.5", "tip-0.2", "gkd-full-logits")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    # Writing 5 to clear_refs resets VmHWM (the peak resident set) to the current RSS.
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
 
 
 def run_worker(variant: str, args) -> dict:
@@ -151,8 +150,8 @@ def run_worker(variant: str, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        _reset_peak_rss()
-        base = _status_kib("VmRSS") * 1024
+        reset_peak_rss()
+        base = status_kib("VmRSS") * 1024
     times, wall_times = [], []
     clock = time.perf_counter if device.type == "cuda" else time.process_time
     for repeat in range(args.repeats):
@@ -163,7 +162,7 @@ def run_worker(variant: str, args) -> dict:
         wall_times.append(time.perf_counter() - wall_start)
         trained.zero_grad(set_to_none=True)
         if repeat == 0:
-            peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kib("VmHWM") * 1024) - base
+            peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else status_kib("VmHWM") * 1024) - base
     return {"variant": variant, "seconds": statistics.median(times), "wall_seconds": statistics.median(wall_times),
             "peak_bytes": max(peak, 0),
             "loss": float(loss.detach().float())}
@@ -184,32 +183,13 @@ def run_all(args) -> list[dict]:
                        "--completion-length", str(args.completion_length), "--student-hidden", str(args.student_hidden),
                        "--student-layers", str(args.student_layers), "--teacher-hidden", str(args.teacher_hidden),
                        "--teacher-layers", str(args.teacher_layers)]
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
-            if not args.cuda:
-                env["OMP_NUM_THREADS"] = "1"
-            result = subprocess.run(command, capture_output=True, text=True, env=env)
-            if result.returncode != 0:
-                raise RuntimeError(f"{variant} (V={vocab}) failed:\n{result.stderr[-3000:]}")
-            row = json.loads(result.stdout.strip().splitlines()[-1])
+            env = worker_env(**RETURN_LARGE_BLOCKS, **({} if args.cuda else {"OMP_NUM_THREADS": "1"}))
+            row = run_worker_process(command, f"{variant} (V={vocab})", env)
             row["vocab"] = vocab
             rows.append(row)
             print(f"  V={vocab:>7} {variant:<16} {row['seconds']:.3f} s (wall {row['wall_seconds']:.3f} s) "
                   f"{row['peak_bytes'] / 2**20:9.1f} MiB", flush=True)
     return rows
-
-
-def write_section(path: str, name: str, text: str) -> None:
-    """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` in `path` (appended if absent)."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{text}{end}"
-    content = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    if start in content and end in content:
-        before, rest = content.split(start, 1)
-        content = before + block + rest.split(end, 1)[1]
-    else:
-        content = content.rstrip("\n") + "\n\n" + block + "\n"
-    with open(path, "w") as handle:
-        handle.write(content)
 
 
 def table(rows, args) -> str:
@@ -250,7 +230,7 @@ def main():
     import torch
 
     args.cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name(0) if args.cuda else f"CPU ({os.cpu_count()} cores, one thread per worker)"
+    device = device_name(args.cuda)
     print(f"Token-selection benchmark on {device}, torch {torch.__version__}")
     rows = run_all(args)
     shape = (f"batch {args.batch} × (prompt {args.prompt_length} + completion ≤ {args.completion_length}) tokens; "
@@ -262,11 +242,10 @@ def main():
     print(shape)
     print(result)
     if args.write:
-        command = "python " + " ".join(sys.argv[:1] + [a for a in sys.argv[1:]])
         section = (
             f"## Token selection ({device})\n\n"
-            f"Measured {time.strftime('%Y-%m-%d')} with `{command}` ({platform.python_version()}, "
-            f"torch {torch.__version__}).\n{shape}.\n\n{result}\n"
+            f"Measured {time.strftime('%Y-%m-%d')} with `{command_line()}` ({describe_versions()}).\n{shape}.\n\n"
+            f"{result}\n"
         )
         write_section(args.write, "token-selection", section)
 

@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from token_selection import write_section  # noqa: E402
+from common import (  # noqa: E402
+    command_line,
+    load_json,
+    run_worker_process,
+    save_json,
+    versions,
+    worker_env,
+    write_section,
+)
 
 
 RESULTS = ROOT / "benchmarks" / "results" / "vllm_generation.json"
@@ -107,23 +114,17 @@ def run_all(args) -> dict:
         for backend in BACKENDS:
             command = [sys.executable, __file__, "--worker", backend, "--model", prepared[role],
                        "--prompts", str(args.prompts), "--repeats", str(args.repeats)]
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                   "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-            result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-            if result.returncode != 0:
-                raise RuntimeError(f"{backend} on the {role} failed:\n{result.stderr[-4000:]}")
-            row = {"model": role, **json.loads(result.stdout.strip().splitlines()[-1])}
+            env = worker_env(pythonpath=True, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+            row = {"model": role, **run_worker_process(command, f"{backend} on the {role}", env, cwd=ROOT,
+                                                       stderr_tail=4000)}
             rows.append(row)
             print(f"  {role:<8} {backend:<14} {row['seconds']:.2f} s  {row['tokens'] / row['seconds']:.0f} tokens/s  "
                   f"(start {row['start_seconds']:.1f} s)", flush=True)
-    import torch
-    import vllm
-
     return {
         "measured": time.strftime("%Y-%m-%d"),
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, one torch thread per backend",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "vllm": vllm.__version__},
+        "versions": versions(vllm=True),
         "prompts": args.prompts,
         "repeats": args.repeats,
         "rows": rows,
@@ -175,11 +176,10 @@ def main():
         print(json.dumps(run_worker(args.worker, args.model, args.prompts, args.repeats)))
         return
     if args.load:
-        results = json.loads(Path(args.load).read_text())
+        results = load_json(args.load)
     else:
         results = run_all(args)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        save_json(RESULTS, results)
     print(table(results))
     if args.write:
         write_section(args.write, "vllm-generation", section(results))

@@ -1,6 +1,8 @@
-"""examples/bridge.py: the stages' configurations, stage selection and reuse, and a tiny end-to-end run."""
+"""
+`trl_tip.bridge`: the stages' configurations, stage selection and reuse, and a tiny end-to-end run (through the
+package, then through `examples/bridge.py`).
+"""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,21 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from trl_tip import bridge
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bridge():
-    if "_bridge_example" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("_bridge_example", ROOT / "examples" / "bridge.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["_bridge_example"] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules["_bridge_example"]
-
-
 def _configs(argv, stages=("teacher_rl", "warmup", "opd", "student_rl")):
-    bridge = _bridge()
     script_args, shared, model_args, builtin, raw = bridge.parse_arguments(argv)
     configs = {stage: bridge.stage_config(stage, raw, script_args, model_args, shared.output_dir) for stage in stages}
     return script_args, shared, builtin, configs
@@ -112,11 +106,11 @@ def test_evaluation_under_a_sharded_engine_is_refused_before_any_model_loads(tmp
             str(tmp_path / "no-teacher"), "--dataset_name", "no/dataset", "--output_dir", str(tmp_path), "--bf16",
             "false"]
     with pytest.raises(ValueError, match="FSDP.*--evaluate false"):
-        _bridge().main(argv)
+        bridge.run_bridge(*bridge.parse_arguments(argv))
 
 
 def test_stage_selection_is_in_pipeline_order():
-    parse = _bridge().parse_stages
+    parse = bridge.parse_stages
     assert parse("opd,teacher_rl") == ["teacher_rl", "opd"]
     assert parse(" warmup , opd ") == ["warmup", "opd"]
     assert parse("all") == ["teacher_rl", "warmup", "opd", "student_rl"]
@@ -131,7 +125,6 @@ def test_stage_trainers_get_the_models_the_pipeline_hands_them(tiny_model_paths,
 
     from trl_tip import ACEGRPOTrainer, PacedTrainer, TipDistillTrainer
 
-    bridge = _bridge()
     script_args, shared, model_args, _, raw = bridge.parse_arguments([
         "--model_name_or_path", tiny_model_paths["student"], "--teacher_model_name_or_path",
         tiny_model_paths["teacher"], "--output_dir", str(tmp_path), "--per_device_train_batch_size", "4",
@@ -156,21 +149,22 @@ def test_stage_trainers_get_the_models_the_pipeline_hands_them(tiny_model_paths,
 
 
 def test_adapters_and_quantised_models_are_refused(tmp_path):
-    bridge = _bridge()
     parsed = bridge.parse_arguments(["--model_name_or_path", "s", "--teacher_model_name_or_path", "t", "--use_peft",
                                      "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="does not train adapters or quantised models"):
         bridge.run_bridge(*parsed)
 
 
-def _run(tmp_path, stages, *extra):
-    bridge = _bridge()
-    argv = ["--output_dir", str(tmp_path), "--stages", stages, "--num_train_problems", "64",
+def _argv(tmp_path, stages, *extra):
+    return ["--output_dir", str(tmp_path), "--stages", stages, "--num_train_problems", "64",
             "--per_device_train_batch_size", "8", "--num_generations", "4", "--teacher_rl_max_steps", "2",
             "--warmup_max_steps", "2", "--opd_max_steps", "2", "--student_rl_max_steps", "2",
             "--num_eval_problems", "20", "--eval_num_samples", "2", "--logging_steps", "1", "--disable_tqdm", "true",
             *extra]
-    return bridge.main(argv)
+
+
+def _run(tmp_path, stages, *extra):
+    return bridge.run_bridge(*bridge.parse_arguments(_argv(tmp_path, stages, *extra)))
 
 
 def _metrics(tmp_path, stage):
@@ -201,7 +195,7 @@ def test_stages_resume_and_reuse(arithmetic_models, tmp_path, capsys):
         assert test["num_problems"] == 20 and test["num_samples"] == 2
         assert 0.0 <= test["greedy_accuracy"] <= 1.0 and set(test["pass_at_k"]) == {"1", "2"}
         assert (tmp_path / stage / "model.safetensors").is_file()
-    table = capsys.readouterr().out
+    table = bridge.format_table(rows)
     assert "mean@2" in table and "teacher_rl  teacher" in table and "opd         student" in table
 
     # 3. Completed stages are reused as they are; a new stage trains from the chain's last student.
@@ -212,6 +206,17 @@ def test_stages_resume_and_reuse(arithmetic_models, tmp_path, capsys):
     student_rl = _metrics(tmp_path, "student_rl")
     assert student_rl["inputs"]["student"] == {"stage": "opd", "run_id": opd["run_id"]}
     assert student_rl["trainer"] == "ACEGRPOTrainer" and student_rl["teacher"] is None
+
+    # The example script runs the same pipeline: every stage is reused, and it prints the table of the same rows.
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "bridge.py"),
+                             *_argv(tmp_path, "teacher_rl,opd,student_rl")], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reused = json.loads((tmp_path / "bridge_summary.json").read_text())["rows"]
+    assert [r.get("reused") for r in reused] == [None, None, True, True, True]
+    assert [{**r, "reused": None} for r in reused] == [{**r, "reused": None} for r in rows]
+    printed = result.stdout[result.stdout.index("\nBridge: accuracy on 20 built-in test problems"):]
+    assert printed.rstrip("\n") == bridge.format_table(reused, test_name="built-in test")
 
     # 4. Adding the warm-up changes what opd would train from: the stale opd is refused, not reused.
     with pytest.raises(ValueError, match="trained from other models"):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-import trl_tip.trainers.tip_distill as tip_module
+import trl_tip.trainers.tip_distill.tip_distill_trainer as tip_module
 from trl_tip import PacedConfig, PacedTrainer, TipDistillConfig, TipDistillTrainer, selective_divergence_loss
 from trl_tip.losses import STUDENT_SIDE_METHODS
 from trl_tip.selection import SELECTION_METHODS

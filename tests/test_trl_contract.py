@@ -199,6 +199,8 @@ SIGNATURES = [
     ("transformers:Trainer._save_optimizer_and_scheduler", ["self", "output_dir"], "OPSDCTrainer (override)"),
     ("transformers:Trainer._load_optimizer_and_scheduler", ["self", "checkpoint"],
      "OPSDCTrainer and PacedTrainer (override)"),
+    ("transformers:Trainer.create_scheduler", ["self", "num_training_steps", "optimizer"],
+     "PacedTrainer (override: the schedule is held on skipped steps)"),
 ]
 
 
@@ -444,33 +446,43 @@ def test_chunked_divergence_kernel_arguments():
     assert tuple(_kernel_args(1.0, 1.0, None, 1.0, None)) == CHUNKED_DIVERGENCE_KERNEL_ARGS
 
 
-# ---- accelerate ----
+# ---- transformers' training loop ----
 
 
-def test_accelerated_optimizer_reports_the_flag_the_seam_sets():
-    from accelerate.optimizer import AcceleratedOptimizer
+def _calls(func, name: str) -> list[int]:
+    """Line numbers of the calls `<anything>.name(...)` in `func`."""
+    return sorted(
+        node.lineno for node in ast.walk(function_ast(func))
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == name
+    )
 
-    from trl_tip._trl_compat import report_optimizer_step_skipped
 
-    optimizer = object.__new__(AcceleratedOptimizer)  # the flag alone; no accelerator state needed
-    for skipped in (True, False):
-        report_optimizer_step_skipped(optimizer, skipped)
-        assert optimizer.step_was_skipped is skipped, broken(
-            "accelerate AcceleratedOptimizer.step_was_skipped",
-            "PacedTrainer (skips zero-weight steps without advancing the schedule)",
-            "it no longer reports the private `_is_overflow` flag",
-        )
-    from accelerate import Accelerator
+def test_the_training_loop_steps_after_the_micro_batch_marked_for_sync():
+    # PacedTrainer.training_step decides on the micro-batch marked `sync_gradients` whether the coming optimiser step
+    # weighs nothing; it then drops the gradients (the optimiser leaves the parameters alone) and its scheduler wrapper
+    # holds the schedule.
     from transformers import Trainer
 
-    assert "step_was_skipped" in names_used(Accelerator.optimizer_step_was_skipped.fget), broken(
-        "accelerate Accelerator.optimizer_step_was_skipped", "PacedTrainer",
-        "it no longer asks its optimizers' `step_was_skipped`",
+    who = "PacedTrainer (zero-weight steps skipped in `training_step`, schedule held by `create_scheduler`'s wrapper)"
+    loop = Trainer._run_epoch
+    sync, train, step = _calls(loop, "_set_sync_gradients"), _calls(loop, "training_step"), _calls(loop, "step")
+    assert sync and train and min(sync) < min(train), broken(
+        "transformers Trainer._run_epoch", who,
+        "it no longer marks the micro-batch that ends an accumulation window (`sync_gradients`) before its "
+        "`training_step`",
     )
-    training_loop = [func for func in vars(Trainer).values() if inspect.isfunction(func)]
-    assert any("optimizer_step_was_skipped" in names_used(func) for func in training_loop), broken(
-        "transformers Trainer", "PacedTrainer",
-        "it no longer leaves the learning-rate schedule alone on a skipped optimiser step",
+    source = inspect.getsource(loop)
+    assert "self.optimizer.step()" in source and "self.lr_scheduler.step()" in source, broken(
+        "transformers Trainer._run_epoch", who, "it no longer steps `self.optimizer` and then `self.lr_scheduler`",
+    )
+    in_order = source.index("self.optimizer.step()") < source.index("self.lr_scheduler.step()")
+    assert in_order and max(step) > max(train), broken(
+        "transformers Trainer._run_epoch", who,
+        "it no longer steps the optimiser and the schedule after the micro-batches' `training_step`",
+    )
+    assert "create_scheduler" in names_used(Trainer._prepare_for_training), broken(
+        "transformers Trainer._prepare_for_training", who,
+        "it no longer builds its schedule with `self.create_scheduler`",
     )
 
 

@@ -24,7 +24,7 @@ _LAZY = {
     "OPSDCConfig": "trl_tip.trainers.opsdc",
     "OPSDCTrainer": "trl_tip.trainers.opsdc",
     "PacedConfig": "trl_tip.trainers.paced",
-    "PassAtKCallback": "trl_tip.evaluation",
+    "PassAtKCallback": "trl_tip.eval_callback",
     "PacedTrainer": "trl_tip.trainers.paced",
     "PassRateTable": "trl_tip.pass_rates",
     "TipDistillConfig": "trl_tip.trainers.tip_distill",

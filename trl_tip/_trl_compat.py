@@ -270,12 +270,3 @@ def reset_accelerator_state() -> None:
     """
     AcceleratorState._reset_state()
 
-
-def report_optimizer_step_skipped(optimizer, skipped: bool) -> None:
-    """
-    Make an accelerate `AcceleratedOptimizer` report (`step_was_skipped`) whether its last step was skipped, as it
-    reports an overflowed mixed-precision step; transformers' `Trainer` then leaves the learning-rate schedule where it
-    is. `PacedTrainer` skips the steps whose PACED weights are all zero. accelerate keeps the flag in the private
-    `_is_overflow` and offers no setter.
-    """
-    optimizer._is_overflow = skipped

@@ -62,6 +62,14 @@ def _non_negative_int(text: str) -> int:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `trl-tip eval`."""
+    _add_data_arguments(parser)
+    _add_sampling_arguments(parser)
+    _add_backend_arguments(parser)
+    _add_output_arguments(parser)
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and the benchmarks."""
     names = ", ".join([BUILTIN, *BENCHMARKS])
     parser.add_argument(
         "--model", default=None, help="Model path or Hub id (a saved checkpoint works). Required unless --compare."
@@ -83,6 +91,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "reason step by step, and put your final answer within \\boxed{}.' ({problem} alone for the built-in task).",
     )
     parser.add_argument("--num_problems", type=_positive_int, default=None, help="Evaluate the first N problems only.")
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """How many completions per problem, and how they are sampled."""
     parser.add_argument(
         "--n", type=_positive_int, default=None, help="Completions sampled per problem (default: 16; 1 with --greedy)."
     )
@@ -110,6 +122,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="Completion budget (default: 32768 for the math benchmarks, 32 for the built-in task).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Sampling seed (default: 0).")
+
+
+def _add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """The generation backend, the chat template, and how the model is loaded and run."""
     parser.add_argument(
         "--backend", choices=["transformers", "vllm"], default="transformers", help="Generation backend."
     )
@@ -147,6 +163,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="Run the vLLM engine eagerly, without compiling it (CUDA graphs on a GPU, torch.compile on vLLM's CPU "
         "build): a faster start, possibly slower generation (vllm backend).",
     )
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where results go, and the comparison of finished runs."""
     parser.add_argument(
         "--output_dir",
         default="eval_results",
@@ -264,14 +284,33 @@ def run_eval(args: argparse.Namespace) -> dict:
     args = validate_eval_arguments(args)
     from transformers import AutoTokenizer
 
-    from .evaluation import (
-        default_max_new_tokens,
-        evaluate_pass_at_k,
-        evaluate_pass_at_k_vllm,
-        load_benchmark,
-        load_vllm_engine,
-        summarize_by,
-    )
+    datasets = _load_eval_datasets(args)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
+    results = {}
+    model = None  # loaded once, on the first dataset
+    for name, dataset in datasets.items():
+        model, summary, problems = _evaluate_benchmark(args, name, dataset, model, tokenizer, sampling)
+        path = _write_problems(args.output_dir, name, problems)
+        results[name] = summary
+        print(_format_summary(name, summary), flush=True)
+        for line in _format_levels(summary):
+            print(line, flush=True)
+        print(f"  per-problem results: {path}", flush=True)
+    report = {"model": args.model, "backend": args.backend, "num_samples": args.n, **sampling, "results": results}
+    if model is not None:
+        # What the numbers were computed in: vLLM's "auto" runs a float32 checkpoint in half precision, transformers'
+        # keeps float32.
+        report["model_dtype"] = _model_dtype(model)
+    with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as file:
+        json.dump(report, file, indent=2)
+    _write_plots(report, args.output_dir)
+    return report
+
+
+def _load_eval_datasets(args: argparse.Namespace) -> dict:
+    """Every `--dataset`, by name, cut to `--num_problems` (with a note where a benchmark has fewer)."""
+    from .evaluation import load_benchmark
 
     datasets = {
         name: load_benchmark(
@@ -293,72 +332,75 @@ def run_eval(args: argparse.Namespace) -> dict:
                     f"all {len(dataset)}.",
                     flush=True,
                 )
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
-    results = {}
-    model = None  # loaded once, on the first dataset
-    for name, dataset in datasets.items():
-        max_new_tokens = args.max_new_tokens or default_max_new_tokens(name)
-        started = time.perf_counter()
-        if args.backend == "vllm":
-            if model is None:
-                model = load_vllm_engine(
-                    args.model,
-                    seed=args.seed,
-                    tensor_parallel_size=args.tensor_parallel_size,
-                    gpu_memory_utilization=args.gpu_memory_utilization,
-                    dtype=args.dtype,
-                    max_model_len=args.max_model_len,
-                    trust_remote_code=args.trust_remote_code,
-                    enforce_eager=args.enforce_eager,
-                )
-            summary, problems = evaluate_pass_at_k_vllm(
-                model,
-                tokenizer,
-                dataset,
-                num_samples=args.n,
-                max_new_tokens=max_new_tokens,
-                chat_template_kwargs=args.chat_template_kwargs,
-                return_problems=True,
-                **sampling,
+    return datasets
+
+
+def _evaluate_benchmark(args: argparse.Namespace, name: str, dataset, model, tokenizer, sampling: dict):
+    """
+    Sample and grade one benchmark with the chosen backend, loading the model if `model` is `None`. Returns the model,
+    the summary (with `max_new_tokens`, `seconds` and, where the benchmark has levels, `by_level`) and the problems.
+    """
+    from .evaluation import (
+        default_max_new_tokens,
+        evaluate_pass_at_k,
+        evaluate_pass_at_k_vllm,
+        load_vllm_engine,
+        summarize_by,
+    )
+
+    max_new_tokens = args.max_new_tokens or default_max_new_tokens(name)
+    started = time.perf_counter()
+    if args.backend == "vllm":
+        if model is None:
+            model = load_vllm_engine(
+                args.model,
+                seed=args.seed,
+                tensor_parallel_size=args.tensor_parallel_size,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                dtype=args.dtype,
+                max_model_len=args.max_model_len,
+                trust_remote_code=args.trust_remote_code,
+                enforce_eager=args.enforce_eager,
             )
-        else:
-            if model is None:
-                model = _load_model(args)
-            summary, problems = evaluate_pass_at_k(
-                model,
-                tokenizer,
-                dataset,
-                num_samples=args.n,
-                max_new_tokens=max_new_tokens,
-                batch_size=args.batch_size,
-                chat_template_kwargs=args.chat_template_kwargs,
-                return_problems=True,
-                **sampling,
-            )
-        summary = {**summary, "max_new_tokens": max_new_tokens, "seconds": time.perf_counter() - started}
-        if problems and LEVEL_COLUMN in problems[0]:
-            summary["by_level"] = summarize_by(problems, LEVEL_COLUMN, args.n)
-        path = os.path.join(args.output_dir, f"{_slug(name)}.jsonl")
-        # Created with the first result, so a run that fails before (a missing backend, a bad model) leaves nothing.
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as file:
-            for problem in problems:
-                file.write(json.dumps(problem, ensure_ascii=False, default=str) + "\n")
-        results[name] = summary
-        print(_format_summary(name, summary), flush=True)
-        for line in _format_levels(summary):
-            print(line, flush=True)
-        print(f"  per-problem results: {path}", flush=True)
-    report = {"model": args.model, "backend": args.backend, "num_samples": args.n, **sampling, "results": results}
-    if model is not None:
-        # What the numbers were computed in: vLLM's "auto" runs a float32 checkpoint in half precision, transformers'
-        # keeps float32.
-        report["model_dtype"] = _model_dtype(model)
-    with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as file:
-        json.dump(report, file, indent=2)
-    _write_plots(report, args.output_dir)
-    return report
+        summary, problems = evaluate_pass_at_k_vllm(
+            model,
+            tokenizer,
+            dataset,
+            num_samples=args.n,
+            max_new_tokens=max_new_tokens,
+            chat_template_kwargs=args.chat_template_kwargs,
+            return_problems=True,
+            **sampling,
+        )
+    else:
+        if model is None:
+            model = _load_model(args)
+        summary, problems = evaluate_pass_at_k(
+            model,
+            tokenizer,
+            dataset,
+            num_samples=args.n,
+            max_new_tokens=max_new_tokens,
+            batch_size=args.batch_size,
+            chat_template_kwargs=args.chat_template_kwargs,
+            return_problems=True,
+            **sampling,
+        )
+    summary = {**summary, "max_new_tokens": max_new_tokens, "seconds": time.perf_counter() - started}
+    if problems and LEVEL_COLUMN in problems[0]:
+        summary["by_level"] = summarize_by(problems, LEVEL_COLUMN, args.n)
+    return model, summary, problems
+
+
+def _write_problems(output_dir: str, name: str, problems: list[dict]) -> str:
+    """Write one benchmark's per-problem records as JSONL; returns the path."""
+    path = os.path.join(output_dir, f"{_slug(name)}.jsonl")
+    # Created with the first result, so a run that fails before (a missing backend, a bad model) leaves nothing.
+    os.makedirs(output_dir, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as file:
+        for problem in problems:
+            file.write(json.dumps(problem, ensure_ascii=False, default=str) + "\n")
+    return path
 
 
 def _write_plots(report: dict, output_dir: str) -> None:

@@ -7,9 +7,9 @@ The pieces, from the bottom up:
 - [`load_benchmark`]: a benchmark by name (`builtin`, `math500`, `aime24`, `aime25`, see `BENCHMARKS`) or by Hub id,
   as `prompt` (one user turn) and `answer` columns.
 - [`evaluate_pass_at_k`] (a model in memory, transformers' `generate`) and [`evaluate_pass_at_k_vllm`] (a model path,
-  `vllm.LLM` with `SamplingParams(n=...)`): sample `n` completions per problem, grade each with the math reward, and
-  return mean@n, pass@1..n and mean completion tokens, optionally with every problem's samples.
-- [`PassAtKCallback`]: the same metrics during training, logged through the trainer.
+  `vllm.LLM` with `SamplingParams(n=...)`): sample `n` completions per problem (`trl_tip.sampling`), grade each with
+  the math reward, and return mean@n, pass@1..n and mean completion tokens, optionally with every problem's samples.
+- [`PassAtKCallback`] (`trl_tip.eval_callback`): the same metrics during training, logged through the trainer.
 - [`load_metric`]: the same grading and estimator as a Hugging Face `evaluate` metric (`trl_tip/metrics`).
 - `trl-tip eval` (`trl_tip.cli`) runs it from the command line and writes per-problem JSONL.
 """
@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+
 import torch
-from transformers import TrainerCallback
 
 from .rewards import grade_answer
+from .sampling import load_vllm_engine, sample_completions, sample_completions_vllm, tokenize_prompts
 
 
 # The instruction appended to competition-math problems, so that the final answer lands in a \boxed{} the math reward
@@ -219,191 +220,6 @@ def default_max_new_tokens(name: str) -> int:
     if name == BUILTIN:
         return BUILTIN_MAX_NEW_TOKENS
     return BENCHMARKS[name].max_new_tokens if name in BENCHMARKS else Benchmark(name, "test").max_new_tokens
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Sampling
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def tokenize_prompts(tokenizer, prompts: Sequence, chat_template_kwargs: dict | None = None) -> list[list[int]]:
-    """Conversational prompts through the chat template (generation prompt added), as token ids."""
-    ids = []
-    for prompt in prompts:
-        if isinstance(prompt, str):
-            raise TypeError(
-                "Prompts must be chat messages (a list of {'role', 'content'}); wrap plain text in a user turn."
-            )
-        encoded = tokenizer.apply_chat_template(
-            list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True, **(chat_template_kwargs or {})
-        )
-        ids.append(list(encoded["input_ids"]))
-    return ids
-
-
-def _eos_token_ids(model, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if configured is not None:
-        ids |= set(configured) if isinstance(configured, (list, tuple)) else {configured}
-    if not ids:
-        raise ValueError("Neither the tokenizer nor the model's generation config names an end-of-sequence token.")
-    return sorted(ids)
-
-
-@torch.no_grad()
-def sample_completions(
-    model,
-    tokenizer,
-    prompt_ids: list[list[int]],
-    num_samples: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    batch_size: int = 64,
-) -> tuple[list[str], list[int]]:
-    """
-    Sample `num_samples` completions for each prompt with transformers' `generate` (from the global random state).
-
-    Returns:
-        `tuple[list[str], list[int]]`: the decoded completions, sample `i` of prompt `p` at index
-        `p * num_samples + i`, and the number of tokens each one generated, its end-of-sequence token included
-        (`max_new_tokens` for a completion cut at the budget).
-    """
-    from transformers import GenerationConfig
-
-    eos = _eos_token_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    # Temperature 0 is greedy decoding, as in vLLM (transformers would divide the logits by it).
-    greedy = temperature == 0
-    config = GenerationConfig(
-        do_sample=not greedy,
-        temperature=1.0 if greedy else temperature,
-        top_p=1.0 if greedy else top_p,
-        top_k=top_k,  # 0: no top-k filtering, whatever the model's generation config says
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos,
-        pad_token_id=pad,
-    )
-    repeated = [ids for ids in prompt_ids for _ in range(num_samples)]
-    was_training = model.training
-    model.eval()
-    texts, counts = [], []
-    try:
-        for start in range(0, len(repeated), batch_size):
-            batch = repeated[start : start + batch_size]
-            width = max(map(len, batch))
-            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=model.device)
-            attention_mask = torch.tensor(
-                [[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=model.device
-            )
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-            generated = output[:, width:].cpu()
-            is_eos = torch.isin(generated, torch.tensor(eos))
-            lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, generated.size(1)).tolist()
-            rows = [row[:length] for row, length in zip(generated.tolist(), lengths, strict=True)]
-            texts += tokenizer.batch_decode(rows, skip_special_tokens=True)
-            counts += lengths
-    finally:
-        model.train(was_training)
-    return texts, counts
-
-
-def _import_vllm():
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError as error:
-        raise ImportError(
-            "The vllm backend needs vLLM, which is not installed (or failed to import: "
-            f"{error}). Install it with `pip install 'trl-tip[vllm]'` on a Linux machine with a CUDA GPU, or use "
-            "--backend transformers."
-        ) from error
-    return LLM, SamplingParams
-
-
-def load_vllm_engine(
-    model_path: str,
-    seed: int = 0,
-    tensor_parallel_size: int = 1,
-    gpu_memory_utilization: float = 0.9,
-    dtype: str = "auto",
-    max_model_len: int | None = None,
-    trust_remote_code: bool = False,
-    enforce_eager: bool = False,
-):
-    """
-    A `vllm.LLM` engine for `model_path`; raises `ImportError` with install instructions when vLLM is missing.
-    `dtype="auto"` is vLLM's choice, which runs a float32 checkpoint in the platform's half precision (bfloat16 on
-    CPUs and recent GPUs); `enforce_eager` skips compiling the model (CUDA graphs, or torch.compile on vLLM's CPU
-    build). On vLLM's CPU build the KV cache gets
-    `VLLM_CPU_KVCACHE_SPACE` GiB, 1 when unset.
-    """
-    LLM, _ = _import_vllm()
-    from ._trl_compat import vllm_runs_on_cpu
-
-    if vllm_runs_on_cpu():
-        from .vllm_cpu import ensure_cpu_kv_cache_space
-
-        ensure_cpu_kv_cache_space()
-        cpu_kwargs = {"enable_chunked_prefill": False}
-    else:
-        cpu_kwargs = {}
-    engine_kwargs = {
-        **cpu_kwargs,
-        "model": model_path,
-        "tensor_parallel_size": tensor_parallel_size,
-        "gpu_memory_utilization": gpu_memory_utilization,
-        "dtype": dtype,
-        "seed": seed,
-        "trust_remote_code": trust_remote_code,
-        "enforce_eager": enforce_eager,
-    }
-    if max_model_len is not None:
-        engine_kwargs["max_model_len"] = max_model_len
-    return LLM(**engine_kwargs)
-
-
-def sample_completions_vllm(
-    llm,
-    prompt_ids: list[list[int]],
-    num_samples: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int = 0,
-) -> tuple[list[str], list[int]]:
-    """
-    Sample `num_samples` completions for each prompt with a `vllm.LLM` engine: one `generate` call on the prompts'
-    token ids, prompt `p` with `SamplingParams(n=num_samples, seed=seed + p * num_samples, ...)`, so that a run is
-    reproducible whatever else the engine generated before.
-
-    Returns:
-        Like [`sample_completions`]: the texts (sample `i` of prompt `p` at `p * num_samples + i`) and the generated
-        token counts (vLLM's output token ids, its end-of-sequence token included).
-    """
-    _, SamplingParams = _import_vllm()
-    params = [
-        SamplingParams(
-            n=num_samples,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=-1 if top_k == 0 else top_k,  # vLLM spells "no top-k" as -1
-            max_tokens=max_new_tokens,
-            seed=seed + p * num_samples,
-        )
-        for p in range(len(prompt_ids))
-    ]
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling_params=params)
-    if len(outputs) != len(prompt_ids) or any(len(output.outputs) != num_samples for output in outputs):
-        raise RuntimeError(
-            f"vLLM returned {[len(output.outputs) for output in outputs]} completions for {len(prompt_ids)} prompts; "
-            f"expected {num_samples} each."
-        )
-    texts = [sample.text for output in outputs for sample in output.outputs]
-    counts = [len(sample.token_ids) for output in outputs for sample in output.outputs]
-    return texts, counts
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -650,164 +466,16 @@ def load_metric(**kwargs):
     return evaluate.load(METRIC_PATHS["math_pass_at_k"], **kwargs)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Training callback
-# ---------------------------------------------------------------------------------------------------------------------
+# The training callback lives in `trl_tip.eval_callback`, which imports this module; its names stay importable from here.
+_CALLBACK_NAMES = ("PassAtKCallback", "map_over_processes", "padded_shard")
 
 
-def padded_shard(num_items: int, rank: int, world_size: int) -> list[int]:
-    """
-    Indices of the items process `rank` evaluates: every `world_size`-th from `rank`, then the index 0 repeated until
-    every process holds `ceil(num_items / world_size)`. The padding is evaluated and its results dropped (keep the
-    first `len(range(rank, num_items, world_size))`): under ZeRO-3 and FSDP2 every `generate` step is a collective,
-    so a process with one problem fewer would leave the others waiting in a call it never makes.
-    """
-    indices = list(range(rank, num_items, world_size))
-    per_process = -(-num_items // world_size)
-    return indices + [0] * (per_process - len(indices))
+def __getattr__(name):
+    if name in _CALLBACK_NAMES:
+        from . import eval_callback
 
-
-def map_over_processes(trainer, dataset, evaluate_shard: Callable) -> list:
-    """
-    Run `evaluate_shard(model, tokenizer, shard)` on every process with the trainer's prepared (possibly sharded)
-    model, each on its [`padded_shard`] of `dataset`, and return the records of all processes, concatenated in process
-    order with the padding dropped. `evaluate_shard` returns one record per row of `shard`.
-
-    The model is unwrapped for generation as the trainer does it (`ds3_gather_for_generation=False` generates from
-    ZeRO-3's partitions; under FSDP2 each rank generates with its shards), so every process must call this.
-    """
-    from accelerate.utils import gather_object
-    from trl.models.utils import unwrap_model_for_generation
-
-    accelerator = trainer.accelerator
-    rank, world = accelerator.process_index, accelerator.num_processes
-    indices = padded_shard(len(dataset), rank, world)
-    num_real = len(range(rank, len(dataset), world))
-    tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
-    gather_weights = getattr(trainer.args, "ds3_gather_for_generation", True)
-    records = []
-    with unwrap_model_for_generation(
-        trainer.model_wrapped, accelerator, gather_deepspeed3_params=gather_weights
-    ) as model:
-        if indices:
-            records = list(evaluate_shard(model, tokenizer, dataset.select(indices)))[:num_real]
-    return gather_object(records) if world > 1 else records
-
-
-class PassAtKCallback(TrainerCallback):
-    """
-    Sample `num_samples` completions per problem of a dataset during training and log mean@n, pass@1..n and the mean
-    completion length through the trainer (`trainer.state.log_history`, and every reporting integration).
-
-    Runs every `eval_steps` optimiser steps and once when training ends (unless the last step was just evaluated).
-    With several processes, each one samples its share of the problems and the results are gathered; the shares are
-    padded to equal length (see [`padded_shard`]), so every process makes the same `generate` calls, as sharded
-    models (ZeRO-3, FSDP2) need.
-
-    Args:
-        trainer ([`~transformers.Trainer`]): the trainer to evaluate the model of and to log through (any TRL or
-            trl_tip trainer).
-        dataset ([`~datasets.Dataset`]): problems with conversational `prompt` and gold `answer` columns.
-        num_samples (`int`, *optional*, defaults to `4`): completions per problem (`n`).
-        eval_steps (`int`, *optional*): steps between evaluations; defaults to `args.eval_steps` when
-            `args.eval_strategy="steps"`, otherwise the evaluation runs only at the end.
-        at_end (`bool`, *optional*, defaults to `True`): evaluate when training ends.
-        max_new_tokens (`int`, *optional*): completion budget; defaults to `args.max_completion_length` (TRL's
-            configs), else 256.
-        temperature (`float`, *optional*): defaults to `args.temperature` when the config has one, else 1.0.
-        top_p (`float`, *optional*, defaults to `1.0`), top_k (`int`, *optional*, defaults to `0`): as in
-            [`evaluate_pass_at_k`].
-        batch_size (`int`, *optional*, defaults to `64`): sequences per `generate` call.
-        seed (`int`, *optional*, defaults to `0`): sampling seed (plus the process index); the global random state
-            of training is left untouched.
-        prefix (`str`, *optional*, defaults to `"pass_at_k"`): logged names are `{prefix}/mean_accuracy`,
-            `{prefix}/pass@{k}` and `{prefix}/mean_completion_tokens`.
-
-    Example:
-
-    ```python
-    trainer = GRPOTrainer(...)
-    trainer.add_callback(PassAtKCallback(trainer, dataset["test"], num_samples=8, eval_steps=50))
-    trainer.train()
-    ```
-    """
-
-    def __init__(
-        self,
-        trainer,
-        dataset,
-        num_samples: int = 4,
-        eval_steps: int | None = None,
-        at_end: bool = True,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        batch_size: int = 64,
-        seed: int = 0,
-        prefix: str = "pass_at_k",
-    ):
-        _check_dataset(dataset, num_samples)
-        if eval_steps is not None and eval_steps < 1:
-            raise ValueError(f"eval_steps must be >= 1 or None, got {eval_steps}.")
-        self.trainer = trainer
-        self.dataset = dataset
-        self.num_samples = num_samples
-        args = trainer.args
-        if eval_steps is None and str(getattr(args, "eval_strategy", "no")).endswith("steps"):
-            eval_steps = int(args.eval_steps) if args.eval_steps and args.eval_steps >= 1 else None
-        self.eval_steps = eval_steps
-        self.at_end = at_end
-        self.max_new_tokens = max_new_tokens or getattr(args, "max_completion_length", None) or 256
-        self.temperature = temperature if temperature is not None else getattr(args, "temperature", 1.0)
-        self.top_p, self.top_k, self.batch_size, self.seed, self.prefix = top_p, top_k, batch_size, seed, prefix
-        self.history: list[tuple[int, dict]] = []  # (step, summary) of every evaluation, on every process
-        self._last_step: int | None = None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.eval_steps and state.global_step % self.eval_steps == 0:
-            # Logging resets `control.should_log`; the trainer's own log of this step must still happen.
-            should_log = control.should_log
-            self.evaluate(state.global_step)
-            control.should_log = should_log
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.at_end and self._last_step != state.global_step:
-            self.evaluate(state.global_step)
-
-    def evaluate(self, step: int) -> dict:
-        """Evaluate now and log the metrics at `step`; returns the summary."""
-        trainer = self.trainer
-        rank = trainer.accelerator.process_index
-
-        def evaluate_shard(model, tokenizer, shard):
-            _, problems = evaluate_pass_at_k(
-                model,
-                tokenizer,
-                shard,
-                num_samples=self.num_samples,
-                max_new_tokens=self.max_new_tokens,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                top_k=self.top_k,
-                batch_size=self.batch_size,
-                seed=self.seed + rank,
-                chat_template_kwargs=getattr(trainer.args, "chat_template_kwargs", None),
-                return_problems=True,
-            )
-            return [{key: problem[key] for key in ("scores", "completion_tokens", "pass_at_k", "gradable")}
-                    for problem in problems]
-
-        problems = map_over_processes(trainer, self.dataset, evaluate_shard)
-        summary = summarize(problems, self.num_samples)
-        # `transformers.Trainer.log`, not the TRL trainers' override, which would fold (and reset) the training
-        # metrics accumulated since the last logging step into this entry.
-        from transformers import Trainer
-
-        Trainer.log(trainer, metrics_for_logging(summary, self.prefix))
-        self.history.append((step, summary))
-        self._last_step = step
-        return summary
+        return getattr(eval_callback, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

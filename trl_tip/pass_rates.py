@@ -1,8 +1,9 @@
 """PACED's pass-rate machinery: the table of the student's pass rate on each training problem, its estimation from
 graded rollouts, its online update, its file format, the sampler that draws problems in proportion to their weight
-(`paced_sampling="sample"`), and the callback that schedules estimations.
+(`paced_sampling="sample"`).
 
-[`~trl_tip.PacedTrainer`] wires these into TRL's training loop; nothing here depends on the trainer class.
+[`~trl_tip.PacedTrainer`] wires these into TRL's training loop (`trl_tip.trainers.paced`: the pass-rate glue and the
+callback that schedules estimations); nothing here depends on the trainer class.
 """
 
 from __future__ import annotations
@@ -10,14 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import weakref
 from collections.abc import Callable
 
 import torch
 from accelerate.logging import get_logger
 from datasets import Dataset
 from tqdm.auto import tqdm
-from transformers import TrainerCallback
 
 from .resume import atomic_path
 from .weighting import paced_weight
@@ -399,34 +398,3 @@ class ProblemSampler:
         """This process's `per_process` indices: slice `rank` of the global draw of `per_process × num_processes`."""
         drawn = self.draw(step, per_process * num_processes)
         return drawn[rank * per_process : (rank + 1) * per_process]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Training callback
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class _PassRateCallback(TrainerCallback):
-    """
-    Estimates pass rates when training starts (unless restored from a checkpoint) and refreshes them on schedule.
-
-    `trainer` is any object with a `pass_rate_table` and an `estimate_pass_rates()` (held weakly: the trainer owns
-    the callback).
-    """
-
-    def __init__(self, trainer):
-        self._trainer = weakref.ref(trainer)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        trainer = self._trainer()
-        if not trainer.pass_rate_table.is_estimated:
-            trainer.estimate_pass_rates()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        trainer = self._trainer()
-        if (
-            args.pass_rate_mode == "refresh"
-            and state.global_step % args.pass_rate_refresh_steps == 0
-            and state.global_step < state.max_steps
-        ):
-            trainer.estimate_pass_rates()

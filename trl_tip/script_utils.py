@@ -112,12 +112,12 @@ def evaluate_split_with_trainer(trainer, dataset, max_new_tokens: int, batch_siz
     [`evaluate_split`] of the trainer's own (prepared, possibly sharded) student, on every process.
 
     Every process generates for its share of the problems, padded to equal length
-    ([`~trl_tip.evaluation.padded_shard`]), inside TRL's generation unwrapping: under ZeRO-3 the weights are gathered
+    ([`~trl_tip.eval_callback.padded_shard`]), inside TRL's generation unwrapping: under ZeRO-3 the weights are gathered
     for generation, under FSDP2 each rank generates with its shards, and in both every `generate` step is a
     collective every rank must make. Call it on every process, after the model is prepared (from `on_train_begin` on,
     see [`EvaluateAtTrainBegin`]); every process gets the summary.
     """
-    from .evaluation import map_over_processes
+    from .eval_callback import map_over_processes
 
     if dataset is None or "answer" not in dataset.column_names:
         return None

@@ -1,4 +1,8 @@
-"""trl_tip's trainers: one module per trainer, each a config dataclass and a subclass of a TRL trainer."""
+"""
+trl_tip's trainers, each a config dataclass and a subclass of a TRL trainer: one module (`ace_grpo`), or one package
+laid out like TRL's experimental trainers (`tip_distill`, `opsdc`, `paced`: config, trainer, and the pieces the trainer
+wires in, each in its own module).
+"""
 
 from ..pass_rates import PassRateTable
 from .ace_grpo import ACEGRPOConfig, ACEGRPOTrainer

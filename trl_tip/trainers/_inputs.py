@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from trl.trainer.utils import get_config_model_id
+
 
 def _named_datasets(train_dataset, eval_dataset) -> list[tuple[str, Any]]:
     named = [] if train_dataset is None else [("train_dataset", train_dataset)]
@@ -148,3 +150,13 @@ def pin_memory_where_it_helps(config) -> None:
     """
     if config.dataloader_pin_memory and not accelerator_available():
         config.dataloader_pin_memory = False
+
+
+def default_config(config_class: type, model, method: str):
+    """
+    The config a trainer builds when given `args=None`, as TRL's trainers do: `config_class("<model name>-<method>")`,
+    the model name being the last part of `model`'s path or Hub id (or of its config's). Built before any model is
+    loaded, so that the config's own checks come first.
+    """
+    model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+    return config_class(f"{model_name.split('/')[-1]}-{method}")

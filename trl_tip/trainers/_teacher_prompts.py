@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from trl.trainer.utils import pad
 
@@ -29,3 +31,26 @@ def pad_teacher_prompts(
             pad_to_multiple_of=pad_to_multiple_of,
         ).to(device),
     }
+
+
+@dataclass
+class TeacherSequence:
+    """
+    What the teacher reads for the micro-batch in flight: its own prompt followed by the student's completion. Both
+    sequences end with the same completion block, so TRL's `logits_to_keep` (the completion length) aligns the
+    teacher's last positions with the student's on the completion tokens.
+
+    A trainer builds it in `_compute_loss`, from the inputs TRL's `_get_last_hidden_state` does not receive, and reads
+    it there when the model is the teacher.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @classmethod
+    def of(cls, inputs: dict) -> TeacherSequence:
+        """From a batch with [`pad_teacher_prompts`]'s `teacher_prompt_ids` and `teacher_prompt_mask`."""
+        return cls(
+            torch.cat([inputs["teacher_prompt_ids"], inputs["completion_ids"]], dim=1),
+            torch.cat([inputs["teacher_prompt_mask"], inputs["completion_mask"]], dim=1),
+        )

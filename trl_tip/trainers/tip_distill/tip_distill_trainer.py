@@ -5,299 +5,32 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from trl import DistillationConfig, DistillationTrainer
+from trl import DistillationTrainer
 
-from .._trl_compat import divergence_loss_replaced_by, models_loaded_by_path_passed_to, platform_vllm_generation
-from ..hub import TrlTipHubMixin
-from ..losses import SELECTION_DIVERGENCES, STUDENT_SIDE_METHODS, selective_divergence_loss
-from ..quantization import keep_4bit_weights_trainable
-from ..resume import ResumableTrainerMixin, atomic_path
-from ..selection import SELECTION_METHODS, quadrant_counts, quantile, tokens_per_rollout
-from ..sharding import fsdp2_shard_for_inference, is_fsdp2
-from ..vocabulary import compare_tokenizers, shared_vocab_size, tokenizer_of
-from ._inputs import check_prompts, check_sampling, pin_memory_where_it_helps
+from ..._trl_compat import divergence_loss_replaced_by, platform_vllm_generation
+from ...hub import TrlTipHubMixin
+from ...losses import STUDENT_SIDE_METHODS, selective_divergence_loss
+from ...quantization import keep_4bit_weights_trainable
+from ...resume import ResumableTrainerMixin, atomic_path
+from ...selection import quadrant_counts, quantile, tokens_per_rollout
+from ...sharding import fsdp2_shard_for_inference, is_fsdp2
+from ...vocabulary import compare_tokenizers, shared_vocab_size, tokenizer_of
+from .._inputs import check_prompts, check_sampling, default_config
+from .teacher_loading import (
+    _is_quantized,
+    _load_teacher_tokenizer,
+    _teacher_init_kwargs,
+    _vocab_check_passed,
+    _vocab_rows,
+)
+from .tip_distill_config import TipDistillConfig
 
 
-TEACHER_QUANTIZATION = ("none", "4bit", "8bit")
 # The token-selection generator's state, one file per process, saved in each checkpoint next to transformers' RNG files.
 SELECTION_RNG_FILE = "tip_selection_rng_{process_index}.pth"
-
-
-def teacher_quantization_config(mode: str, compute_dtype: torch.dtype | None = None):
-    """The `BitsAndBytesConfig` for a `teacher_quantization` mode (`None` for `"none"`)."""
-    if mode == "none":
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if mode == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16,
-    )
-
-
-def _is_quantized(model) -> bool:
-    # A quantised teacher (`teacher_quantization`) keeps TRL's preparation: one (already small) copy per rank.
-    model = getattr(model, "module", model)
-    return getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_loaded_in_4bit", False)
-
-
-@contextlib.contextmanager
-def _teacher_init_kwargs(args, teacher_model):
-    # TRL loads a teacher given by path with `args.teacher_model_init_kwargs`; add the quantisation config there for
-    # the length of the constructor only, so the config object itself stays serialisable.
-    if args is None or getattr(args, "teacher_quantization", "none") == "none" or not isinstance(teacher_model, str):
-        yield
-        return
-    original = args.teacher_model_init_kwargs
-    dtype = (original or {}).get("dtype")
-    compute_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else None
-    if compute_dtype is None and not args.bf16:
-        compute_dtype = torch.float32
-    args.teacher_model_init_kwargs = {
-        **(original or {}),
-        "quantization_config": teacher_quantization_config(args.teacher_quantization, compute_dtype),
-    }
-    try:
-        yield
-    finally:
-        args.teacher_model_init_kwargs = original
-
-
-@dataclass
-class TipDistillConfig(DistillationConfig):
-    r"""
-    Configuration class for the [`TipDistillTrainer`].
-
-    Extends [`~trl.DistillationConfig`] with the token-selection parameters of TIP (Token Importance in on-Policy
-    distillation). Every other parameter, including `beta` (the divergence: `1.0` reverse KL, the on-policy
-    distillation default), behaves as in TRL.
-
-    Parameters:
-        token_selection (`str`, *optional*, defaults to `"soft_or"`):
-            Which completion tokens the loss is computed on. `"all"` (plain on-policy distillation, identical to
-            [`~trl.DistillationTrainer`]), `"random"`, `"entropy_sample"`, `"entropy_topk"`, `"divergence_topk"`,
-            `"soft_or"` (the TIP rule: high student entropy *or* high divergence) or `"overconfident"` (confident and
-            far from the teacher).
-        token_ratio (`float`, *optional*, defaults to `0.5`):
-            Fraction ρ ∈ (0, 1] of each rollout's completion tokens that is kept (at least one per non-empty rollout).
-            Ignored by `"all"`.
-        entropy_clip_quantile (`float`, *optional*, defaults to `0.98`):
-            Batch quantile at which the student's entropy is clipped before min-max normalisation (`"soft_or"`,
-            `"overconfident"`). `1.0` disables the clip.
-        divergence_clip_quantile (`float`, *optional*, defaults to `1.0`):
-            Batch quantile at which the reverse KL is clipped before soft-OR's min-max normalisation, so that a few
-            heavy-tailed outliers cannot squash `δ̂` for every other token (and turn soft-OR into entropy ranking).
-            `1.0` disables the clip. Only for `token_selection="soft_or"` with `selection_divergence="reverse_kl"`.
-        selection_divergence (`str`, *optional*, defaults to `"reverse_kl"`):
-            The divergence `"soft_or"` and `"divergence_topk"` rank tokens by: `"reverse_kl"`, or `"jsd"`, the
-            Jensen-Shannon divergence divided by ln 2 (bounded in [0, 1], used by soft-OR as `δ̂` without min-max, as
-            the TIP authors' scoring code does; it costs a second chunked pass without gradient). Ranking only: the
-            loss trained on the kept tokens is TRL's divergence with `beta` either way.
-
-        teacher_quantization (`str`, *optional*, defaults to `"none"`):
-            Load the teacher (when given as a path or Hub id) in `"4bit"` (nf4, double quantisation) or `"8bit"`
-            with bitsandbytes, independently of the student. A quantised student (`quantization_config`, or
-            `--load_in_4bit` in the examples) never quantises the teacher.
-        check_teacher_tokenizer (`bool`, *optional*, defaults to `True`):
-            When the teacher comes with a tokenizer (saved next to its weights), compare it with the student's at
-            init: fail on the first id that is another token for each, or on another end-of-turn token of the chat
-            template; warn on differences that change no id's token (special-token attributes such as a base
-            model's eos against its instruct sibling's, tokens past the shorter tokenizer). A teacher without a
-            tokenizer is not checked, with a warning. `False` skips the comparison: you assert that the teacher reads
-            the student's token ids, which also lets heads padded to different sizes be compared over the student
-            tokenizer's tokens.
-
-    Batch statistics (the quantile clips, min-max normalisation, the quadrant medians) are taken over the completion
-    tokens of the micro-batch one loss call sees, i.e. `per_device_train_batch_size` rollouts on one process, so the
-    tokens soft-OR keeps depend on that batch size.
-    """
-
-    token_selection: str = field(
-        default="soft_or",
-        metadata={
-            "help": "Which completion tokens the loss is computed on: 'all' (plain on-policy distillation, identical "
-            "to trl.DistillationTrainer), 'random', 'entropy_sample', 'entropy_topk', 'divergence_topk', 'soft_or' "
-            "(the TIP rule: high entropy or high divergence) or 'overconfident' (confident and far from the teacher).",
-            "choices": list(SELECTION_METHODS),
-        },
-    )
-    token_ratio: float = field(
-        default=0.5,
-        metadata={
-            "help": "Fraction of each rollout's completion tokens kept, in (0, 1]; at least one token per non-empty "
-            "rollout. Ignored by token_selection='all'."
-        },
-    )
-    entropy_clip_quantile: float = field(
-        default=0.98,
-        metadata={
-            "help": "Batch quantile at which the student's entropy is clipped before min-max normalisation "
-            "('soft_or', 'overconfident'), in (0, 1]; 1.0 disables the clip."
-        },
-    )
-
-    divergence_clip_quantile: float = field(
-        default=1.0,
-        metadata={
-            "help": "Batch quantile at which the reverse KL is clipped before soft-OR's min-max normalisation, in "
-            "(0, 1]; 1.0 disables the clip. Only with token_selection='soft_or' and selection_divergence='reverse_kl'."
-        },
-    )
-    selection_divergence: str = field(
-        default="reverse_kl",
-        metadata={
-            "help": "Divergence that 'soft_or' and 'divergence_topk' rank tokens by: 'reverse_kl', or 'jsd' (JSD / ln 2, "
-            "bounded in [0, 1], used by soft-OR without min-max). Ranking only: the trained loss is the divergence "
-            "set by beta either way.",
-            "choices": list(SELECTION_DIVERGENCES),
-        },
-    )
-
-    teacher_quantization: str = field(
-        default="none",
-        metadata={
-            "help": "Load the teacher in '4bit' (nf4) or '8bit' with bitsandbytes, independently of the student; "
-            "'none' keeps it unquantised. The student's quantization never applies to the teacher.",
-            "choices": list(TEACHER_QUANTIZATION),
-        },
-    )
-
-    check_teacher_tokenizer: bool = field(
-        default=True,
-        metadata={
-            "help": "Compare the teacher's tokenizer (when it has one) with the student's at init: fail on the first "
-            "id that is another token, or another chat-template end-of-turn token; warn on special-token attribute "
-            "differences and on tokens past the shorter tokenizer. False skips the check: you assert the teacher "
-            "reads the student's token ids (heads padded to different sizes are then compared over the student "
-            "tokenizer's tokens)."
-        },
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.teacher_quantization not in TEACHER_QUANTIZATION:
-            raise ValueError(
-                f"teacher_quantization must be one of {', '.join(TEACHER_QUANTIZATION)}, got "
-                f"{self.teacher_quantization!r}."
-            )
-        if self.teacher_quantization != "none" and "quantization_config" in (self.teacher_model_init_kwargs or {}):
-            raise ValueError(
-                "Set the teacher's quantization once: either teacher_quantization or "
-                "teacher_model_init_kwargs['quantization_config'], not both."
-            )
-        if self.token_selection not in SELECTION_METHODS:
-            raise ValueError(
-                f"token_selection must be one of {', '.join(SELECTION_METHODS)}, got {self.token_selection!r}."
-            )
-        if not 0.0 < self.token_ratio <= 1.0:
-            raise ValueError(
-                f"token_ratio must be in (0, 1], got {self.token_ratio}. Use token_selection='all' to train on every "
-                "completion token."
-            )
-        if not 0.0 < self.entropy_clip_quantile <= 1.0:
-            raise ValueError(f"entropy_clip_quantile must be in (0, 1], got {self.entropy_clip_quantile}.")
-        if self.selection_divergence not in SELECTION_DIVERGENCES:
-            raise ValueError(
-                f"selection_divergence must be one of {', '.join(SELECTION_DIVERGENCES)}, got "
-                f"{self.selection_divergence!r}."
-            )
-        if self.selection_divergence != "reverse_kl" and self.token_selection not in ("soft_or", "divergence_topk"):
-            raise ValueError(
-                f"selection_divergence={self.selection_divergence!r} changes how 'soft_or' and 'divergence_topk' rank "
-                f"tokens; token_selection={self.token_selection!r} does not rank by divergence. Leave "
-                "selection_divergence at 'reverse_kl' or choose one of those rules."
-            )
-        if not 0.0 < self.divergence_clip_quantile <= 1.0:
-            raise ValueError(f"divergence_clip_quantile must be in (0, 1], got {self.divergence_clip_quantile}.")
-        if self.divergence_clip_quantile < 1.0 and (
-            self.token_selection != "soft_or" or self.selection_divergence != "reverse_kl"
-        ):
-            raise ValueError(
-                f"divergence_clip_quantile={self.divergence_clip_quantile} clips the reverse KL before soft-OR's "
-                "min-max normalisation; it applies only with token_selection='soft_or' and "
-                f"selection_divergence='reverse_kl' (got {self.token_selection!r}, {self.selection_divergence!r}). "
-                "Set it to 1.0."
-            )
-        check_sampling(self.temperature, self.generation_kwargs)
-        pin_memory_where_it_helps(self)
-
-
-def _load_teacher_tokenizer(teacher, args):
-    # The tokenizer saved next to the teacher's weights, if any: a path or Hub id, or an instance's `name_or_path`.
-    from transformers import AutoTokenizer
-
-    source = teacher if isinstance(teacher, str) else getattr(teacher, "name_or_path", None)
-    if not source:
-        return None
-    from transformers.utils import cached_file
-
-    revision = args.teacher_model_revision if isinstance(teacher, str) else None
-    try:
-        # transformers builds an empty tokenizer from a config alone; only a saved tokenizer is the teacher's own.
-        saved = any(
-            cached_file(
-                source,
-                name,
-                revision=revision,
-                _raise_exceptions_for_missing_entries=False,
-                _raise_exceptions_for_connection_errors=False,
-            )
-            for name in ("tokenizer_config.json", "tokenizer.json")
-        )
-        if not saved:
-            return None
-        return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-
-
-def _vocab_rows(model, revision=None, trust_remote_code=False) -> int:
-    # `vocab_size` of a model's (text) config, read without loading weights when the model is a path.
-    if isinstance(model, str):
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
-    else:
-        config = model.config
-    return config.get_text_config().vocab_size
-
-
-@contextlib.contextmanager
-def _vocab_check_passed(teacher, student_rows: int):
-    # `DistillationTrainer.__init__` refuses a teacher whose config `vocab_size` differs from the student's, right
-    # after loading it. For heads padded to different sizes over one tokenizer, the teacher's config reports the
-    # student's size for the length of the constructor (a teacher given by path is marked as TRL loads it), and the
-    # real value is restored on exit.
-    marked = []
-
-    def mark(model):
-        text_config = model.config.get_text_config()
-        marked.append((text_config, text_config.vocab_size))
-        text_config.vocab_size = student_rows
-
-    def mark_the_teacher(path, model):
-        if path == teacher:
-            mark(model)
-
-    if isinstance(teacher, str):
-        marking = models_loaded_by_path_passed_to(mark_the_teacher)
-    else:
-        mark(teacher)
-        marking = contextlib.nullcontext()
-    try:
-        with marking:
-            yield
-    finally:
-        for text_config, rows in marked:
-            text_config.vocab_size = rows
 
 
 class TipDistillTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrainer):
@@ -310,7 +43,8 @@ class TipDistillTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrain
     through the `lm_head`. With `token_selection="all"` the losses and updates are those of
     [`~trl.DistillationTrainer`], bit for bit.
 
-    The constructor is [`~trl.DistillationTrainer`]'s. Logged per step, besides TRL's metrics: `tip/kept_fraction`,
+    The constructor is [`~trl.DistillationTrainer`]'s; with `args=None` it builds a [`TipDistillConfig`] writing to
+    `<model name>-TIP`, before any model is loaded. Logged per step, besides TRL's metrics: `tip/kept_fraction`,
     the quadrant shares `tip/q1_share` … `tip/q4_share` (batch-median split of entropy and reverse KL; Q3 = confident
     and far from the teacher), the mean normalised entropy and reverse KL of kept vs all tokens (`tip/entropy_kept`,
     `tip/entropy_all`, `tip/divergence_kept`, `tip/divergence_all`) and, for soft-OR, the spread of its divergence
@@ -362,9 +96,10 @@ class TipDistillTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrain
         peft_config=None,
         tools=None,
     ):
+        if args is None:
+            args = default_config(TipDistillConfig, model, "TIP")
         check_prompts(train_dataset, eval_dataset)
-        if args is not None:
-            check_sampling(args.temperature, args.generation_kwargs)
+        check_sampling(args.temperature, args.generation_kwargs)
         if getattr(args, "teacher_quantization", "none") != "none" and not isinstance(teacher_model, str):
             raise ValueError(
                 "teacher_quantization applies when the teacher is loaded by the trainer: pass `teacher_model` as a "
