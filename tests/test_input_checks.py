@@ -139,3 +139,30 @@ def test_paced_teacher_completions_in_another_format_than_the_prompts(tiny_model
     # A student-rollout run never reads the completions, so their format does not matter there.
     trainer = _build("paced", tiny_model_paths, tmp_path, dataset)
     assert not trainer.pass_rate_table.is_estimated
+
+
+def test_model_written_mask_leaves_out_tool_tokens():
+    from trl_tip.trainers._inputs import model_written_mask
+
+    completion_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert torch.equal(model_written_mask({"completion_mask": completion_mask}), completion_mask)
+    tool_mask = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]])
+    assert model_written_mask({"completion_mask": completion_mask, "tool_mask": tool_mask}).tolist() == [
+        [1, 0, 1, 0],
+        [1, 1, 0, 0],
+    ]
+
+
+def test_reward_function_name_is_the_name_trl_logs():
+    import functools
+
+    from trl_tip import math_reward
+    from trl_tip.trainers._inputs import reward_function_name
+
+    class LengthReward:
+        def __call__(self, completions, **kwargs):
+            return [0.0] * len(completions)
+
+    assert reward_function_name(math_reward) == "math_reward"
+    assert reward_function_name(LengthReward()) == "LengthReward"
+    assert reward_function_name(functools.partial(math_reward)) == "partial"

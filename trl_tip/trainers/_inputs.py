@@ -160,3 +160,19 @@ def default_config(config_class: type, model, method: str):
     """
     model_name = model if isinstance(model, str) else get_config_model_id(model.config)
     return config_class(f"{model_name.split('/')[-1]}-{method}")
+
+
+def model_written_mask(batch: dict[str, Any]):
+    """
+    The completion tokens the policy wrote: `completion_mask`, without the tokens a tool returned (`tool_mask`, which
+    TRL's GRPO sets when tools are used). Losses, lengths and confidence are measured on these.
+    """
+    mask = batch["completion_mask"]
+    if "tool_mask" in batch:
+        mask = mask * batch["tool_mask"]
+    return mask
+
+
+def reward_function_name(func) -> str:
+    """The name TRL logs a reward function under (`rewards/<name>/mean`): its `__name__`, else its class name."""
+    return getattr(func, "__name__", type(func).__name__)

@@ -21,7 +21,13 @@ from ..weighting import (
     ace_scale_advantages,
     ace_scale_factors,
 )
-from ._inputs import check_prompts, check_reward_columns, check_sampling, pin_memory_where_it_helps
+from ._inputs import (
+    check_prompts,
+    check_reward_columns,
+    check_sampling,
+    model_written_mask,
+    pin_memory_where_it_helps,
+)
 
 
 # Any non-zero value: while `GRPOTrainer.__init__` runs with it, TRL builds and prepares the reference model exactly
@@ -294,11 +300,9 @@ class ACEGRPOTrainer(ResumableTrainerMixin, TrlTipHubMixin, GRPOTrainer):
         `batch`'s advantages scaled by ACE, and the confidence shift of `policy_logps` (π_old) against π_ref that
         scaled them. Local to this process: the metrics, which gather across processes, are logged by the caller.
         """
-        mask = batch["completion_mask"]
-        if "tool_mask" in batch:  # tool output was not sampled from the policy
-            mask = mask * batch["tool_mask"]
+        # Tool output was not sampled from the policy: the shift sums over the tokens the policy wrote.
         confidence_shift = ace_confidence_shift(
-            policy_logps, self._reference_logps(batch), mask, self.args.ace_confidence
+            policy_logps, self._reference_logps(batch), model_written_mask(batch), self.args.ace_confidence
         )
         if not torch.isfinite(confidence_shift).all():
             raise FloatingPointError(

@@ -28,7 +28,13 @@ from ...losses import selective_divergence_loss
 from ...quantization import keep_4bit_weights_trainable
 from ...resume import ResumableTrainerMixin
 from ...sharding import requested_fsdp_version
-from .._inputs import check_prompts, check_reward_columns, default_config
+from .._inputs import (
+    check_prompts,
+    check_reward_columns,
+    default_config,
+    model_written_mask,
+    reward_function_name,
+)
 from .._teacher_prompts import TeacherSequence, pad_teacher_prompts
 from .opsdc_config import OPSDCConfig
 from .teacher_snapshot import TeacherSnapshotMixin, _AdapterSnapshot
@@ -244,10 +250,7 @@ class OPSDCTrainer(
         if self.args.loss_normalization == "rollout" and mode == "train":
             # The number of non-empty rollouts over the whole generation batch (every accumulation step, every
             # process) normalises the per-rollout means, as TRL's `num_items_in_batch` counts tokens.
-            loss_mask = output["completion_mask"]
-            if "tool_mask" in output:
-                loss_mask = loss_mask * output["tool_mask"]
-            non_empty = (loss_mask.sum(dim=1) > 0).float()
+            non_empty = (model_written_mask(output).sum(dim=1) > 0).float()
             output["opsdc_rollout_weights"] = non_empty
             output["opsdc_rollout_count"] = self.accelerator.gather(non_empty).sum().repeat(non_empty.shape[0])
         teacher_prompt_ids, _, _ = self._tokenize_prompts(teacher_prompts)
@@ -260,9 +263,8 @@ class OPSDCTrainer(
 
     def _log_opsdc_metrics(self, inputs: list[dict[str, Any]], output: dict[str, Any]) -> None:
         mode = "train" if self.model.training else "eval"
-        completion_mask = output["completion_mask"]
-        if "tool_mask" in output:  # count model-written tokens only, as `completions/mean_length` does
-            completion_mask = completion_mask * output["tool_mask"]
+        # Model-written tokens only, as `completions/mean_length` counts them.
+        completion_mask = model_written_mask(output)
         mean_length = self.accelerator.gather(completion_mask.sum(dim=1)).float().mean().item()
         if mode == "train":
             if self.state.global_step < max(1, math.ceil(self.state.logging_steps or 1)):
@@ -296,7 +298,7 @@ class OPSDCTrainer(
             )
             rewards = torch.tensor([math.nan if r is None else float(r) for r in rewards], device=device)
             mean_reward = torch.nanmean(self.accelerator.gather(rewards)).item()
-            self._metrics[mode][f"rewards/{_reward_func_name(reward_func)}/mean"].append(mean_reward)
+            self._metrics[mode][f"rewards/{reward_function_name(reward_func)}/mean"].append(mean_reward)
             if index == 0:
                 self._metrics[mode]["opsdc/accuracy"].append(mean_reward)
 
@@ -371,10 +373,6 @@ def _as_reward_funcs(reward_funcs) -> list[Callable]:
                 f"{type(func).__name__}. They are only logged (e.g. trl_tip.math_reward for accuracy)."
             )
     return funcs
-
-
-def _reward_func_name(func: Callable) -> str:
-    return getattr(func, "__name__", type(func).__name__)
 
 
 def _map_style_datasets(*datasets) -> list:

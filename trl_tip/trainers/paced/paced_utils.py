@@ -126,6 +126,3 @@ def resolve_reward_funcs(reward_funcs) -> list[Callable]:
         resolved.append(func)
     return resolved
 
-
-def _reward_name(func: Callable) -> str:
-    return getattr(func, "__name__", type(func).__name__)

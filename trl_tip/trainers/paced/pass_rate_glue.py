@@ -21,7 +21,7 @@ from ...pass_rates import (
     load_pass_rate_table,
     save_pass_rate_table,
 )
-from .paced_utils import _reward_name
+from .._inputs import reward_function_name
 
 
 logger = get_logger(__name__)
@@ -94,7 +94,7 @@ class PassRateMixin:
             )
             if len(rewards) != len(rows):
                 raise ValueError(
-                    f"Reward function {_reward_name(func)} returned {len(rewards)} rewards for {len(rows)} "
+                    f"Reward function {reward_function_name(func)} returned {len(rewards)} rewards for {len(rows)} "
                     "completions."
                 )
             values = torch.tensor([math.nan if r is None else float(r) for r in rewards])
@@ -105,7 +105,7 @@ class PassRateMixin:
             raise ValueError(
                 f"The rewards of a rollout summed to {bad}; PACED reads the summed reward of a rollout as its pass "
                 f"score, which must lie in [0, 1]. Reward functions: "
-                f"{', '.join(map(_reward_name, self.reward_funcs))}."
+                f"{', '.join(map(reward_function_name, self.reward_funcs))}."
             )
         return torch.where(graded, total, torch.full_like(total, math.nan))
 

@@ -18,7 +18,7 @@ from ...resume import ResumableTrainerMixin, atomic_path
 from ...selection import quadrant_counts, quantile, tokens_per_rollout
 from ...sharding import fsdp2_shard_for_inference, is_fsdp2
 from ...vocabulary import compare_tokenizers, shared_vocab_size, tokenizer_of
-from .._inputs import check_prompts, check_sampling, default_config
+from .._inputs import check_prompts, check_sampling, default_config, model_written_mask
 from .teacher_loading import (
     _is_quantized,
     _load_teacher_tokenizer,
@@ -278,10 +278,7 @@ class TipDistillTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrain
             # The loss is normalised by the number of kept tokens over the whole generation batch (all accumulation
             # steps, all processes), as TRL normalises by all tokens. Each rollout keeps max(1, ⌊ρ·m_i⌋) tokens, so the
             # count follows from the completion lengths and is known here, before any loss is computed.
-            loss_mask = output["completion_mask"]
-            if "tool_mask" in output:
-                loss_mask = loss_mask * output["tool_mask"]
-            kept = tokens_per_rollout(loss_mask, self.token_ratio).sum()
+            kept = tokens_per_rollout(model_written_mask(output), self.token_ratio).sum()
             output["num_items_in_batch"] = self.accelerator.gather(kept).sum()
         return output
 
