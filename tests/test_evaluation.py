@@ -423,6 +423,10 @@ def recording_vllm(monkeypatch):
         def __init__(self, **kwargs):
             self.kwargs = kwargs
 
+    # TRL's modules probe for vLLM (`find_spec`) when first imported, which a module made here cannot answer: the
+    # ones the vLLM path imports (through the seam) are imported before the fake module is in place.
+    import trl_tip._trl_compat  # noqa: F401
+
     monkeypatch.setitem(sys.modules, "vllm", ModuleType("vllm"))
     monkeypatch.setattr(sys.modules["vllm"], "LLM", LLM, raising=False)
     monkeypatch.setattr(sys.modules["vllm"], "SamplingParams", SamplingParams, raising=False)
