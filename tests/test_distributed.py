@@ -107,11 +107,12 @@ def engine_runs(model_dir, tmp_path_factory):
             output = tmp_path_factory.mktemp(f"dist-{engine}")
             command = launch_command(engine, str(SCRIPT), "--engine", engine, "--trainers", ",".join(TRAINERS),
                                      "--models", str(model_dir), "--output-dir", str(output))
-            failed[engine] = "no exit within the time limit"
-            result = run_launch(command)
-            failed[engine] = f"exit status {result.returncode}"
-            assert result.returncode == 0, result.stderr[-6000:]
-            del failed[engine]
+            try:
+                result = run_launch(command)
+                assert result.returncode == 0, f"exit status {result.returncode}\n{result.stderr[-6000:]}"
+            except AssertionError as error:
+                failed[engine] = str(error).splitlines()[0]
+                raise
             done[engine] = output
         return done[engine]
 
