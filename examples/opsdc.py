@@ -161,11 +161,11 @@ def load_lab():
 
 def evaluate_builtin(model, tokenizer, dataset, instruction=None, position="before"):
     """Greedy accuracy and mean completion tokens, overall and by level, optionally with the instruction given."""
-    from trl_tip import add_instruction
+    from trl_tip import build_teacher_prompt
     from trl_tip.tasks.lab import LAB_MAX_COMPLETION_TOKENS, accuracy_by_level
 
     if instruction is not None:
-        dataset = dataset.map(lambda row: {"prompt": add_instruction(row["prompt"], instruction, position)})
+        dataset = dataset.map(lambda row: {"prompt": build_teacher_prompt(row["prompt"], instruction, position)[0]})
     return accuracy_by_level(model, tokenizer, dataset, max_new_tokens=LAB_MAX_COMPLETION_TOKENS)
 
 

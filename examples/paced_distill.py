@@ -40,6 +40,7 @@ import trl_tip  # noqa: F401 (before TRL's PEFT helpers: trl_tip filters a bitsa
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from trl_tip import PacedConfig, PacedTrainer
+from trl_tip.rewards import BUILTIN_REWARDS
 from trl_tip.script_utils import (
     EvaluateAtTrainBegin,
     as_chat_prompts,
@@ -47,7 +48,6 @@ from trl_tip.script_utils import (
     evaluate_split_with_trainer,
     parse_with_builtin_defaults,
 )
-from trl_tip.trainers.paced import BUILTIN_REWARDS
 
 
 # The built-in run: pass rates of 2000 problems (8 rollouts each), then 300 steps of batch 32 (1.5-3 minutes on 2

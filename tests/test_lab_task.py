@@ -13,15 +13,13 @@ from trl_tip.tasks.lab import (
     CONCISE_PARAPHRASES,
     HELD_OUT_PARAPHRASE,
     LAB_MAX_COMPLETION_TOKENS,
-    _style_groups,
-    _tokenised_group,
     carries,
     checked_solution,
     concise_solution,
-    prefix_shared_logits,
     solution_for,
     verbose_solution,
 )
+from trl_tip.tasks.lab_preparation import _style_groups, _tokenised_group, prefix_shared_logits
 from trl_tip.testing import build_tokenizer, tiny_model
 
 

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 from trl import DistillationTrainer
 
-from trl_tip import CONCISE_INSTRUCTIONS, OPSDCConfig, OPSDCTrainer, add_instruction, math_reward, resolve_instruction
+from trl_tip import CONCISE_INSTRUCTIONS, OPSDCConfig, OPSDCTrainer, math_reward, resolve_instruction
+from trl_tip.instructions import _add_instruction
 from trl_tip.testing import build_tokenizer
 from trl_tip.trainers.opsdc import OPSDC_STATE_NAME, TEACHER_ADAPTER_NAME, TEACHER_SNAPSHOT_NAME
 from numerics import GradientRecorder, assert_same_gradients
@@ -102,23 +103,23 @@ def test_resolve_instruction_keys_custom_text_and_mistyped_keys():
 
 def test_add_instruction_positions():
     conversation = [{"role": "system", "content": "You add."}, {"role": "user", "content": "1+2"}]
-    assert add_instruction(conversation, "Be brief.")[1]["content"] == "Be brief.\n\n1+2"
-    assert add_instruction(conversation, "Be brief.", "after")[1]["content"] == "1+2\n\nBe brief."
-    assert add_instruction(conversation, "Be brief.", "system")[0]["content"] == "Be brief.\n\nYou add."
+    assert _add_instruction(conversation, "Be brief.")[1]["content"] == "Be brief.\n\n1+2"
+    assert _add_instruction(conversation, "Be brief.", "after")[1]["content"] == "1+2\n\nBe brief."
+    assert _add_instruction(conversation, "Be brief.", "system")[0]["content"] == "Be brief.\n\nYou add."
     user_only = [{"role": "user", "content": "1+2"}]
-    assert add_instruction(user_only, "Be brief.", "system") == [
+    assert _add_instruction(user_only, "Be brief.", "system") == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "1+2"},
     ]
     blocks = [{"role": "user", "content": [{"type": "text", "text": "1+2"}]}]
-    assert add_instruction(blocks, "Be brief.")[0]["content"][0] == {"type": "text", "text": "Be brief."}
-    assert add_instruction("1+2", "Be brief.") == "Be brief.\n\n1+2"
+    assert _add_instruction(blocks, "Be brief.")[0]["content"][0] == {"type": "text", "text": "Be brief."}
+    assert _add_instruction("1+2", "Be brief.") == "Be brief.\n\n1+2"
     # The caller's prompt is never modified.
     assert conversation[1]["content"] == "1+2" and user_only == [{"role": "user", "content": "1+2"}]
     with pytest.raises(ValueError, match="conversational"):
-        add_instruction("1+2", "Be brief.", "system")
+        _add_instruction("1+2", "Be brief.", "system")
     with pytest.raises(ValueError, match="no user message"):
-        add_instruction([{"role": "system", "content": "hi"}], "Be brief.")
+        _add_instruction([{"role": "system", "content": "hi"}], "Be brief.")
 
 
 # ---- Configuration and construction ----
@@ -149,8 +150,10 @@ def test_trainer_rejects_a_teacher_and_unusable_prompts(tiny_model_paths, prompt
     text_prompts = Dataset.from_dict({"prompt": ["1+2", "3+4"]})
     with pytest.raises(ValueError, match="conversational"):
         make_trainer(tiny_model_paths, text_prompts, make_config(tmp_path, instruction_position="system"))
-    with pytest.raises(TypeError, match="reward_funcs"):
+    with pytest.raises(ValueError, match="Unknown reward 'some/reward-model'.*Reward models are not supported"):
         make_trainer(tiny_model_paths, prompts_dataset, config, reward_funcs="some/reward-model")
+    with pytest.raises(TypeError, match="OPSDCTrainer's reward_funcs must be callables"):
+        make_trainer(tiny_model_paths, prompts_dataset, config, reward_funcs=[3])
 
 
 def test_fsdp1_is_refused_before_the_model_loads(prompts_dataset, tmp_path, monkeypatch):
@@ -248,7 +251,7 @@ def test_loss_is_zero_when_teacher_equals_student_on_identical_prompts(tiny_mode
     assert abs(loss.item()) < 1e-6
 
     # With the instruction in the teacher's prompt the same completion is scored differently.
-    instructed = [add_instruction(p, INSTRUCTION) for p in prompts_dataset["prompt"][:3]]
+    instructed = [_add_instruction(p, INSTRUCTION) for p in prompts_dataset["prompt"][:3]]
     instructed_ids, _, _ = trainer._tokenize_prompts(instructed)
     width = max(map(len, instructed_ids))
     inputs["teacher_prompt_ids"] = torch.tensor(
@@ -482,8 +485,8 @@ def test_math500_prompt_has_no_lead_so_the_instruction_is_prepended():
     teacher, replaced = build_teacher_prompt([{"role": "user", "content": MATH500_PROBLEM}], INSTRUCTION)
     assert not replaced
     assert teacher == [{"role": "user", "content": f"{INSTRUCTION}\n\n{MATH500_PROBLEM}"}]
-    # The same as `add_instruction` when nothing is recognised.
-    assert teacher == add_instruction([{"role": "user", "content": MATH500_PROBLEM}], INSTRUCTION)
+    # The same as `_add_instruction` when nothing is recognised.
+    assert teacher == _add_instruction([{"role": "user", "content": MATH500_PROBLEM}], INSTRUCTION)
 
 
 def test_user_lead_pattern_and_template():
@@ -558,7 +561,7 @@ def _float64_reverse_kl(trainer, inputs):
 def _loss_inputs(trainer, prompts_dataset):
     tokenizer = build_tokenizer()
     student_ids, _, _ = trainer._tokenize_prompts(prompts_dataset["prompt"][:3])
-    teacher_ids, _, _ = trainer._tokenize_prompts([add_instruction(p, INSTRUCTION) for p in prompts_dataset["prompt"][:3]])
+    teacher_ids, _, _ = trainer._tokenize_prompts([_add_instruction(p, INSTRUCTION) for p in prompts_dataset["prompt"][:3]])
 
     def left_pad(rows):
         width = max(map(len, rows))

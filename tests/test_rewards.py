@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from trl_tip.rewards import extract_answer, grade_answer, math_reward, parse_gold_answer
 
@@ -72,3 +73,72 @@ def test_non_string_completion_is_a_clear_error():
         math_reward(["\\boxed{3}", 3], answer=["3", "3"])
     with pytest.raises(TypeError, match="Completion 0"):
         math_reward([[{"role": "assistant", "content": None}]], answer=["3"])
+
+
+def _grading_trainer():
+    # What the trainers' reward call reads from a trainer: its tokenizer, its state, and TRL's profiling switches.
+    from types import SimpleNamespace
+
+    from transformers import TrainerState
+
+    from trl_tip.testing import build_tokenizer
+
+    return SimpleNamespace(
+        processing_class=build_tokenizer(),
+        state=TrainerState(),
+        accelerator=SimpleNamespace(is_main_process=True),
+        args=SimpleNamespace(report_to=[]),
+    )
+
+
+def test_reward_table_calls_each_function_as_grpo_does():
+    from trl_tip.trainers._rewards import reward_table
+
+    trainer = _grading_trainer()
+    tokenizer = trainer.processing_class
+    rows = [
+        {"prompt": [{"role": "user", "content": "1+1"}], "answer": "2", "level": 1},
+        {"prompt": [{"role": "user", "content": "2+2"}], "answer": "4", "level": 2},
+    ]
+    texts = ["\\boxed{2}", "\\boxed{5}"]
+    completion_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    seen = {}
+
+    def levels(prompts, completions, completion_ids, trainer_state, answer, level, **kwargs):
+        seen.update(prompts=prompts, completions=completions, ids=completion_ids, state=trainer_state, kwargs=kwargs)
+        return [float(value) if value == 1 else None for value in level]
+
+    table = reward_table(trainer, [math_reward, levels], rows, completion_ids)
+    assert table.shape == (2, 2) and table.dtype == torch.float32
+    assert table[:, 0].tolist() == [1.0, 0.0]
+    assert table[0, 1].item() == 1.0 and torch.isnan(table[1, 1])  # None: the function could not grade it
+    assert seen["prompts"] == [row["prompt"] for row in rows]
+    # Conversational prompts: each completion is one assistant message holding the decoded text.
+    assert seen["completions"] == [[{"role": "assistant", "content": text}] for text in texts]
+    assert seen["ids"] == completion_ids and seen["state"] is trainer.state and seen["kwargs"] == {}
+
+
+def test_reward_table_refuses_a_wrong_number_of_rewards():
+    from trl_tip.trainers._rewards import reward_table
+
+    trainer = _grading_trainer()
+    rows = [{"prompt": "1+1", "answer": "2"}, {"prompt": "2+2", "answer": "4"}]
+
+    def short(completions, **kwargs):
+        return [1.0]
+
+    with pytest.raises(ValueError, match="'short' returned 1 rewards, but 2 were expected"):
+        reward_table(trainer, [short], rows, [[5], [6]])
+
+
+def test_reward_funcs_resolve_the_same_way_in_every_trainer():
+    from trl_tip.trainers._rewards import resolve_reward_funcs
+
+    assert resolve_reward_funcs("math", trainer="T", required=True, purpose="to grade") == [math_reward]
+    assert resolve_reward_funcs(None, trainer="T", required=False, purpose="to log") == []
+    with pytest.raises(ValueError, match="T needs `reward_funcs` to grade"):
+        resolve_reward_funcs(None, trainer="T", required=True, purpose="to grade")
+    with pytest.raises(ValueError, match="Unknown reward 'accuracy': T accepts"):
+        resolve_reward_funcs(["accuracy"], trainer="T", required=False, purpose="to log")
+    with pytest.raises(TypeError, match="T's reward_funcs must be callables"):
+        resolve_reward_funcs([3], trainer="T", required=False, purpose="to log")

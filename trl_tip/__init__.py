@@ -7,7 +7,7 @@ light: it does not import TRL's trainer stack until a trainer, config or kernel 
 import importlib
 
 from . import _notices  # noqa: F401 (first: filters a third-party import-time notice, see there)
-from .instructions import CONCISE_INSTRUCTIONS, add_instruction, build_teacher_prompt, resolve_instruction
+from .instructions import CONCISE_INSTRUCTIONS, build_teacher_prompt, resolve_instruction
 from .rewards import extract_answer, grade_answer, math_reward
 from .selection import SELECTION_METHODS, select_tokens
 from .weighting import ace_confidence_shift, ace_scale_advantages, paced_weight
@@ -39,7 +39,6 @@ __all__ = [
     "SELECTION_METHODS",
     "ace_confidence_shift",
     "ace_scale_advantages",
-    "add_instruction",
     "build_teacher_prompt",
     "extract_answer",
     "grade_answer",

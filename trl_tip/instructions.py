@@ -1,14 +1,17 @@
-"""Conciseness instructions for self-distillation, and the prompt edit that gives them to the teacher.
+"""The prompts of self-distillation teachers: the teacher is the model itself, reading more than the student does.
 
-In OPSDC (CRISP) the teacher is the model itself reading the problem together with an instruction to be concise; the
-student reads the problem alone. [`add_instruction`] builds the teacher's prompt from the student's one, for plain-text
-and conversational prompts alike.
+- OPSDC (CRISP): the teacher reads the problem with an instruction to be concise; the student reads the problem alone.
+  [`build_teacher_prompt`] is the one way to build that teacher's prompt from the student's, for plain-text and
+  conversational prompts alike (the instruction replaces the dataset's own lead instruction, when it has one).
+- PACED's self-distillation: the teacher reads the problem with privileged context (a reference solution or the final
+  answer), laid out by [`add_privileged_context`].
 """
 
 from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -101,9 +104,10 @@ def _combine(content: Any, instruction: str, before: bool) -> Any:
     )
 
 
-def add_instruction(prompt: str | list[dict[str, Any]], instruction: str, position: str = "before"):
+def _add_instruction(prompt: str | list[dict[str, Any]], instruction: str, position: str = "before"):
     """
-    Give `instruction` to a prompt, as the teacher of OPSDC sees it. The input is not modified.
+    `instruction` added to a prompt, without looking for a lead instruction to replace: the last step of
+    [`build_teacher_prompt`]. The input is not modified.
 
     Args:
         prompt (`str` or `list[dict]`):
@@ -122,7 +126,7 @@ def add_instruction(prompt: str | list[dict[str, Any]], instruction: str, positi
     Example:
 
     ```python
-    >>> add_instruction([{"role": "user", "content": "58+67"}], "Be brief.")
+    >>> _add_instruction([{"role": "user", "content": "58+67"}], "Be brief.")
     [{'role': 'user', 'content': 'Be brief.\\n\\n58+67'}]
     ```
     """
@@ -235,8 +239,9 @@ def build_teacher_prompt(
     Args:
         prompt (`str` or `list[dict]`): A plain-text prompt or a conversation (TRL's conversational format).
         instruction (`str`): The instruction text (see [`resolve_instruction`]).
-        position (`str`, *optional*, defaults to `"before"`): `"before"`, `"after"` or `"system"`, as in
-            [`add_instruction`].
+        position (`str`, *optional*, defaults to `"before"`): `"before"`: in the last user turn, before the question
+            (the paper's layout); `"after"`: after it; `"system"`: in the system turn (prepended to an existing system
+            message, else a new first message; conversational prompts only).
         lead_pattern (`str`, *optional*): Regular expression of the dataset's lead instruction; `None` for
             [`DAPO_MATH_LEAD_PATTERN`].
         template (`str`, *optional*): Layout with the fields `{instruction}` and `{question}`; only with
@@ -279,7 +284,7 @@ def build_teacher_prompt(
             last_user = messages[user_turns[-1]]
             last_user["content"], replaced = _apply_template(last_user["content"], "", "{question}{instruction}",
                                                              lead_pattern)
-        return add_instruction(messages, instruction, "system"), replaced
+        return _add_instruction(messages, instruction, "system"), replaced
     if not user_turns:
         raise ValueError("The prompt has no user message to carry the instruction; use instruction_position='system'.")
     last_user = messages[user_turns[-1]]
@@ -287,3 +292,55 @@ def build_teacher_prompt(
         last_user["content"], instruction, template or DEFAULT_TEMPLATES[position], lead_pattern
     )
     return messages, replaced
+
+
+# The privileged prompt of the OPSD authors' teacher, for a reference solution (HJSang/OPSD_OnPolicyDistillation,
+# config `opsd_qwen3_teacher`; its dataset-specific answer-format sentence left out), and for a bare final answer.
+SOLUTION_PROMPT_TEMPLATE = (
+    "## Problem\n{problem}\n\n## Reference Solution\n{context}\n\nAfter understanding the reference solution, solve "
+    "the problem step by step using your own approach."
+)
+ANSWER_PROMPT_TEMPLATE = "{problem}\n\nThe correct final answer is {context}."
+
+
+def privileged_context_setup(columns: Sequence[str], column: str | None, template: str | None) -> tuple[str, str]:
+    """
+    The column and the template of the self-distillation teacher's privileged context: the named column (which must
+    exist), else `solution` when the dataset has it, else `answer`; the template given, else the reference-solution
+    layout or, for the `answer` column, the final-answer one.
+    """
+    if column is None:
+        column = "solution" if "solution" in columns else "answer"
+    if column not in columns:
+        raise ValueError(
+            f"The self-distillation teacher reads the `{column}` column as privileged context, but the dataset has "
+            f"columns {list(columns)}. Add a `solution` (reference solution) or `answer` column, or name yours with "
+            "privileged_context_column."
+        )
+    if template is None:
+        template = ANSWER_PROMPT_TEMPLATE if column == "answer" else SOLUTION_PROMPT_TEMPLATE
+    return column, template
+
+
+def add_privileged_context(prompt: str | list[dict], context: Any, template: str) -> str | list[dict]:
+    """
+    The self-distillation teacher's prompt: the last user turn (or a plain-text prompt) rewritten with `template`,
+    whose `{problem}` is the original text and `{context}` (or `{answer}`) the privileged context, e.g.
+    `"{problem}\\n\\nThe correct final answer is {context}."`. The input is not modified.
+    """
+    if isinstance(prompt, str):
+        return template.format(problem=prompt, context=context, answer=context)
+    messages = copy.deepcopy(list(prompt))
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            if not isinstance(message.get("content"), str):
+                raise ValueError(
+                    "Self-distillation adds the privileged context to the last user turn, which must be plain text; "
+                    f"got content of type {type(message.get('content')).__name__}."
+                )
+            message["content"] = template.format(problem=message["content"], context=context, answer=context)
+            return messages
+    raise ValueError(
+        "Self-distillation adds the privileged context to the last user turn, but the prompt has no user message; "
+        "give each conversational prompt a user turn holding the problem."
+    )

@@ -171,3 +171,7 @@ def math_reward(completions: list, answer: list | None = None, **kwargs) -> list
         grade_answer(completion_text(completion, i), gold)
         for i, (completion, gold) in enumerate(zip(completions, answer, strict=True))
     ]
+
+
+# Reward functions the trainers and examples accept by name (`reward_funcs="math"`).
+BUILTIN_REWARDS = {"math": math_reward, "math_reward": math_reward}

@@ -14,10 +14,10 @@ from .lab import (
     build_lab_dataset,
     check_preconditions,
     measure_preconditions,
-    prepare_lab_models,
     styled_split,
     verbose_solution,
 )
+from .lab_preparation import prepare_lab_models
 
 
 __all__ = [

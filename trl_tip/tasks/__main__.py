@@ -4,7 +4,8 @@ import argparse
 import json
 
 from .arithmetic import ArithmeticTask, prepare_arithmetic_models
-from .lab import LabTask, prepare_lab_models
+from .lab import LabTask
+from .lab_preparation import prepare_lab_models
 
 
 def main(argv=None):

@@ -11,7 +11,6 @@ of trl_tip has a teacher worth distilling and a student with room to improve.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -206,6 +205,41 @@ def sft(
     """
     input_ids, attention, loss_mask = _sft_tensors(tokenizer, train)
     generator = torch.Generator().manual_seed(seed)
+
+    def batch_loss():
+        index = torch.randint(len(input_ids), (batch_size,), generator=generator)
+        ids, mask, target_mask = input_ids[index], attention[index], loss_mask[index]
+        return completion_loss(model(input_ids=ids, attention_mask=mask).logits, ids, target_mask)
+
+    return sft_loop(model, batch_loss, max_steps, learning_rate, warmup_steps, eval_every=eval_every,
+                    eval_from=eval_from, eval_fn=eval_fn, stop_when=stop_when, log_every=log_every)
+
+
+def completion_loss(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of `(B, T, V)` logits over the positions `target_mask` marks in `input_ids`."""
+    targets = input_ids[:, 1:].masked_fill(target_mask[:, 1:] == 0, -100)
+    logits = logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def sft_loop(
+    model,
+    batch_loss,
+    max_steps: int,
+    learning_rate: float,
+    warmup_steps: int,
+    eval_every: int | None = None,
+    eval_from: int = 0,
+    eval_fn=None,
+    stop_when=None,
+    log_every: int = 100,
+) -> dict:
+    """
+    The optimisation loop of the tasks' supervised fine-tuning: `batch_loss()` draws a batch and returns its loss;
+    AdamW (no weight decay), gradients clipped at norm 1, linear warm-up over `warmup_steps` then linear decay to 0 at
+    `max_steps`. `eval_fn(model)` runs every `eval_every` steps from step `eval_from` on, and training stops as soon as
+    `stop_when(result)` is true. Returns the number of steps taken and the last evaluation.
+    """
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -214,11 +248,7 @@ def sft(
     model.train()
     last_eval, step = None, 0
     for step in range(1, max_steps + 1):
-        index = torch.randint(len(input_ids), (batch_size,), generator=generator)
-        ids, mask, target_mask = input_ids[index], attention[index], loss_mask[index]
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        targets = ids[:, 1:].masked_fill(target_mask[:, 1:] == 0, -100)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        loss = batch_loss()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

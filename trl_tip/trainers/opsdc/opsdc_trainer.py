@@ -19,7 +19,6 @@ import torch
 from accelerate.logging import get_logger
 from transformers import TrainerCallback
 from trl import DistillationTrainer
-from trl.data_utils import is_conversational
 
 from ..._trl_compat import divergence_loss_replaced_by, platform_vllm_generation
 from ...hub import TrlTipHubMixin
@@ -35,6 +34,7 @@ from .._inputs import (
     model_written_mask,
     reward_function_name,
 )
+from .._rewards import resolve_reward_funcs, reward_table
 from .._teacher_prompts import TeacherSequence, pad_teacher_prompts
 from .opsdc_config import OPSDCConfig
 from .teacher_snapshot import TeacherSnapshotMixin, _AdapterSnapshot
@@ -173,7 +173,9 @@ class OPSDCTrainer(
                 "examples/accelerate_configs/fsdp2.yaml), DeepSpeed ZeRO-3 or ZeRO-2."
             )
         self.concise_instruction = resolve_instruction(args.concise_instruction)
-        self.reward_funcs = _as_reward_funcs(reward_funcs)
+        self.reward_funcs = resolve_reward_funcs(
+            reward_funcs, trainer="OPSDCTrainer", required=False, purpose="to log accuracy (they are never trained on)"
+        )
         check_prompts(train_dataset, eval_dataset)
         check_reward_columns(self.reward_funcs, train_dataset, eval_dataset)
         self._check_teacher_prompts(args, train_dataset, eval_dataset)
@@ -277,27 +279,13 @@ class OPSDCTrainer(
 
         if not self.reward_funcs:
             return
-        device = output["completion_ids"].device
         completion_ids = [
             ids[mask.bool()].tolist()
             for ids, mask in zip(output["completion_ids"], output["completion_mask"], strict=True)
         ]
-        texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
-        completions = texts
-        if is_conversational(inputs[0]):
-            completions = [[{"role": "assistant", "content": text}] for text in texts]
-        # Every other dataset column reaches the reward functions as a keyword argument, as in TRL's GRPO.
-        columns = {key: [row[key] for row in inputs] for key in inputs[0] if key not in ("prompt", "completion")}
+        rewards = reward_table(self, self.reward_funcs, inputs, completion_ids).to(output["completion_ids"].device)
         for index, reward_func in enumerate(self.reward_funcs):
-            rewards = reward_func(
-                prompts=[example["prompt"] for example in inputs],
-                completions=completions,
-                completion_ids=completion_ids,
-                trainer_state=self.state,
-                **columns,
-            )
-            rewards = torch.tensor([math.nan if r is None else float(r) for r in rewards], device=device)
-            mean_reward = torch.nanmean(self.accelerator.gather(rewards)).item()
+            mean_reward = torch.nanmean(self.accelerator.gather(rewards[:, index])).item()
             self._metrics[mode][f"rewards/{reward_function_name(reward_func)}/mean"].append(mean_reward)
             if index == 0:
                 self._metrics[mode]["opsdc/accuracy"].append(mean_reward)
@@ -360,19 +348,6 @@ def _per_rollout_mean_loss(rollout_weights: torch.Tensor, rollout_count: torch.T
         return result.loss, result.entropy_sum, result.num_valid
 
     return loss_fn
-
-
-def _as_reward_funcs(reward_funcs) -> list[Callable]:
-    if reward_funcs is None:
-        return []
-    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-    for func in funcs:
-        if not callable(func):
-            raise TypeError(
-                f"OPSDCTrainer's reward_funcs must be callables with TRL's reward signature, got "
-                f"{type(func).__name__}. They are only logged (e.g. trl_tip.math_reward for accuracy)."
-            )
-    return funcs
 
 
 def _map_style_datasets(*datasets) -> list:

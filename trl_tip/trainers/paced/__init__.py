@@ -1,9 +1,14 @@
 """PACED: distillation weighted towards the frontier of the student's competence. See [`PacedTrainer`]."""
 
+from ...instructions import (
+    ANSWER_PROMPT_TEMPLATE,
+    SOLUTION_PROMPT_TEMPLATE,
+    add_privileged_context,
+    privileged_context_setup,
+)
 from ...pass_rates import INDEX_COLUMN, PASS_RATE_FILE, PassRateTable, ema_update, pass_rates_from_rewards
 from .callbacks import PassRateCallback
 from .paced_config import (
-    BUILTIN_REWARDS,
     KL_SCHEDULES,
     PACED_SAMPLING_MODES,
     PASS_RATE_MODES,
@@ -12,21 +17,11 @@ from .paced_config import (
     PacedConfig,
 )
 from .paced_trainer import PacedTrainer
-from .paced_utils import (
-    ANSWER_PROMPT_TEMPLATE,
-    SOLUTION_PROMPT_TEMPLATE,
-    add_privileged_context,
-    completion_ids_until_eos,
-    paced_phase,
-    privileged_context_setup,
-    resolve_reward_funcs,
-    schedule_switch_step,
-)
+from .paced_utils import completion_ids_until_eos, paced_phase, schedule_switch_step
 
 
 __all__ = [
     "ANSWER_PROMPT_TEMPLATE",
-    "BUILTIN_REWARDS",
     "INDEX_COLUMN",
     "KL_SCHEDULES",
     "PACED_SAMPLING_MODES",
@@ -45,6 +40,5 @@ __all__ = [
     "paced_phase",
     "pass_rates_from_rewards",
     "privileged_context_setup",
-    "resolve_reward_funcs",
     "schedule_switch_step",
 ]

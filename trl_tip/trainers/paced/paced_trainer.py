@@ -22,6 +22,7 @@ from trl.data_utils import is_conversational
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
+from ...instructions import add_privileged_context, privileged_context_setup
 from ...pass_rates import INDEX_COLUMN, PassRateTable, ProblemSampler
 from .._inputs import (
     check_completion_format,
@@ -30,17 +31,12 @@ from .._inputs import (
     check_train_rows,
     default_config,
 )
+from .._rewards import resolve_reward_funcs
 from .._teacher_prompts import TeacherSequence, pad_teacher_prompts
 from ..tip_distill import TipDistillTrainer
 from .callbacks import PassRateCallback
 from .paced_config import PacedConfig
-from .paced_utils import (
-    add_privileged_context,
-    completion_ids_until_eos,
-    paced_phase,
-    privileged_context_setup,
-    resolve_reward_funcs,
-)
+from .paced_utils import completion_ids_until_eos, paced_phase
 from .pass_rate_glue import PassRateMixin
 
 
@@ -190,7 +186,12 @@ class PacedTrainer(PassRateMixin, TipDistillTrainer):
                 f"PacedTrainer needs a PacedConfig as `args`, got {type(args).__name__}. PacedConfig accepts every "
                 "DistillationConfig field."
             )
-        self.reward_funcs = resolve_reward_funcs(reward_funcs)
+        self.reward_funcs = resolve_reward_funcs(
+            reward_funcs,
+            trainer="PacedTrainer",
+            required=True,
+            purpose="to grade the student's rollouts into pass rates",
+        )
         train_dataset = self._check_train_dataset(train_dataset, args)
         if args.self_distillation and eval_dataset is not None:
             named = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval_dataset", eval_dataset)]

@@ -1,15 +1,13 @@
-"""PACED's pure helpers: the KL schedule, the self-distillation teacher's privileged prompt, reward functions."""
+"""PACED's pure helpers: the KL schedule and the teacher's completions up to their end."""
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
-from .paced_config import BUILTIN_REWARDS, KL_SCHEDULES
+from .paced_config import KL_SCHEDULES
 
 
 def schedule_switch_step(max_steps: int, fraction: float) -> int:
@@ -48,81 +46,3 @@ def completion_ids_until_eos(completion_ids: torch.Tensor, eos_token_ids: Sequen
     is_eos = torch.isin(completion_ids, torch.tensor(list(eos_token_ids), device=completion_ids.device))
     lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, completion_ids.size(1))
     return [row[:length].tolist() for row, length in zip(completion_ids.cpu(), lengths.cpu().tolist(), strict=True)]
-
-
-# The privileged prompt of the OPSD authors' teacher, for a reference solution (HJSang/OPSD_OnPolicyDistillation,
-# config `opsd_qwen3_teacher`; its dataset-specific answer-format sentence left out), and for a bare final answer.
-SOLUTION_PROMPT_TEMPLATE = (
-    "## Problem\n{problem}\n\n## Reference Solution\n{context}\n\nAfter understanding the reference solution, solve "
-    "the problem step by step using your own approach."
-)
-ANSWER_PROMPT_TEMPLATE = "{problem}\n\nThe correct final answer is {context}."
-
-
-def privileged_context_setup(columns: Sequence[str], column: str | None, template: str | None) -> tuple[str, str]:
-    """
-    The column and the template of the self-distillation teacher's privileged context: the named column (which must
-    exist), else `solution` when the dataset has it, else `answer`; the template given, else the reference-solution
-    layout or, for the `answer` column, the final-answer one.
-    """
-    if column is None:
-        column = "solution" if "solution" in columns else "answer"
-    if column not in columns:
-        raise ValueError(
-            f"The self-distillation teacher reads the `{column}` column as privileged context, but the dataset has "
-            f"columns {list(columns)}. Add a `solution` (reference solution) or `answer` column, or name yours with "
-            "privileged_context_column."
-        )
-    if template is None:
-        template = ANSWER_PROMPT_TEMPLATE if column == "answer" else SOLUTION_PROMPT_TEMPLATE
-    return column, template
-
-
-def add_privileged_context(prompt: str | list[dict], context: Any, template: str) -> str | list[dict]:
-    """
-    The self-distillation teacher's prompt: the last user turn (or a plain-text prompt) rewritten with `template`,
-    whose `{problem}` is the original text and `{context}` (or `{answer}`) the privileged context, e.g.
-    `"{problem}\\n\\nThe correct final answer is {context}."`. The input is not modified.
-    """
-    if isinstance(prompt, str):
-        return template.format(problem=prompt, context=context, answer=context)
-    messages = copy.deepcopy(list(prompt))
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            if not isinstance(message.get("content"), str):
-                raise ValueError(
-                    "Self-distillation adds the privileged context to the last user turn, which must be plain text; "
-                    f"got content of type {type(message.get('content')).__name__}."
-                )
-            message["content"] = template.format(problem=message["content"], context=context, answer=context)
-            return messages
-    raise ValueError(
-        "Self-distillation adds the privileged context to the last user turn, but the prompt has no user message; "
-        "give each conversational prompt a user turn holding the problem."
-    )
-
-
-def resolve_reward_funcs(reward_funcs) -> list[Callable]:
-    """Reward functions as a list of callables; `"math"` names [`~trl_tip.math_reward`]. Fails clearly otherwise."""
-    if reward_funcs is None:
-        raise ValueError(
-            "PacedTrainer needs `reward_funcs` to grade the student's rollouts into pass rates: pass "
-            "trl_tip.math_reward (or 'math') for math answers, or your own TRL-style reward functions."
-        )
-    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-    if not funcs:
-        raise ValueError("`reward_funcs` is empty; PacedTrainer needs at least one reward function to grade rollouts.")
-    resolved = []
-    for func in funcs:
-        if isinstance(func, str):
-            if func not in BUILTIN_REWARDS:
-                raise ValueError(
-                    f"Unknown reward {func!r}: PacedTrainer accepts callables with TRL's reward signature or the name "
-                    f"of a built-in reward ({', '.join(BUILTIN_REWARDS)}). Reward models are not supported."
-                )
-            func = BUILTIN_REWARDS[func]
-        elif not callable(func):
-            raise TypeError(f"reward_funcs must be callables or built-in reward names, got {type(func).__name__}.")
-        resolved.append(func)
-    return resolved
-

@@ -12,7 +12,6 @@ import os
 import torch
 from accelerate.logging import get_logger
 from datasets import Dataset
-from trl.data_utils import is_conversational
 
 from ...pass_rates import (
     PASS_RATE_FILE,
@@ -22,6 +21,7 @@ from ...pass_rates import (
     save_pass_rate_table,
 )
 from .._inputs import reward_function_name
+from .._rewards import reward_table
 
 
 logger = get_logger(__name__)
@@ -77,29 +77,9 @@ class PassRateMixin:
 
     def _grade(self, rows: list[dict], completion_ids: list[list[int]]) -> torch.Tensor:
         """Sum of the rewards of each completion: `(n,)` float32 in [0, 1], `NaN` where no function graded it."""
-        texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
-        completions = (
-            [[{"role": "assistant", "content": text}] for text in texts] if is_conversational(rows[0]) else texts
-        )
-        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
-        total = torch.zeros(len(rows))
-        graded = torch.zeros(len(rows), dtype=torch.bool)
-        for func in self.reward_funcs:
-            rewards = func(
-                prompts=[row["prompt"] for row in rows],
-                completions=completions,
-                completion_ids=completion_ids,
-                trainer_state=self.state,
-                **columns,
-            )
-            if len(rewards) != len(rows):
-                raise ValueError(
-                    f"Reward function {reward_function_name(func)} returned {len(rewards)} rewards for {len(rows)} "
-                    "completions."
-                )
-            values = torch.tensor([math.nan if r is None else float(r) for r in rewards])
-            total += values.nan_to_num(0.0)
-            graded |= ~torch.isnan(values)
+        table = reward_table(self, self.reward_funcs, rows, completion_ids)
+        graded = ~torch.isnan(table).all(dim=1)
+        total = table.nan_to_num(0.0).sum(dim=1)
         if ((total < 0) | (total > 1)).any():
             bad = total[(total < 0) | (total > 1)][0].item()
             raise ValueError(
