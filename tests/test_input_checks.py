@@ -131,11 +131,13 @@ def test_greedy_rollouts_are_refused_where_they_cannot_train():
 def test_paced_teacher_completions_in_another_format_than_the_prompts(tiny_model_paths, tmp_path):
     dataset = Dataset.from_dict({"prompt": PROMPTS[:4], "completion": ["1", "3", "5", "7"], "answer": ["1"] * 4})
     with pytest.raises(ValueError, match="row 0 has a conversational `prompt` but a plain `completion`"):
-        _build("paced", tiny_model_paths, tmp_path, dataset, rollout_source="teacher", kl_schedule="forward")
+        _build("paced", tiny_model_paths, tmp_path, dataset, rollout_source="teacher", kl_schedule="forward",
+               teacher_completions="auto")
     missing = Dataset.from_dict({"prompt": PROMPTS[:2], "completion": [[{"role": "assistant", "content": "1"}], []],
                                  "answer": ["1"] * 2})
     with pytest.raises(ValueError, match="row 1 has an empty `completion`"):
-        _build("paced", tiny_model_paths, tmp_path, missing, rollout_source="teacher", kl_schedule="forward")
+        _build("paced", tiny_model_paths, tmp_path, missing, rollout_source="teacher", kl_schedule="forward",
+               teacher_completions="dataset")
     # A student-rollout run never reads the completions, so their format does not matter there.
     trainer = _build("paced", tiny_model_paths, tmp_path, dataset)
     assert not trainer.pass_rate_table.is_estimated

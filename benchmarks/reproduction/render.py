@@ -106,6 +106,12 @@ PASS_RATE_BINS = {"0": "p = 0", "0_25": "0 < p ≤ ¼", "25_50": "¼ < p ≤ ½"
                   "75_100": "¾ < p < 1", "1": "p = 1", "unknown": "unknown"}
 
 
+# What the forward-KL phase trains on, by `teacher_completions` (records made before the setting was stored used the
+# dataset's reference completions, through "auto").
+TEACHER_COMPLETIONS = {"generate": "completions the teacher samples (T as the student's)",
+                       "dataset": "the dataset's reference completions", "auto": "the dataset's reference completions"}
+
+
 def _paced_section(variants: dict, figures: str) -> str:
     records = [r for records in variants.values() for r in records]
     settings = records[0]["settings"]
@@ -118,8 +124,9 @@ def _paced_section(variants: dict, figures: str) -> str:
         f"K = {settings['pass_rate_rollouts']} student rollouts each (estimated once, before training), then "
         f"{settings['max_steps']} optimiser steps × {settings['per_device_train_batch_size']} rollouts, "
         f"lr {_lr(settings['learning_rate'])} ({settings['lr_scheduler_type']} decay, {settings['warmup_steps']} "
-        f"warm-up steps), T = {settings['temperature']:g}. `forward_then_reverse` trains on the dataset's reference "
-        "completions with forward KL for the first half, then on student rollouts with reverse KL. The unweighted "
+        f"warm-up steps), T = {settings['temperature']:g}. `forward_then_reverse` trains on "
+        f"{TEACHER_COMPLETIONS[settings.get('teacher_completions', 'auto')]} with forward KL for the first half, then "
+        "on student rollouts with reverse KL. The unweighted "
         "baseline is the same trainer with α = β = 0. Train time includes the pass-rate estimation "
         f"({_pm(estimation, digits=1)} s of CPU time); the estimation is needed by PACED only, the unweighted run "
         "pays it because the same trainer does the work. Estimated pass rates "

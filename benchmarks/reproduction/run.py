@@ -89,7 +89,8 @@ def _worker_paced(settings: dict, prepared: dict, tokenizer, output_dir: str, di
                          paced_alpha=settings["paced_alpha"], paced_beta=settings["paced_beta"],
                          kl_schedule=settings["kl_schedule"], pass_rate_rollouts=settings["pass_rate_rollouts"],
                          paced_sampling=settings.get("paced_sampling", "weight"),
-                         self_distillation=settings.get("self_distillation", False))
+                         self_distillation=settings.get("self_distillation", False),
+                         teacher_completions=settings.get("teacher_completions", "auto"))
     # Self-distillation: the teacher is a frozen copy of the student reading the reference solution.
     teacher = None if config.self_distillation else prepared["teacher"]
     trainer = PacedTrainer(model=prepared["student"], teacher_model=teacher, args=config,
@@ -123,7 +124,7 @@ def _worker_paced(settings: dict, prepared: dict, tokenizer, output_dir: str, di
 def _worker_opsdc(settings: dict, prepared: dict, tokenizer, output_dir: str, directory: Path) -> dict:
     from transformers import TrainerCallback
 
-    from trl_tip import OPSDCConfig, OPSDCTrainer, add_instruction, math_reward
+    from trl_tip import OPSDCConfig, OPSDCTrainer, build_teacher_prompt, math_reward
 
     curve_set = prepared["dataset"]["validation"].select(range(settings["curve_problems"]))
     curve, spent, spent_cpu = [], [], []
@@ -154,7 +155,7 @@ def _worker_opsdc(settings: dict, prepared: dict, tokenizer, output_dir: str, di
     trainer = OPSDCTrainer(model=prepared["teacher"], args=config, train_dataset=prepared["dataset"]["train"],
                            processing_class=tokenizer, reward_funcs=[math_reward], callbacks=[Curve()])
     test = prepared["dataset"][settings["eval_split"]]
-    instructed = test.map(lambda row: {"prompt": add_instruction(row["prompt"], trainer.concise_instruction)})
+    instructed = test.map(lambda row: {"prompt": build_teacher_prompt(row["prompt"], trainer.concise_instruction)[0]})
     before = _evaluate(trainer.model, tokenizer, test, settings["max_completion_length"])
     teachers_view = _evaluate(trainer.model, tokenizer, instructed, settings["max_completion_length"])
     result = _train_measured(trainer)
@@ -317,10 +318,8 @@ def _worker_taxonomy(settings: dict, prepared: dict, tokenizer, output_dir: str,
 
 
 def worker(args) -> None:
-    import resource
 
     import torch
-    from transformers import AutoTokenizer
 
     started_wall, started_cpu = time.perf_counter(), time.process_time()
     torch.set_num_threads(1)

@@ -33,6 +33,8 @@ PACED_SETTINGS = {
     **TIP_SETTINGS,
     "num_train_problems": 1000,
     "pass_rate_rollouts": 8,
+    # The forward-KL phase of forward_then_reverse distils the teacher's own sampled responses, as the paper does.
+    "teacher_completions": "generate",
 }
 OPSDC_SETTINGS = {
     "max_steps": 100,
@@ -203,7 +205,8 @@ def task_out(out: Path, task: str) -> Path:
 LAB_COMPLETION_TOKENS = 128
 LAB_TIP_SETTINGS = {**TIP_SETTINGS, "max_steps": 60, "per_device_train_batch_size": 16, "warmup_steps": 10,
                     "max_completion_length": LAB_COMPLETION_TOKENS}
-LAB_PACED_SETTINGS = {**LAB_TIP_SETTINGS, "num_train_problems": 400, "pass_rate_rollouts": 8}
+LAB_PACED_SETTINGS = {**LAB_TIP_SETTINGS, "num_train_problems": 400, "pass_rate_rollouts": 8,
+                      "teacher_completions": PACED_SETTINGS["teacher_completions"]}
 LAB_OPSDC_SETTINGS = {**OPSDC_SETTINGS, "max_steps": 60, "per_device_train_batch_size": 8,
                       "max_completion_length": LAB_COMPLETION_TOKENS, "curve_every": 10, "curve_problems": 90}
 LAB_ACE_SETTINGS = {**ACE_SETTINGS, "max_steps": 40, "per_device_train_batch_size": 32,

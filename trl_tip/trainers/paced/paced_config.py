@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...rewards import math_reward
 from ...selection import SELECTION_METHODS
 from ..tip_distill import TipDistillConfig
 
@@ -15,7 +14,6 @@ ROLLOUT_SOURCES = ("student", "teacher")
 KL_SCHEDULES = ("reverse", "forward", "forward_then_reverse")
 TEACHER_COMPLETION_SOURCES = ("auto", "dataset", "generate")
 # Names under which `reward_funcs` may name the built-in verifiable math reward.
-BUILTIN_REWARDS = {"math": math_reward, "math_reward": math_reward}
 
 
 @dataclass
@@ -62,10 +60,11 @@ class PacedConfig(TipDistillConfig):
         rollout_source (`str`, *optional*, defaults to `"student"`):
             Who writes the completions trained on: `"student"` (on-policy rollouts) or `"teacher"` (off-policy: the
             teacher's completions, on which the student is scored; the forward-KL track of PACED).
-        teacher_completions (`str`, *optional*, defaults to `"auto"`):
-            Where teacher completions come from: `"dataset"` (the dataset's `completion` column, e.g. reference
-            solutions), `"generate"` (sampled from the teacher with transformers' `generate`, same sampling settings
-            as the student), or `"auto"` (`"dataset"` when the column exists, else `"generate"`).
+        teacher_completions (`str`, *optional*, defaults to `"generate"`):
+            Where teacher completions come from: `"generate"` (sampled from the teacher with transformers' `generate`,
+            same sampling settings as the student: the paper's protocol, distillation on the teacher's own
+            responses), `"dataset"` (the dataset's `completion` column, e.g. reference solutions), or `"auto"`
+            (`"dataset"` when the column exists, else `"generate"`).
         kl_schedule (`str` or `None`, *optional*, defaults to `None`):
             `None`: TRL's `beta` throughout (`1.0`, its default, is reverse KL; `0.0` forward KL; in between the
             generalised JSD). `"reverse"`: reverse KL throughout (`beta=1`). `"forward"`: forward KL throughout
@@ -153,10 +152,10 @@ class PacedConfig(TipDistillConfig):
         },
     )
     teacher_completions: str = field(
-        default="auto",
+        default="generate",
         metadata={
-            "help": "Source of teacher completions: 'dataset' (the `completion` column), 'generate' (sampled from the "
-            "teacher) or 'auto' ('dataset' when the column exists).",
+            "help": "Source of teacher completions: 'generate' (sampled from the teacher, the paper's protocol), "
+            "'dataset' (the `completion` column) or 'auto' ('dataset' when the column exists).",
             "choices": list(TEACHER_COMPLETION_SOURCES),
         },
     )
