@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -237,3 +238,62 @@ def test_an_empty_cache_starts_from_the_shipped_lab_and_a_prepared_one_is_kept(t
     # Nothing to copy from: nothing happens.
     assert reproduce.seed_lab_cache(tmp_path / "other", shipped=tmp_path / "nowhere") is None
     assert not (tmp_path / "other").exists()
+
+
+# --- the verdict rule, the claims, and the page against its records --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def package(reproduce):
+    """The `reproduction` package behind the script (loaded with it)."""
+    return sys.modules["reproduction"]
+
+
+def test_the_t_table_gives_the_975_quantile(package):
+    # P(T ≤ t) for Student's t with df degrees of freedom, by Simpson's rule on its density: 0.975 at every tabulated
+    # quantile (the table's three decimals move the probability by less than 1e-4).
+    def cdf(t, df, steps=4000):
+        scale = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+        density = [scale * (1 + (t * i / steps) ** 2 / df) ** (-(df + 1) / 2) for i in range(steps + 1)]
+        weights = [1 if i in (0, steps) else 4 if i % 2 else 2 for i in range(steps + 1)]
+        return 0.5 + t / steps / 3 * sum(w * f for w, f in zip(weights, density))
+
+    for df, t in package.results.T_975.items():
+        assert cdf(t, df) == pytest.approx(0.975, abs=1e-4), df
+    # Between rows the smaller df's quantile (the wider interval); past the last row, the last row's.
+    assert package.results.t_975(2) == 4.303
+    assert package.results.t_975(35) == package.results.T_975[30]
+    assert package.results.t_975(1000) == package.results.T_975[120]
+
+
+def test_the_verdict_rule_on_hand_computed_cases(package):
+    verdict, mean_interval = package.results.verdict, package.results.mean_interval
+    # 1, 2, 3: mean 2, s = 1, half-width t(0.975, 2) · s / √3 = 4.303 / 1.7321 = 2.4843.
+    mean, lo, hi = mean_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and lo == pytest.approx(-0.4843, abs=1e-4) and hi == pytest.approx(4.4843, abs=1e-4)
+    assert mean_interval([0.7]) == (0.7, None, None)
+    # 2, 3, 4: [0.516, 5.484], every seed above 0.
+    assert verdict([2.0, 3.0, 4.0]) == "holds"
+    assert verdict([2.0, 3.0, 4.0], "no worse") == "holds"
+    # Every seed above 0, but 1, 2, 9 (mean 4, s = 4.359) give 4 ∓ 10.83: the interval reaches below 0.
+    assert verdict([1.0, 2.0, 9.0]) == "within noise"
+    # Ten seeds, one below 0: mean 0.89, s = 0.3479, 0.89 ∓ 2.262 · 0.3479 / √10 = [0.641, 1.139] is above 0, but
+    # not every seed agrees.
+    assert verdict([-0.1] + [1.0] * 9) == "within noise"
+    # The interval below 0 ([-1.139, -0.641]) does not hold, even with a seed above 0.
+    assert verdict([0.1] + [-1.0] * 9) == "does not hold"
+    assert verdict([-2.0, -3.0, -4.0]) == "does not hold"
+    # Every seed fails the direction although the interval (−4 ∓ 10.83) reaches above 0.
+    assert verdict([-1.0, -2.0, -9.0]) == "does not hold"
+    # A tie fails "higher" but not "no worse".
+    assert verdict([0.0, 0.0, 0.0]) == "does not hold"
+    assert verdict([0.0, 0.0, 0.0], "no worse") == "within noise"
+    assert verdict([0.0, -1.0, 0.0], "no worse") == "within noise"
+    assert verdict([-1.0, -1.0, -2.0], "no worse") == "does not hold"
+    # One seed has no interval: it never holds.
+    assert verdict([5.0]) == "within noise"
+    assert verdict([-5.0]) == "does not hold"
+    assert verdict([0.0], "no worse") == "within noise"
+    assert verdict([]) is None
+    with pytest.raises(ValueError, match="direction"):
+        verdict([1.0], "better")
