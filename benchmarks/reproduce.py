@@ -2,12 +2,13 @@
 Every method of trl_tip against its baseline on the built-in task, several seeds, in one script.
 
 Each run (one method variant, one seed) trains in a fresh process and writes one JSON file under the output directory
-(`outputs/reproduce/<method>/<variant>/seed<k>.json`): test accuracy, mean completion tokens, training wall time,
-peak resident memory during training, and the curves the plots need. A run whose JSON already exists with the same
-settings is skipped, so an interrupted or partial reproduction resumes where it stopped. `render` turns the JSON files
-into the generated sections of `docs/results.md` (with the papers' claims and their verdicts,
-`reproduction/claims.py`) and the figures under `docs/results/`; `render --check` only says whether the page is what
-the stored records give.
+(`benchmarks/results/reproduce/<method>/<variant>/seed<k>.json`, committed with the page): test accuracy, mean
+completion tokens, training wall time, peak resident memory during training, and the curves the plots need. A run
+whose JSON already exists with the same settings is skipped, so an interrupted or partial reproduction resumes where it
+stopped. What a run keeps besides its JSON (its `.log`, and the student the taxonomy reads, under `seed0/`) is ignored
+by git. `render` turns the JSON files into the generated sections of `docs/results.md` (with the papers' claims and
+their verdicts, `reproduction/claims.py`) and the figures under `docs/results/`; `render --check` only says whether
+the page is what the stored records give.
 
     python benchmarks/reproduce.py all                       # every missing run of both tasks, then render
     python benchmarks/reproduce.py tip --seeds 0 1 2         # one method (renders afterwards)
@@ -18,8 +19,8 @@ the stored records give.
 The teacher and the student are the built-in ones (`trl_tip.tasks.prepare_arithmetic_models()`, task seed 0) for
 every run; `--seeds` sets the training seed (sampling, data order, token sampling of the random selections).
 `--task lab` runs the same methods on the lab (`trl_tip.tasks.prepare_lab_models()`: three levels, verbose and
-concise styles; results under `outputs/reproduce/lab/`, figures under `docs/results/lab/`), and refuses to while the
-lab's preconditions do not hold (docs/lab_task.md). An empty cache starts from the lab pair shipped under
+concise styles; results under `benchmarks/results/reproduce/lab/`, figures under `docs/results/lab/`), and refuses to
+while the lab's preconditions do not hold (docs/lab_task.md). An empty cache starts from the lab pair shipped under
 `tests/data/lab/`, the one this page's lab results were measured with.
 Runs use one thread each (`OMP_NUM_THREADS=1`) and `--jobs` of them run at once (default 2).
 """

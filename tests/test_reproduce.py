@@ -488,3 +488,21 @@ def test_the_committed_page_is_what_the_committed_records_give(reproduce):
     difference = _page_difference(reproduce, out, ROOT / "docs" / "results.md", ROOT / "docs" / "results")
     assert difference is None, ("docs/results.md is not what the committed records give (`python "
                                 f"benchmarks/reproduce.py render` writes it):\n{difference}")
+
+
+def test_what_a_run_keeps_besides_its_record_is_not_committed(reproduce, package):
+    # The records are committed; the run's log and the student the taxonomy reads (model weights) are not.
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+
+    def ignored(path):
+        return subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "--no-index", str(path)]).returncode == 0
+
+    out = reproduce.DEFAULT_OUT.relative_to(ROOT)
+    assert out == Path("benchmarks/results/reproduce")
+    for task in package.TASKS:
+        base = reproduce.task_out(out, task)
+        record = package.run_path(base, "tip", "soft_or_50", 0)
+        assert not ignored(record)
+        assert ignored(record.with_suffix(".log"))
+        assert ignored(package.run_dir(base, "tip", "soft_or_50", 0) / "model" / "model.safetensors")
