@@ -2,21 +2,25 @@
 Every method of trl_tip against its baseline on the built-in task, several seeds, in one script.
 
 Each run (one method variant, one seed) trains in a fresh process and writes one JSON file under the output directory
-(`outputs/reproduce/<method>/<variant>/seed<k>.json`): test accuracy, mean completion tokens, training wall time,
-peak resident memory during training, and the curves the plots need. A run whose JSON already exists with the same
-settings is skipped, so an interrupted or partial reproduction resumes where it stopped. `render` turns the JSON files
-into the generated sections of `docs/results.md` and the figures under `docs/results/`.
+(`benchmarks/results/reproduce/<method>/<variant>/seed<k>.json`, committed with the page): test accuracy, mean
+completion tokens, training wall time, peak resident memory during training, and the curves the plots need. A run
+whose JSON already exists with the same settings is skipped, so an interrupted or partial reproduction resumes where it
+stopped. What a run keeps besides its JSON (its `.log`, and the student the taxonomy reads, under `seed0/`) is ignored
+by git. `render` turns the JSON files into the generated sections of `docs/results.md` (with the papers' claims and
+their verdicts, `reproduction/claims.py`) and the figures under `docs/results/`; `render --check` only says whether
+the page is what the stored records give.
 
     python benchmarks/reproduce.py all                       # every missing run of both tasks, then render
     python benchmarks/reproduce.py tip --seeds 0 1 2         # one method (renders afterwards)
     python benchmarks/reproduce.py tip --variants soft_or_50 --seeds 0
     python benchmarks/reproduce.py render                    # only rewrite docs/results.md and the figures
+    python benchmarks/reproduce.py render --check            # exit 1 if docs/results.md is not what the records give
 
 The teacher and the student are the built-in ones (`trl_tip.tasks.prepare_arithmetic_models()`, task seed 0) for
 every run; `--seeds` sets the training seed (sampling, data order, token sampling of the random selections).
 `--task lab` runs the same methods on the lab (`trl_tip.tasks.prepare_lab_models()`: three levels, verbose and
-concise styles; results under `outputs/reproduce/lab/`, figures under `docs/results/lab/`), and refuses to while the
-lab's preconditions do not hold (docs/lab_task.md). An empty cache starts from the lab pair shipped under
+concise styles; results under `benchmarks/results/reproduce/lab/`, figures under `docs/results/lab/`), and refuses to
+while the lab's preconditions do not hold (docs/lab_task.md). An empty cache starts from the lab pair shipped under
 `tests/data/lab/`, the one this page's lab results were measured with.
 Runs use one thread each (`OMP_NUM_THREADS=1`) and `--jobs` of them run at once (default 2).
 """
@@ -36,6 +40,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 from reproduction import (  # noqa: E402
     ACE_LOGGED,
     ARITHMETIC_METHODS,
+    CLAIMS,
     DEFAULT_DOC,
     DEFAULT_FIGURES,
     DEFAULT_OUT,
@@ -45,23 +50,28 @@ from reproduction import (  # noqa: E402
     SHIPPED_LAB,
     TASKS,
     active_task,
+    claim_rows,
     execute,
     load_results,
+    mean_interval,
     mean_std,
     pending_runs,
     render,
+    render_page,
     row_command,
     run_settings,
     seed_lab_cache,
     spec_of,
     task_out,
+    verdict,
     worker,
 )
 
 
 # The names the tests and other scripts read from this module.
-__all__ = ["ACE_LOGGED", "SHIPPED_LAB", "active_task", "load_results", "main", "make_parser", "mean_std",
-           "pending_runs", "render", "row_command", "run_settings", "seed_lab_cache", "task_out"]
+__all__ = ["ACE_LOGGED", "CLAIMS", "DEFAULT_OUT", "SHIPPED_LAB", "active_task", "claim_rows", "load_results", "main",
+           "make_parser", "mean_interval", "mean_std", "pending_runs", "render", "render_page", "row_command",
+           "run_settings", "seed_lab_cache", "task_out", "verdict"]
 
 
 # --- command line --------------------------------------------------------------------------------------------------
@@ -95,6 +105,8 @@ def make_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", default=str(DEFAULT_OUT))
     sub.add_argument("--doc", default=str(DEFAULT_DOC))
     sub.add_argument("--figures", default=str(DEFAULT_FIGURES))
+    sub.add_argument("--check", action="store_true",
+                     help="write nothing; exit 1 if the page differs from what the stored records give")
     sub = commands.add_parser("_worker")  # one run, in a fresh process
     sub.add_argument("--method", choices=RUN_METHODS, required=True)
     sub.add_argument("--task", choices=TASKS, default="arithmetic")
@@ -111,6 +123,12 @@ def main(argv=None) -> None:
     args = make_parser().parse_args(argv)
     if args.command == "_worker":
         worker(args)
+        return
+    if args.command == "render" and args.check:
+        if render_page(Path(args.out), Path(args.doc), Path(args.figures)) != Path(args.doc).read_text():
+            raise SystemExit(f"{args.doc} is not what the records under {args.out} give: run "
+                             "`python benchmarks/reproduce.py render` and commit the page.")
+        print(f"{args.doc} is what the records under {args.out} give.")
         return
     if args.command == "render":
         for figure in render(Path(args.out), Path(args.doc), Path(args.figures)):

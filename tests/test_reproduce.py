@@ -2,6 +2,9 @@
 
 import importlib.util
 import json
+import math
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,17 +112,24 @@ def test_render_writes_tables_commands_and_figures(tmp_path, reproduce, results)
     figures = reproduce.render(results, doc, tmp_path / "docs" / "results")
     text = doc.read_text()
 
-    # TIP: accuracies 40/50/60 % → 50.0 ± 10.0; 50/60/50 % → 53.3 ± 5.8; paired differences +10, +10, −10.
+    # TIP: accuracies 40/50/60 % → 50.0 ± 10.0; 50/60/50 % → 53.3 ± 5.8; paired differences +10, +10, −10: mean
+    # 3.3, s = 11.547, 95 % interval 3.3 ∓ 4.303 · 11.547 / √3 = [−25.4, 32.0]; a claim of TIP's, within noise.
     assert ("| all tokens (plain OPD) | 50.0 ± 10.0 | 40.0 / 50.0 / 60.0 | 26.0 ± 1.0 | 10.0 ± 5.0 | 20 ± 10 "
             "| 501 ± 1 | 41 ± 1 |") in text
     assert "| soft-OR 50 % | 53.3 ± 5.8 | 50.0 / 60.0 / 50.0 |" in text
-    assert "| soft-OR 50 % − all tokens (plain OPD) | 3.3 ± 11.5 | 2 / 0 / 1 |" in text
-    assert "old" not in text and "Hand-written text stays." in text and "After the section." in text
+    assert "| soft-OR 50 % − all tokens (plain OPD) | 3.3 | [-25.4, 32.0] | 2 / 0 / 1 | **within noise** |" in text
+    assert "\nold\n" not in text and "Hand-written text stays." in text and "After the section." in text
     # PACED: 80/85/90 % against 90 % each time; the runs used 50 steps, which the command must say.
     assert "| PACED p(1-p), reverse KL | 85.0 ± 5.0 |" in text
-    assert "| PACED p(1-p), reverse KL − unweighted, reverse KL | -5.0 ± 5.0 | 0 / 1 / 2 |" in text
+    # −10, −5, 0 points: s = 5, interval −5 ∓ 4.303 · 5 / √3 = [−17.4, 7.4]; no seed above, so it does not hold.
+    assert ("| PACED p(1-p), reverse KL − unweighted, reverse KL | -5.0 | [-17.4, 7.4] | 0 / 1 / 2 "
+            "| **does not hold** |") in text
+    # Not a claim: no verdict.
+    assert ("| PACED p(1-p), forward then reverse KL − unweighted, reverse KL | -5.0 | [-5.0, -5.0] | 0 / 0 / 3 "
+            "|  |") in text
     # The schedule comparison at equal weighting: 85 % against 80/85/90 %.
-    assert ("| PACED p(1-p), forward then reverse KL − PACED p(1-p), reverse KL | 0.0 ± 5.0 | 1 / 1 / 1 |") in text
+    assert ("| PACED p(1-p), forward then reverse KL − PACED p(1-p), reverse KL | 0.0 | [-12.4, 12.4] | 1 / 1 / 1 "
+            "| **within noise** |") in text
     assert "python benchmarks/reproduce.py paced --variants paced --seeds 0 1 2 --max-steps 50" in text
     assert "python benchmarks/reproduce.py tip --variants soft_or_50 --seeds 0 1 2\n" in text
     assert "p = 0: 50.0 %" in text and "50 optimiser steps" in text and "(20.0 ± 0.0 s of CPU time)" in text
@@ -129,8 +139,8 @@ def test_render_writes_tables_commands_and_figures(tmp_path, reproduce, results)
     assert "25.0 % (soft-OR 50 % keeps 100 %)" in text
     # ACE: pass@k of 50, 51, 52 % against 50 % at every k.
     assert "| ACE-GRPO (softplus, α = 1, c = sum) | 51.0 ± 1.0 | 51.0 ± 1.0 |" in text
-    assert ("| ACE-GRPO (softplus, α = 1, c = sum) − GRPO | 1.0 ± 1.0 | 1.0 ± 1.0 | 1.0 ± 1.0 | 1.0 ± 1.0 "
-            "| 1.0 ± 1.0 |") in text
+    # Paired 0, 1, 2 points at every k: 1.0 ∓ 4.303 / √3.
+    assert "| ACE-GRPO (softplus, α = 1, c = sum) − GRPO | " + " | ".join(["1.0 [-1.5, 3.5]"] * 5) + " |" in text
     # Its logged statistics averaged over the two steps: 2 + seed, i.e. 3.00 ± 1.00 over the seeds; GRPO has none.
     assert "| ACE-GRPO (softplus, α = 1, c = sum) | " + " | ".join(["3.00 ± 1.00"] * 8) + " |" in text
     assert "| student before | 10.0 ± 0.0 |" in text
@@ -139,9 +149,30 @@ def test_render_writes_tables_commands_and_figures(tmp_path, reproduce, results)
             "| 6.0 ± 1.0 |") in text
     assert "| student after direct GRPO | 51.0 ± 1.0 | 10.0 ± 0.0 | 100.0 ± 0.0 |" in text
     assert "| bridge: teacher GRPO, forward-KL warm-up, OPD | 18.0 ± 3.0 | 30 ± 0 |" in text
-    assert "OPD − direct student GRPO (210 steps) | 20.0 ± 0.0 | 20.0 ± 0.0 | 0.0 ± 0.0 |" in text
+    assert "OPD − direct student GRPO (210 steps) | 20.0 [20.0, 20.0] | 20.0 [20.0, 20.0] | 0.0 [0.0, 0.0] |" in text
     assert "](results/tip.png)" in text
     assert "All results above: 34 runs" in text
+    # The papers' claims, appended (the page had no markers for them), judged by the rule; those without records are
+    # listed as awaiting runs.
+    assert "## The papers' claims at this scale\n\n<!-- reproduce:claims:start -->" in text
+    assert ("| TIP | soft-OR 50 % beats all-token OPD (MATH-500 79.1 vs 76.7 %) | 53.3 vs 50.0 %, paired 3.3 points "
+            "[-25.4, 32.0], per seed 10.0 / 10.0 / -10.0 | **within noise** |") in text
+    # Mean@16 30 % against 10 % on every seed.
+    assert ("| bridge | the bridge beats direct (cold) student GRPO (MATH avg@16 78.5 vs 75.9 %) | 30.0 vs 10.0 %, "
+            "paired 20.0 points [20.0, 20.0], per seed 20.0 / 20.0 / 20.0 | **holds** |") in text
+    # OPSDC's model writes longer with the instruction (25.6 → 32.9 tokens): not testable, with the numbers.
+    assert ("| OPSDC | −35 to −57 % tokens at equal or higher accuracy | the model writes no shorter with the "
+            "instruction, so there is no concise mode to distil (mean completion tokens before training, without → "
+            "with the instruction: 25.6 → 32.9 tokens, 7.3 tokens [7.3, 7.3], per seed 7.3 / 7.3 / 7.3) "
+            "| **not testable** |") in text
+    assert "| TIP | −47 % peak training memory at 50 % | the built-in models' vocabulary is too small" in text
+    # Every quadrant at 25 %: Q4 and Q3 outside the paper's ranges in both panels.
+    assert ("| TIP | token shares: Q4 40–47 %, Q1+Q2 40–52 %, Q3 3–15 % | Q4 25.0 / 25.0 %, Q1+Q2 50.0 / 50.0 %, "
+            "Q3 25.0 / 25.0 % (the student's rollouts before / after training; seed 0) | **does not hold** |") in text
+    assert ("Awaiting runs (no records yet, so not in the table; `python benchmarks/reproduce.py all --task "
+            "arithmetic`):\n\n- TIP: entropy-sample 50 % beats all tokens (78.6 vs 76.7 %)\n- TIP: the choice of "
+            "tokens matters") in text
+    assert "<!-- reproduce:lab-claims:start -->" not in text  # no lab results, no lab claims section
 
     assert sorted(path.name for path in figures) == ["ace.png", "bridge.png", "opsdc.png", "paced.png", "taxonomy.png",
                                                      "tip.png"]
@@ -237,3 +268,241 @@ def test_an_empty_cache_starts_from_the_shipped_lab_and_a_prepared_one_is_kept(t
     # Nothing to copy from: nothing happens.
     assert reproduce.seed_lab_cache(tmp_path / "other", shipped=tmp_path / "nowhere") is None
     assert not (tmp_path / "other").exists()
+
+
+# --- the verdict rule, the claims, and the page against its records --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def package(reproduce):
+    """The `reproduction` package behind the script (loaded with it)."""
+    return sys.modules["reproduction"]
+
+
+def test_the_t_table_gives_the_975_quantile(package):
+    # P(T ≤ t) for Student's t with df degrees of freedom, by Simpson's rule on its density: 0.975 at every tabulated
+    # quantile (the table's three decimals move the probability by less than 1e-4).
+    def cdf(t, df, steps=4000):
+        scale = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+        density = [scale * (1 + (t * i / steps) ** 2 / df) ** (-(df + 1) / 2) for i in range(steps + 1)]
+        weights = [1 if i in (0, steps) else 4 if i % 2 else 2 for i in range(steps + 1)]
+        return 0.5 + t / steps / 3 * sum(w * f for w, f in zip(weights, density))
+
+    for df, t in package.results.T_975.items():
+        assert cdf(t, df) == pytest.approx(0.975, abs=1e-4), df
+    # Between rows the smaller df's quantile (the wider interval); past the last row, the last row's.
+    assert package.results.t_975(2) == 4.303
+    assert package.results.t_975(35) == package.results.T_975[30]
+    assert package.results.t_975(1000) == package.results.T_975[120]
+
+
+def test_the_verdict_rule_on_hand_computed_cases(package):
+    verdict, mean_interval = package.results.verdict, package.results.mean_interval
+    # 1, 2, 3: mean 2, s = 1, half-width t(0.975, 2) · s / √3 = 4.303 / 1.7321 = 2.4843.
+    mean, lo, hi = mean_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and lo == pytest.approx(-0.4843, abs=1e-4) and hi == pytest.approx(4.4843, abs=1e-4)
+    assert mean_interval([0.7]) == (0.7, None, None)
+    # 2, 3, 4: [0.516, 5.484], every seed above 0.
+    assert verdict([2.0, 3.0, 4.0]) == "holds"
+    assert verdict([2.0, 3.0, 4.0], "no worse") == "holds"
+    # Every seed above 0, but 1, 2, 9 (mean 4, s = 4.359) give 4 ∓ 10.83: the interval reaches below 0.
+    assert verdict([1.0, 2.0, 9.0]) == "within noise"
+    # Ten seeds, one below 0: mean 0.89, s = 0.3479, 0.89 ∓ 2.262 · 0.3479 / √10 = [0.641, 1.139] is above 0, but
+    # not every seed agrees.
+    assert verdict([-0.1] + [1.0] * 9) == "within noise"
+    # The interval below 0 ([-1.139, -0.641]) does not hold, even with a seed above 0.
+    assert verdict([0.1] + [-1.0] * 9) == "does not hold"
+    assert verdict([-2.0, -3.0, -4.0]) == "does not hold"
+    # Every seed fails the direction although the interval (−4 ∓ 10.83) reaches above 0.
+    assert verdict([-1.0, -2.0, -9.0]) == "does not hold"
+    # A tie fails "higher" but not "no worse".
+    assert verdict([0.0, 0.0, 0.0]) == "does not hold"
+    assert verdict([0.0, 0.0, 0.0], "no worse") == "within noise"
+    assert verdict([0.0, -1.0, 0.0], "no worse") == "within noise"
+    assert verdict([-1.0, -1.0, -2.0], "no worse") == "does not hold"
+    # One seed has no interval: it never holds.
+    assert verdict([5.0]) == "within noise"
+    assert verdict([-5.0]) == "does not hold"
+    assert verdict([0.0], "no worse") == "within noise"
+    assert verdict([]) is None
+    with pytest.raises(ValueError, match="direction"):
+        verdict([1.0], "better")
+
+
+def _bare(seed, **fields):
+    return {"settings": {"seed": seed}, **fields}
+
+
+def test_claims_measured_from_hand_made_lab_records(reproduce, package):
+    claims = package.claims
+    with reproduce.active_task("lab"):
+        # OPSDC v2, M = 50: 100 tokens and 90 % before training, 30 tokens with the instruction (a concise mode);
+        # after training 25 / 26 / 27 tokens (−75, −74, −73: −74 ∓ 2.48) at 90 / 91 / 89 % (0, +1, −1 points).
+        def opsdc(accuracies, instructed=30.0):
+            return {"opsdc": {"v2_m50": [
+                _bare(seed, before={"accuracy": 0.9, "mean_completion_tokens": 100.0},
+                      teachers_view={"accuracy": 0.9, "mean_completion_tokens": instructed},
+                      eval={"accuracy": accuracy, "mean_completion_tokens": 25.0 + seed})
+                for seed, accuracy in enumerate(accuracies)]}}
+
+        measured = claims.OPSDC_COMPRESSION.judge(opsdc([0.9, 0.91, 0.89]))
+        # Fewer tokens holds and the accuracy part is within noise (not refuted): the claim holds.
+        assert measured == claims.Measured(
+            "mean completion tokens: 100.0 → 26.0 tokens, -74.0 tokens [-76.5, -71.5] (-74 %), per seed -75.0 / "
+            "-74.0 / -73.0; greedy accuracy: 90.0 → 90.0 %, 0.0 points [-2.5, 2.5], per seed 0.0 / 1.0 / -1.0",
+            "holds")
+        # The accuracy falls on every seed: the claim does not hold.
+        assert claims.OPSDC_COMPRESSION.judge(opsdc([0.5, 0.6, 0.5])).verdict == "does not hold"
+        # The model writes longer with the instruction: not testable, whatever training did.
+        measured = claims.OPSDC_COMPRESSION.judge(opsdc([0.9, 0.91, 0.89], instructed=120.0))
+        assert measured.verdict == "not testable"
+        assert measured.text.startswith("the model writes no shorter with the instruction")
+        assert "100.0 → 120.0" in measured.text
+        # Without the records, the claim awaits its runs.
+        assert claims.OPSDC_COMPRESSION.judge({}) is None
+
+        # GRPO at three times the steps: pass@1 37 % → 50 / 51 / 52 %, pass@16 (the largest k) 95 % → 90 / 91 / 92 %.
+        grpo_long = {"ace": {"grpo_long": [
+            _bare(seed, pass_at_k={"pass_at_k": {"1": 0.50 + 0.01 * seed, "16": 0.90 + 0.01 * seed}},
+                  before_pass_at_k={"pass_at_k": {"1": 0.37, "16": 0.95}}) for seed in range(3)]}}
+        measured = claims.ACE_PATHOLOGY.judge(grpo_long)
+        assert measured.verdict == "holds"
+        assert measured.text.startswith("pass@1: 37.0 → 51.0 %, 14.0 points [11.5, 16.5]")
+        assert "; pass@16: 95.0 → 91.0 %, -4.0 points [-6.5, -1.5]" in measured.text
+        # pass@16 rises instead (95 → 96 / 97 / 98 %): the pathology is not there.
+        for seed, record in enumerate(grpo_long["ace"]["grpo_long"]):
+            record["pass_at_k"]["pass_at_k"]["16"] = 0.96 + 0.01 * seed
+        assert claims.ACE_PATHOLOGY.judge(grpo_long).verdict == "does not hold"
+
+        # Token shares of the two panels: Q4 44.3 / 42.3 %, Q1+Q2 50 %, Q3 5.7 / 7.7 %, all in the paper's ranges.
+        def taxonomy(q3_after):
+            q1_after = 0.5 - q3_after
+            return {"taxonomy": {"soft_or_50": [_bare(0, panels={
+                "before": {"quadrant_shares": [0.443, 0.057, 0.057, 0.443]},
+                "after": {"quadrant_shares": [q1_after, q3_after, q3_after, q1_after]}})]}}
+
+        assert claims.TIP_SHARES.judge(taxonomy(0.077)) == claims.Measured(
+            "Q4 44.3 / 42.3 %, Q1+Q2 50.0 / 50.0 %, Q3 5.7 / 7.7 % (the student's rollouts before / after training; "
+            "seed 0)", "holds")
+        # Q3 at 2 % after training (and Q4 at 48 %): one panel in range, one out: within noise.
+        assert claims.TIP_SHARES.judge(taxonomy(0.02)).verdict == "within noise"
+
+        # A "no worse" paired claim: sampling 1, 2, 3 points below weighting on every seed does not hold; ties do not
+        # refute it.
+        def paced(deltas):
+            return {"paced": {
+                "paced": [_bare(seed, eval={"accuracy": 0.8}) for seed in range(3)],
+                "paced_sample": [_bare(seed, eval={"accuracy": 0.8 + d / 100}) for seed, d in enumerate(deltas)]}}
+
+        assert claims.PACED_SAMPLING.judge(paced([-1, -2, -3])).verdict == "does not hold"
+        assert claims.PACED_SAMPLING.judge(paced([0, 0, 0])).verdict == "within noise"
+        assert claims.PACED_SAMPLING.judge(paced([2, 3, 4])).verdict == "holds"
+
+        # Per level: v2's tokens at the hardest level against v1's, seed by seed.
+        def levels(tokens):
+            return {"eval": {"levels": {"0": {"mean_completion_tokens": 20.0},
+                                        "2": {"mean_completion_tokens": tokens}}}}
+
+        opsdc_levels = opsdc([0.9, 0.9, 0.9])
+        for seed, record in enumerate(opsdc_levels["opsdc"]["v2_m50"]):
+            record["eval"].update(levels(40.0 + seed)["eval"])
+        opsdc_levels["opsdc"]["v1_m50"] = [_bare(seed, **levels(28.0)) for seed in range(3)]
+        measured = claims.OPSDC_DIFFICULTY.judge(opsdc_levels)
+        assert measured.verdict == "holds"
+        assert measured.text.startswith("41.0 vs 28.0 tokens, paired 13.0 tokens [10.5, 15.5]")
+
+        # A claim the lab cannot test is in the table without records; the others wait for theirs.
+        rows, awaiting = claims.claim_rows("lab", grpo_long)
+        assert [claim for claim, _ in rows] == [claims.TIP_MEMORY, claims.PACED_SELF, claims.ACE_PATHOLOGY]
+        assert claims.BRIDGE in awaiting and len(rows) + len(awaiting) == len(claims.CLAIMS["lab"])
+
+
+def test_every_claim_names_what_its_task_runs(reproduce, package):
+    claims = package.claims
+    for task, listed in claims.CLAIMS.items():
+        assert len({claim.text for claim in listed}) == len(listed)
+        with reproduce.active_task(task):
+            for claim in listed:
+                assert (claim.measure is None) == (claim.untestable is not None), claim.text
+                if claim.untestable is not None:
+                    # A reason, not a measurement: no number in it.
+                    assert not re.search(r"\d", claim.untestable), claim.untestable
+                    continue
+                measure = claim.measure
+                if isinstance(measure, claims.Shares):
+                    assert measure.variant in package.spec_of(measure.method)["variants"], (task, claim.text)
+                    continue
+                compared = measure.comparisons() if isinstance(measure, claims.AllOf) else [measure]
+                for part in [*compared, *([claim.precondition] if claim.precondition else [])]:
+                    variants = package.spec_of(part.method)["variants"]
+                    assert part.variant in variants, (task, claim.text)
+                    assert (part.reference or part.variant) in variants, (task, claim.text)
+
+
+def _page_difference(reproduce, out: Path, doc: Path, figures: Path) -> str | None:
+    """None when `doc` is byte for byte what the records under `out` give; otherwise where it first differs."""
+    import difflib
+
+    rendered = reproduce.render_page(out, doc, figures)
+    committed = doc.read_text()
+    if rendered == committed:
+        return None
+    diff = difflib.unified_diff(committed.splitlines(), rendered.splitlines(), f"{doc} (committed)",
+                                f"{doc} (rendered from {out})", lineterm="", n=1)
+    return "\n".join(list(diff)[:40])
+
+
+def test_a_page_is_compared_byte_for_byte_with_what_its_records_give(tmp_path, reproduce):
+    out = tmp_path / "records"
+    for seed, (base, soft_or) in enumerate([(0.4, 0.5), (0.5, 0.6), (0.6, 0.5)]):
+        _write(out, _record(reproduce, "tip", "all", seed, base))
+        _write(out, _record(reproduce, "tip", "soft_or_50", seed, soft_or))
+    doc, figures = tmp_path / "docs" / "results.md", tmp_path / "docs" / "results"
+    doc.parent.mkdir()
+    doc.write_text("# Results\n\n<!-- reproduce:claims:start -->\n<!-- reproduce:claims:end -->\n")
+    reproduce.render(out, doc, figures)
+    page = doc.read_text()
+    assert "| TIP | soft-OR 50 % beats all-token OPD" in page
+    assert _page_difference(reproduce, out, doc, figures) is None
+    reproduce.main(["render", "--check", "--out", str(out), "--doc", str(doc), "--figures", str(figures)])
+    # One value of one record changes (40.0 → 40.1 %): the page is no longer what the records give.
+    path = out / "tip" / "all" / "seed0.json"
+    record = json.loads(path.read_text())
+    record["eval"]["accuracy"] = 0.401
+    path.write_text(json.dumps(record))
+    difference = _page_difference(reproduce, out, doc, figures)
+    assert difference is not None and "+| all tokens (plain OPD) | 50.0 ± 10.0 | 40.1 / 50.0 / 60.0" in difference
+    with pytest.raises(SystemExit, match="is not what the records under"):
+        reproduce.main(["render", "--check", "--out", str(out), "--doc", str(doc), "--figures", str(figures)])
+    assert doc.read_text() == page  # comparing writes nothing
+
+
+@pytest.mark.results
+def test_the_committed_page_is_what_the_committed_records_give(reproduce):
+    out = reproduce.DEFAULT_OUT
+    missing = [task for task in ("arithmetic", "lab")
+               if not list(reproduce.task_out(out, task).glob("*/*/seed*.json"))]
+    if missing:
+        pytest.fail(f"{out.relative_to(ROOT)} holds no records of the {' and '.join(missing)} task: run "
+                    "`python benchmarks/reproduce.py all` and commit its records with docs/results.md.")
+    difference = _page_difference(reproduce, out, ROOT / "docs" / "results.md", ROOT / "docs" / "results")
+    assert difference is None, ("docs/results.md is not what the committed records give (`python "
+                                f"benchmarks/reproduce.py render` writes it):\n{difference}")
+
+
+def test_what_a_run_keeps_besides_its_record_is_not_committed(reproduce, package):
+    # The records are committed; the run's log and the student the taxonomy reads (model weights) are not.
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+
+    def ignored(path):
+        return subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "--no-index", str(path)]).returncode == 0
+
+    out = reproduce.DEFAULT_OUT.relative_to(ROOT)
+    assert out == Path("benchmarks/results/reproduce")
+    for task in package.TASKS:
+        base = reproduce.task_out(out, task)
+        record = package.run_path(base, "tip", "soft_or_50", 0)
+        assert not ignored(record)
+        assert ignored(record.with_suffix(".log"))
+        assert ignored(package.run_dir(base, "tip", "soft_or_50", 0) / "model" / "model.safetensors")

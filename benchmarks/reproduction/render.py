@@ -7,16 +7,33 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 from .plots import LEVEL_PLOTS, PLOTS
-from .results import _bridge_rows, _levels_of, _lr, _ordered, _pm, _seeds, load_results
+from .claims import claim_rows, paired_direction
+from .results import (
+    _bridge_rows,
+    _interval,
+    _levels_of,
+    _lr,
+    _number,
+    _ordered,
+    _pm,
+    _seeds,
+    better_equal_worse,
+    load_results,
+    mean_std,
+    verdict,
+)
 from .settings import (
     _ACTIVE_TASK,
     ACE_LOGGED,
     DEFAULT_DOC,
     DEFAULT_FIGURES,
     DEFAULT_OUT,
+    SCRIPT,
     TASKS,
     active_task,
     row_command,
@@ -49,14 +66,16 @@ def _accuracy_table(method: str, variants: dict) -> str:
 def _differences(method: str, variants: dict) -> str:
     """
     Each variant minus the baseline (and the method's extra comparisons), seed by seed (paired: same seed, same data
-    order), mean ± std.
+    order): the mean difference, its 95 % t-interval, the seeds above / at / below the reference, and the verdict of
+    the page's rule where the comparison is one of the papers' claims (in that claim's direction).
     """
     spec = spec_of(method)
     pairs = [(name, spec["baseline"]) for name in _ordered(method, variants) if name != spec["baseline"]]
     pairs += spec.get("comparisons", [])
     labels = spec["variants"]
-    lines = ["| comparison | accuracy difference, paired by seed (points) | seeds better / equal / worse |",
-             "|---|---:|---:|"]
+    lines = ["| comparison | accuracy difference, paired by seed (points) | 95 % interval (points) "
+             "| seeds better / equal / worse | verdict (a paper's claim) |",
+             "|---|---:|---:|---:|---|"]
     for name, reference in pairs:
         if name not in variants or reference not in variants:
             continue
@@ -65,11 +84,18 @@ def _differences(method: str, variants: dict) -> str:
                   if r["settings"]["seed"] in base]
         if not deltas:
             continue
-        better = sum(d > 1e-9 for d in deltas)
-        worse = sum(d < -1e-9 for d in deltas)
-        lines.append(f"| {labels[name]['label']} − {labels[reference]['label']} | {_pm(deltas, digits=1)} "
-                     f"| {better} / {len(deltas) - better - worse} / {worse} |")
+        direction = paired_direction(_ACTIVE_TASK[0], method, name, reference)
+        judged = "" if direction is None else verdict([-d for d in deltas] if direction == "lower" else deltas,
+                                                      direction)
+        lines.append(f"| {labels[name]['label']} − {labels[reference]['label']} | {_number(mean_std(deltas)[0])} "
+                     f"| {_interval(deltas)} | {' / '.join(map(str, better_equal_worse(deltas)))} "
+                     f"| {f'**{judged}**' if judged else ''} |")
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _paired_cell(deltas: list[float]) -> str:
+    """A paired difference's mean and its 95 % t-interval."""
+    return f"{_number(mean_std(deltas)[0])} {_interval(deltas)}"
 
 
 def _commands(method: str, variants: dict) -> str:
@@ -210,14 +236,14 @@ def _ace_section(variants: dict, figures: str) -> str:
     baseline = spec_of("ace")["baseline"]
     if baseline in variants:
         base = {r["settings"]["seed"]: r["pass_at_k"]["pass_at_k"] for r in variants[baseline]}
-        differences = ["| variant | " + " | ".join(f"Δ pass@{k} (points)" for k in ks) + " |",
+        differences = ["| variant | " + " | ".join(f"Δ pass@{k}, points [95 % interval]" for k in ks) + " |",
                        "|---|" + "---:|" * len(ks)]
         for name in names:
             if name == baseline:
                 continue
             paired = [r for r in variants[name] if r["settings"]["seed"] in base]
-            row = " | ".join(_pm([100 * (r["pass_at_k"]["pass_at_k"][str(k)] - base[r["settings"]["seed"]][str(k)])
-                                  for r in paired]) for k in ks)
+            row = " | ".join(_paired_cell([100 * (r["pass_at_k"]["pass_at_k"][str(k)]
+                                                  - base[r["settings"]["seed"]][str(k)]) for r in paired]) for k in ks)
             differences.append(f"| {spec_of('ace')['variants'][name]['label']} − GRPO | {row} |")
     # What ACE did: the logged distributions of c and of the factor, averaged over the training steps of each seed.
     acting = []
@@ -281,17 +307,19 @@ def _bridge_section(variants: dict, figures: str) -> str:
     baseline = spec_of("bridge")["baseline"]
     if baseline in variants:
         base = {r["settings"]["seed"]: r for r in variants[baseline]}
-        differences = ["| comparison | greedy (points) | mean@{0} (points) | pass@{0} (points) |".format(n),
+        differences = ["| comparison | greedy, points [95 % interval] | mean@{0}, points [95 % interval] "
+                       "| pass@{0}, points [95 % interval] |".format(n),
                        "|---|---:|---:|---:|"]
         for name in _ordered("bridge", variants):
             if name == baseline:
                 continue
             paired = [(r, base[r["settings"]["seed"]]) for r in variants[name] if r["settings"]["seed"] in base]
             cells = [
-                _pm([100 * (a["eval"]["accuracy"] - b["eval"]["accuracy"]) for a, b in paired]),
-                _pm([100 * (a["sampled"]["mean_accuracy"] - b["sampled"]["mean_accuracy"]) for a, b in paired]),
-                _pm([100 * (a["sampled"]["pass_at_k"][str(n)] - b["sampled"]["pass_at_k"][str(n)])
-                     for a, b in paired]),
+                _paired_cell([100 * (a["eval"]["accuracy"] - b["eval"]["accuracy"]) for a, b in paired]),
+                _paired_cell([100 * (a["sampled"]["mean_accuracy"] - b["sampled"]["mean_accuracy"])
+                              for a, b in paired]),
+                _paired_cell([100 * (a["sampled"]["pass_at_k"][str(n)] - b["sampled"]["pass_at_k"][str(n)])
+                              for a, b in paired]),
             ]
             differences.append(f"| {spec_of('bridge')['variants'][name]['label']} − "
                                f"{spec_of('bridge')['variants'][baseline]['label']} | {' | '.join(cells)} |")
@@ -360,6 +388,28 @@ def _levels_table(method: str, variants: dict) -> str:
 LEVEL_TABLES = ("tip", "paced", "opsdc", "ace")
 
 
+CLAIMS_TITLES = {"arithmetic": "The papers' claims at this scale", "lab": "The papers' claims on the lab"}
+
+
+def _claims_section(task: str, results: dict) -> str:
+    """
+    The papers' claims on `task` (`claims.CLAIMS`) with the numbers measured here and the verdict of the page's rule;
+    claims whose records are missing are listed under the table as awaiting runs.
+    """
+    rows, awaiting = claim_rows(task, results)
+    parts = []
+    if rows:
+        lines = ["| paper | its claim | measured here | verdict |", "|---|---|---|---|"]
+        lines += [f"| {claim.paper} | {claim.text} | {measured.text} | **{measured.verdict}** |"
+                  for claim, measured in rows]
+        parts.append("\n".join(lines))
+    if awaiting:
+        listed = "\n".join(f"- {claim.paper}: {claim.text}" for claim in awaiting)
+        parts.append(f"Awaiting runs (no records yet, so not in the table; `python {SCRIPT} all --task {task}`):"
+                     f"\n\n{listed}")
+    return "\n\n".join(parts)
+
+
 SECTIONS = {"tip": _tip_section, "paced": _paced_section, "opsdc": _opsdc_section, "ace": _ace_section,
             "bridge": _bridge_section, "taxonomy": _taxonomy_section}
 
@@ -376,8 +426,10 @@ def render(out: Path = DEFAULT_OUT, doc: Path = DEFAULT_DOC, figures: Path = DEF
     """
     Write each method's generated section of `doc` (between its `<!-- reproduce:<method>:start/end -->` markers, or
     `<!-- reproduce:lab-<method>:start/end -->` for the lab) and its figures under `figures` (the lab's under
-    `figures/lab`), from the results under `out` (the lab's under `out/lab`). A doc without a method's markers gets the
-    section appended; methods without results keep their section as it is. Returns the figures written.
+    `figures/lab`), from the results under `out` (the lab's under `out/lab`), and each task's table of the papers'
+    claims (`<!-- reproduce:claims:start/end -->`, `<!-- reproduce:lab-claims:start/end -->`). A doc without a
+    method's markers gets the section appended; methods without results keep their section as it is. Returns the
+    figures written.
     """
     doc, figures = Path(doc), Path(figures)
     text = doc.read_text() if doc.exists() else "# Results on the built-in tasks\n"
@@ -389,6 +441,22 @@ def render(out: Path = DEFAULT_OUT, doc: Path = DEFAULT_DOC, figures: Path = DEF
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
     return written
+
+
+def render_page(out: Path = DEFAULT_OUT, doc: Path = DEFAULT_DOC, figures: Path = DEFAULT_FIGURES) -> str:
+    """
+    The text `render` gives `doc` from the results under `out`, rendered into a temporary copy of `doc` (its figures
+    in a temporary directory at the same place relative to it); `doc` and `figures` are not touched.
+    """
+    doc, figures = Path(doc), Path(figures)
+    relative = os.path.relpath(figures, doc.parent)
+    with tempfile.TemporaryDirectory() as directory:
+        copy = Path(directory) / "page" / doc.name
+        copy.parent.mkdir()
+        if doc.exists():
+            shutil.copyfile(doc, copy)
+        render(out, copy, copy.parent / relative)
+        return copy.read_text()
 
 
 def _render_task(task: str, results: dict, text: str, doc: Path, figures: Path, written: list) -> str:
@@ -427,4 +495,13 @@ def _render_task(task: str, results: dict, text: str, doc: Path, figures: Path, 
                 f"torch {all_records[0]['torch']}).\n\n{_marker(marker, 'end')}")
         pattern = _section_pattern(marker)
         text = pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip("\n") + f"\n\n{body}\n"
+    # The papers' claims, judged from every method's results: rendered wherever the page has their markers (claims
+    # whose runs are missing are listed as awaiting them), appended when the page has none and the task has results.
+    marker = prefix + "claims"
+    body = f"{_marker(marker, 'start')}\n\n{_claims_section(task, results)}\n\n{_marker(marker, 'end')}"
+    pattern = _section_pattern(marker)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: body, text)
+    elif all_records:
+        text = text.rstrip("\n") + f"\n\n## {CLAIMS_TITLES[task]}\n\n{body}\n"
     return text

@@ -11,7 +11,9 @@ from pathlib import Path
 from common import ROOT
 
 
-DEFAULT_OUT = ROOT / "outputs" / "reproduce"
+# The records are committed next to the page they produce (docs/results.md); what a run keeps besides its record (its
+# log, the student the taxonomy reads) is ignored by git (.gitignore).
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "reproduce"
 DEFAULT_DOC = ROOT / "docs" / "results.md"
 DEFAULT_FIGURES = ROOT / "docs" / "results"
 SCRIPT = "benchmarks/reproduce.py"
