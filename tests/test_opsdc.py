@@ -245,7 +245,7 @@ def test_loss_is_zero_when_teacher_equals_student_on_identical_prompts(tiny_mode
     student = trainer.accelerator.unwrap_model(trainer.model)
     loss, _, n_valid = trainer._compute_loss(student, inputs, None)
     assert n_valid.item() == 15
-    assert abs(loss.item()) < 1e-6
+    assert loss.item() == 0.0  # the same weights on the same inputs: the same float operations
 
     # With the instruction in the teacher's prompt the same completion is scored differently.
     instructed = [add_instruction(p, INSTRUCTION) for p in prompts_dataset["prompt"][:3]]
@@ -257,6 +257,39 @@ def test_loss_is_zero_when_teacher_equals_student_on_identical_prompts(tiny_mode
     inputs["teacher_prompt_mask"] = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in instructed_ids])
     loss, _, _ = trainer._compute_loss(student, inputs, None)
     assert loss.item() > 1e-6
+
+
+def test_identical_views_give_exactly_zero_loss_and_gradient(tiny_model_paths, prompts_dataset, tmp_path,
+                                                             monkeypatch):
+    # An empty instruction is refused by the config, so the trainer is built with one and its teacher prompt is then
+    # made the student's prompt unchanged. Through the trainer's own generation output and loss (TRL's
+    # `compute_loss`, training mode), the teacher (the step-0 snapshot, the same weights) reads the same tokens with
+    # the same padding and positions as the student, and runs the same float operations: the per-token KL is
+    # log p - log p = 0 exactly, and so is every gradient (the kernel's gradient is p·(log p - log p - KL)).
+    from trl_tip.trainers.opsdc import opsdc_trainer
+
+    trainer = make_trainer(tiny_model_paths, prompts_dataset, make_config(tmp_path))
+    monkeypatch.setattr(opsdc_trainer, "build_teacher_prompt", lambda prompt, *args, **kwargs: (prompt, False))
+    trainer.model.train()
+    rows = [dict(prompts_dataset[i]) for i in range(4)]
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    parameters = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
+    for normalization in ("rollout", "token"):
+        trainer.args.loss_normalization = normalization
+        torch.manual_seed(0)
+        output = trainer._generate_and_score_completions(rows)
+        assert torch.equal(output["teacher_prompt_ids"], output["prompt_ids"])
+        assert torch.equal(output["teacher_prompt_mask"], output["prompt_mask"])
+        assert output["completion_mask"].sum() > 0
+        assert ("opsdc_rollout_weights" in output) == (normalization == "rollout")
+        student.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(trainer.model, output)
+        loss.backward()
+        assert loss.item() == 0.0, normalization
+        # Every trainable parameter is in the graph and its gradient is exactly zero.
+        assert all(p.grad is not None for _, p in parameters)
+        nonzero = [name for name, p in parameters if torch.count_nonzero(p.grad) > 0]
+        assert nonzero == [], (normalization, nonzero)
 
 
 # ---- Refresh schedule ----
