@@ -487,6 +487,38 @@ MATH500_PROBLEM = (
 )
 
 
+def _load_script(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_test_opsdc_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_teacher_view_diagnosis_is_rendered_from_its_measurements():
+    # docs/opsdc.md's diagnosis section is benchmarks/opsdc_teacher_view.py's rendering of its committed JSON.
+    view = _load_script(REPO_ROOT / "benchmarks" / "opsdc_teacher_view.py")
+    results = json.loads(view.RESULTS.read_text())
+    text = (REPO_ROOT / "docs" / "opsdc.md").read_text(encoding="utf-8")
+    start, end = f"<!-- {view.SECTION}:start -->\n", f"<!-- {view.SECTION}:end -->"
+    assert text.split(start, 1)[1].split(end, 1)[0] == view.section(results), (
+        "docs/opsdc.md is out of date: run `python benchmarks/opsdc_teacher_view.py render --write docs/opsdc.md`"
+    )
+    # It measured the built-in run's step 0 as the example ships it...
+    defaults = _load_script(REPO_ROOT / "examples" / "opsdc.py").BUILTIN_DEFAULTS
+    settings = results["settings"]
+    default_instruction = OPSDCConfig.__dataclass_fields__["concise_instruction"].default
+    assert settings["instructions"][0] == defaults.get("concise_instruction", default_instruction)
+    assert (settings["max_completion_length"], settings["seed"]) == (
+        defaults["max_completion_length"], defaults["seed"])
+    # ...and on what the trainer trains on: its float32 loss on the batch and the float64 rescoring agree (float32
+    # forward passes carry ~1e-6 relative rounding per logit; 1e-4 relative leaves a wide margin).
+    for measured in results["instructions"].values():
+        assert math.isclose(measured["trainer_loss"], measured["float64_loss"], rel_tol=1e-4)
+
+
 def test_dapo_teacher_prompt_has_the_instruction_once_and_no_step_by_step_lead():
     from trl_tip.instructions import build_teacher_prompt
 
