@@ -470,14 +470,14 @@ def eos_verdict(view: dict) -> str:
     """Whether the teacher asks the student to stop before its answer, from the measured end-of-sequence mass."""
     eos = view["eos_before_answer"]
     if eos["mean_mass"] < 0.05 and eos["min_survival"] > 0.9:
-        return (f"**The teacher does not ask the student to stop early.** Before the answer line its end-of-sequence "
+        return (f"The teacher does not ask the student to stop early. Before the answer line its end-of-sequence "
                 f"probability sums to {eos['mean_mass']:.4f} per rollout on average (at most "
                 f"{eos['max_mass']:.4f}), so a teacher reading the student's tokens would reach the answer with "
                 f"probability {eos['mean_survival']:.4f} on average (at least {eos['min_survival']:.4f}); its "
                 f"end-of-sequence mass sits where the student ends, after `\\boxed{{}}` (mean "
                 f"{view['by_kind']['end']['teacher_eos_mean']:.4f} there). The loss carries no signal to end early or "
                 "to drop the answer.")
-    return (f"**The teacher asks the student to stop early.** Before the answer line its end-of-sequence probability "
+    return (f"The teacher asks the student to stop early. Before the answer line its end-of-sequence probability "
             f"sums to {eos['mean_mass']:.3f} per rollout on average, and a teacher reading the student's tokens would "
             f"reach the answer with probability {eos['mean_survival']:.3f} on average: the reverse KL pushes the "
             "student to end before it writes its answer.")
@@ -649,13 +649,15 @@ def _diagnosis(results: dict) -> list[str]:
             f"{names[0]} teacher's top token is the correct one at "
             f"{_pct(main['all']['teacher_top_is_correct'])} of positions "
             + "(" + ", ".join(f"{_pct(views[n]['all']['teacher_top_is_correct'])} for {n}" for n in names[1:])
-            + f"), and it is wrong at p > {settings['confident']:g} at "
-            f"{_pct(main['all']['teacher_confidently_wrong'])} (mean entropy "
+            + f"); at {_pct(main['all']['teacher_confidently_wrong'])} of them its top token is wrong at p > "
+            f"{settings['confident']:g} (mean entropy "
             f"{main['all']['teacher_entropy_mean']:.2f} nats: not unsure, sure of something else). On digits it puts "
             f"{_pct(main['all']['teacher_p_other_digits_mean'])} of its mass on the nine wrong digits, "
             f"{_pct(groups['result_digits']['teacher_p_other_digits_mean'])} on the final sum's digits, where the "
-            f"student puts {_pct(main['all']['student_p_other_digits_mean'], 2)}. Reverse KL at a position pulls the "
-            f"student's next-token distribution towards the teacher's, so a gradient step lowers the probability of "
+            f"student puts {_pct(main['all']['student_p_other_digits_mean'], 2)} "
+            f"({_pct(groups['result_digits']['student_p_other_digits_mean'], 2)}). Reverse KL at a position pulls "
+            f"the student's next-token distribution towards the teacher's, so a gradient step on the student's logits "
+            f"lowers the probability of "
             f"the correct token at {_pct(main['all']['correct_lowered'])} of on-track positions "
             f"({_pct(groups['digits']['correct_lowered'])} of digits, "
             f"{_pct(groups['result_digits']['correct_lowered'])} of the final sum's digits).")
