@@ -248,7 +248,7 @@ def test_loss_is_zero_when_teacher_equals_student_on_identical_prompts(tiny_mode
     student = trainer.accelerator.unwrap_model(trainer.model)
     loss, _, n_valid = trainer._compute_loss(student, inputs, None)
     assert n_valid.item() == 15
-    assert abs(loss.item()) < 1e-6
+    assert loss.item() == 0.0  # the same weights on the same inputs: the same float operations
 
     # With the instruction in the teacher's prompt the same completion is scored differently.
     instructed = [_add_instruction(p, INSTRUCTION) for p in prompts_dataset["prompt"][:3]]
@@ -260,6 +260,39 @@ def test_loss_is_zero_when_teacher_equals_student_on_identical_prompts(tiny_mode
     inputs["teacher_prompt_mask"] = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in instructed_ids])
     loss, _, _ = trainer._compute_loss(student, inputs, None)
     assert loss.item() > 1e-6
+
+
+def test_identical_views_give_exactly_zero_loss_and_gradient(tiny_model_paths, prompts_dataset, tmp_path,
+                                                             monkeypatch):
+    # An empty instruction is refused by the config, so the trainer is built with one and its teacher prompt is then
+    # made the student's prompt unchanged. Through the trainer's own generation output and loss (TRL's
+    # `compute_loss`, training mode), the teacher (the step-0 snapshot, the same weights) reads the same tokens with
+    # the same padding and positions as the student, and runs the same float operations: the per-token KL is
+    # log p - log p = 0 exactly, and so is every gradient (the kernel's gradient is p·(log p - log p - KL)).
+    from trl_tip.trainers.opsdc import opsdc_trainer
+
+    trainer = make_trainer(tiny_model_paths, prompts_dataset, make_config(tmp_path))
+    monkeypatch.setattr(opsdc_trainer, "build_teacher_prompt", lambda prompt, *args, **kwargs: (prompt, False))
+    trainer.model.train()
+    rows = [dict(prompts_dataset[i]) for i in range(4)]
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    parameters = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
+    for normalization in ("rollout", "token"):
+        trainer.args.loss_normalization = normalization
+        torch.manual_seed(0)
+        output = trainer._generate_and_score_completions(rows)
+        assert torch.equal(output["teacher_prompt_ids"], output["prompt_ids"])
+        assert torch.equal(output["teacher_prompt_mask"], output["prompt_mask"])
+        assert output["completion_mask"].sum() > 0
+        assert ("opsdc_rollout_weights" in output) == (normalization == "rollout")
+        student.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(trainer.model, output)
+        loss.backward()
+        assert loss.item() == 0.0, normalization
+        # Every trainable parameter is in the graph and its gradient is exactly zero.
+        assert all(p.grad is not None for _, p in parameters)
+        nonzero = [name for name, p in parameters if torch.count_nonzero(p.grad) > 0]
+        assert nonzero == [], (normalization, nonzero)
 
 
 # ---- Refresh schedule ----
@@ -455,6 +488,38 @@ MATH500_PROBLEM = (
     "Convert the point $(0,3)$ in rectangular coordinates to polar coordinates.  Enter your answer in the form "
     "$(r,\\theta),$ where $r > 0$ and $0 \\le \\theta < 2 \\pi.$"
 )
+
+
+def _load_script(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_test_opsdc_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_teacher_view_diagnosis_is_rendered_from_its_measurements():
+    # docs/opsdc.md's diagnosis section is benchmarks/opsdc_teacher_view.py's rendering of its committed JSON.
+    view = _load_script(REPO_ROOT / "benchmarks" / "opsdc_teacher_view.py")
+    results = json.loads(view.RESULTS.read_text())
+    text = (REPO_ROOT / "docs" / "opsdc.md").read_text(encoding="utf-8")
+    start, end = f"<!-- {view.SECTION}:start -->\n", f"<!-- {view.SECTION}:end -->"
+    assert text.split(start, 1)[1].split(end, 1)[0] == view.section(results), (
+        "docs/opsdc.md is out of date: run `python benchmarks/opsdc_teacher_view.py render --write docs/opsdc.md`"
+    )
+    # It measured the built-in run's step 0 as the example ships it...
+    defaults = _load_script(REPO_ROOT / "examples" / "opsdc.py").BUILTIN_DEFAULTS
+    settings = results["settings"]
+    default_instruction = OPSDCConfig.__dataclass_fields__["concise_instruction"].default
+    assert settings["instructions"][0] == defaults.get("concise_instruction", default_instruction)
+    assert (settings["max_completion_length"], settings["seed"]) == (
+        defaults["max_completion_length"], defaults["seed"])
+    # ...and on what the trainer trains on: its float32 loss on the batch and the float64 rescoring agree (float32
+    # forward passes carry ~1e-6 relative rounding per logit; 1e-4 relative leaves a wide margin).
+    for measured in results["instructions"].values():
+        assert math.isclose(measured["trainer_loss"], measured["float64_loss"], rel_tol=1e-4)
 
 
 def test_dapo_teacher_prompt_has_the_instruction_once_and_no_step_by_step_lead():
