@@ -9,6 +9,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl_tip import ACEGRPOConfig, ACEGRPOTrainer, ace_confidence_shift, ace_scale_advantages
 from trl_tip.testing import build_tokenizer, save_pretrained_pair, tiny_model
 from trl_tip.weighting import ace_scale_factors
+import reference
 from numerics import assert_reordered_close
 
 
@@ -217,11 +218,8 @@ def make_args(output_dir, config_class=ACEGRPOConfig, **overrides):
 def completion_logps(model, batch):
     """Plain per-token log-probabilities of the completion tokens (temperature 1): log_softmax, no fused head."""
     completion_ids = batch["completion_ids"]
-    input_ids = torch.cat([batch["prompt_ids"], completion_ids], dim=1)
-    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    logits = logits[:, -completion_ids.size(1) - 1 : -1]
+    logits = reference.completion_logits(model, batch["prompt_ids"], batch["prompt_mask"], completion_ids,
+                                         batch["completion_mask"])
     return logits.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
 
 
@@ -304,8 +302,9 @@ def _moved_pair(tiny_model_paths, prompts, tmp_path, **ace_overrides):
 
 def _expected_ace_advantages(ace, ace_batch, advantages, model_path):
     mask = ace_batch["completion_mask"]
-    reference = AutoModelForCausalLM.from_pretrained(model_path)
-    shifts = ace_confidence_shift(completion_logps(ace.model, ace_batch), completion_logps(reference, ace_batch), mask)
+    reference_model = AutoModelForCausalLM.from_pretrained(model_path)
+    shifts = ace_confidence_shift(completion_logps(ace.model, ace_batch), completion_logps(reference_model, ace_batch),
+                                  mask)
     assert shifts.abs().max() > 1e-3
     return ace_scale_advantages(advantages, shifts, alpha=2.0)
 

@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from trl_tip import CONCISE_INSTRUCTIONS, OPSDCConfig, OPSDCTrainer, math_reward
 from trl_tip.instructions import _add_instruction
 from trl_tip.testing import build_tokenizer
 from trl_tip.trainers.opsdc import OPSDC_STATE_NAME, TEACHER_ADAPTER_NAME, TEACHER_SNAPSHOT_NAME
+import reference
 from numerics import GradientRecorder, assert_same_gradients
 
 
@@ -607,20 +609,14 @@ def test_trainer_replaces_the_dapo_lead_and_logs_it(tiny_model_paths, tmp_path, 
 
 def _float64_reverse_kl(trainer, inputs):
     """Per-token KL(student || teacher) of the completion tokens, from both models' full logits in float64."""
-    import copy as copy_module
-
-    width = inputs["completion_ids"].size(1)
+    completion = (inputs["completion_ids"], inputs["completion_mask"])
 
     def logits(model, prompt_ids, prompt_mask):
-        model = copy_module.deepcopy(trainer.accelerator.unwrap_model(model)).double().eval()
-        ids = torch.cat([prompt_ids, inputs["completion_ids"]], dim=1)
-        mask = torch.cat([prompt_mask, inputs["completion_mask"]], dim=1)
-        with torch.no_grad():
-            return model(input_ids=ids, attention_mask=mask).logits[:, -width - 1 : -1]
+        model = copy.deepcopy(trainer.accelerator.unwrap_model(model)).double().eval()
+        return reference.completion_logits(model, prompt_ids, prompt_mask, *completion)
 
-    student = logits(trainer.model, inputs["prompt_ids"], inputs["prompt_mask"]).log_softmax(-1)
-    teacher = logits(trainer.teacher_model, inputs["teacher_prompt_ids"], inputs["teacher_prompt_mask"]).log_softmax(-1)
-    return (student.exp() * (student - teacher)).sum(-1)
+    return reference.reverse_kl(logits(trainer.model, inputs["prompt_ids"], inputs["prompt_mask"]),
+                                logits(trainer.teacher_model, inputs["teacher_prompt_ids"], inputs["teacher_prompt_mask"]))
 
 
 def _loss_inputs(trainer, prompts_dataset):
@@ -653,9 +649,8 @@ def test_rollout_and_token_normalisation_match_a_float64_reference(tiny_model_pa
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
     inputs = _loss_inputs(trainer, prompts_dataset)
     kl = _float64_reverse_kl(trainer, inputs)
-    mask = inputs["completion_mask"].double()
-    per_rollout = ((kl * mask).sum(-1) / mask.sum(-1)).mean()
-    token_mean = (kl * mask).sum() / mask.sum()
+    per_rollout = reference.rollout_mean_loss(kl, inputs["completion_mask"])
+    token_mean = reference.token_mean(kl, inputs["completion_mask"])
     # The two normalisations differ by ten times the tolerance used below, so each check tells them apart.
     assert abs(per_rollout - token_mean) > 10 * 1e-4 * token_mean
 

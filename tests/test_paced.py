@@ -4,13 +4,13 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import DistillationConfig
 
 from trl_tip import PacedConfig, PacedTrainer, PassRateTable, math_reward, paced_weight, selective_divergence_loss
 import trl_tip.losses as losses_module
+import reference
 from numerics import REORDERING_TOLERANCE, GradientRecorder, assert_close_to_float64, assert_same_gradients
 from trl_tip.losses import rollout_token_coefficients
 from trl_tip.pass_rates import ProblemSampler, sampling_probabilities
@@ -135,14 +135,6 @@ def test_rollout_token_coefficients():
         rollout_token_coefficients(keep, torch.ones(2))
 
 
-def _divergence_reference(h_s, w_s, h_t, w_t, beta):
-    log_s = F.log_softmax(h_s.double() @ w_s.double().t(), -1)
-    log_t = F.log_softmax(h_t.double() @ w_t.double().t(), -1)
-    if beta == 1.0:
-        return (log_s.exp() * (log_s - log_t)).sum(-1)
-    return (log_t.exp() * (log_t - log_s)).sum(-1)
-
-
 @pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("method", ["all", "divergence_topk"])
 @pytest.mark.parametrize("beta", [1.0, 0.0])
@@ -168,16 +160,14 @@ def test_weighted_loss_is_the_weighted_mean_of_rollout_means(method, beta, compa
 
     h_ref = h_s.detach().clone().requires_grad_(True)
     w_ref = w_s.detach().clone().requires_grad_(True)
-    divergence = _divergence_reference(h_ref, w_ref, h_t, w_t, beta)
-    keep = result.keep.double()
-    rollout_means = (divergence * keep).sum(-1) / keep.sum(-1)
-    reference = (weights.double() * rollout_means).sum() / 0.8
-    reference.backward()
+    divergence = reference.generalized_jsd(reference.logits(h_ref, w_ref), reference.logits(h_t, w_t), beta)
+    expected = reference.paced_loss(divergence, result.keep, weights, 0.8)
+    expected.backward()
 
     if method == "all":
         assert torch.equal(result.keep, mask.bool())
     logit_scale = max((h_ref @ w_ref.t()).abs().max().item(), (h_t @ w_t.t()).abs().max().item())
-    assert_close_to_float64(result.loss, reference.detach(), scale=logit_scale)
+    assert_close_to_float64(result.loss, expected.detach(), scale=logit_scale)
     # Gradients carry the logits' relative rounding times their own magnitude (see tests/numerics.py).
     assert_close_to_float64(h_s.grad, h_ref.grad, scale=logit_scale * h_ref.grad.abs().max().item())
     assert_close_to_float64(w_s.grad, w_ref.grad, scale=logit_scale * w_ref.grad.abs().max().item())
@@ -794,17 +784,11 @@ def test_sample_mode_generates_for_weighted_problems_only_and_takes_the_plain_me
     # each one's token-mean reverse KL, from the models as they were before the update.
     output = batches[0]["output"]
     assert torch.equal(output["paced_weights"], torch.ones(8)) and output["paced_weight_sum"].item() == 8
-    input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-    attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-    length = output["completion_ids"].size(1)
-    with torch.no_grad():
-        student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits[:, -length - 1:-1]
-        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, -length - 1:-1]
-        log_s, log_t = F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1)
-    per_token = (log_s.exp() * (log_s - log_t)).sum(-1)
-    mask = output["completion_mask"].double()
-    reference = ((per_token * mask).sum(-1) / mask.sum(-1)).mean()
-    torch.testing.assert_close(losses[0], reference, rtol=1e-4, atol=1e-6 * reference.abs().item())
+    sequence = [output[key] for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")]
+    per_token = reference.reverse_kl(reference.completion_logits(student, *sequence),
+                                     reference.completion_logits(teacher, *sequence))
+    expected = reference.rollout_mean_loss(per_token, output["completion_mask"])
+    torch.testing.assert_close(losses[0], expected, rtol=1e-4, atol=1e-6 * expected.abs().item())
 
 
 def test_sample_mode_follows_a_refreshed_table_and_stops_when_nothing_weighs(arithmetic_models, problems, tmp_path):

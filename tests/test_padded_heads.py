@@ -1,14 +1,13 @@
 """Teachers and students whose `lm_head`s are padded to different sizes over one tokenizer, and tokenizer checks."""
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+import reference
 import trl_tip.trainers.tip_distill.tip_distill_trainer as tip_module
 from trl_tip import PacedConfig, PacedTrainer, TipDistillConfig, TipDistillTrainer, selective_divergence_loss
 from trl_tip.losses import STUDENT_SIDE_METHODS
@@ -43,18 +42,9 @@ def problems():
     return build_arithmetic_dataset()["train"].select(range(8))
 
 
-def _log_probs(logits):
-    return F.log_softmax(logits.double()[..., :TOKENS], dim=-1)
-
-
-def _divergence(log_s, log_t, beta):
-    # TRL's generalised JSD: β = 0 forward KL, β = 1 reverse KL, else the β-mixture JSD.
-    if beta == 1.0:
-        return (log_s.exp() * (log_s - log_t)).sum(-1)
-    if beta == 0.0:
-        return (log_t.exp() * (log_t - log_s)).sum(-1)
-    log_m = torch.logaddexp(log_s + math.log(1 - beta), log_t + math.log(beta))
-    return beta * (log_t.exp() * (log_t - log_m)).sum(-1) + (1 - beta) * (log_s.exp() * (log_s - log_m)).sum(-1)
+def _shared(logits):
+    # The tokenizer's rows: the padding past them is scored by neither model.
+    return logits[..., :TOKENS]
 
 
 # ---- The loss over the shared rows ----
@@ -75,17 +65,17 @@ def test_loss_over_shared_rows_matches_a_float64_full_logit_reference(beta):
     result.loss.backward()
 
     w_ref = w_s.detach().double().requires_grad_()
-    log_s = _log_probs(h_s.double() @ w_ref.t() + b_s.double())
-    log_t = _log_probs(h_t.double() @ w_t.double().t() + b_t.double())
-    per_token = _divergence(log_s, log_t, beta)
-    reference = per_token[mask.bool()].mean()
-    reference.backward()
-    entropy = -(log_s.exp() * log_s).sum(-1) / math.log(TOKENS)
+    s_logits = _shared(reference.logits(h_s, w_ref, b_s))
+    t_logits = _shared(reference.logits(h_t, w_t, b_t))
+    per_token = reference.generalized_jsd(s_logits, t_logits, beta)
+    expected = reference.token_mean(per_token, mask)
+    expected.backward()
+    entropy = reference.normalized_entropy(s_logits)
 
     # float32 logits of magnitude ~|h||w| ≈ 20 carry ~1e-6 relative error per term; a KL of these O(1) terms is good
     # to ~1e-5 of the logit scale. A loss over all rows (the padding included) is off by O(1e-2) here.
     scale = (h_s.double() @ w_ref.detach().t()).abs().max().item()
-    assert torch.allclose(result.loss.double(), reference.detach(), rtol=0, atol=1e-6 * scale)
+    assert torch.allclose(result.loss.double(), expected.detach(), rtol=0, atol=1e-6 * scale)
     assert torch.allclose(result.entropy[mask.bool()].double(), entropy.detach()[mask.bool()], atol=1e-6 * scale)
     if beta == 1.0:
         assert torch.allclose(result.reverse_kl[mask.bool()].double(), per_token.detach()[mask.bool()],
@@ -208,13 +198,10 @@ def _reference_per_token(paths, inputs, beta):
     student = AutoModelForCausalLM.from_pretrained(paths["student"], dtype=torch.float64)
     teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"], dtype=torch.float64)
     assert student.lm_head.weight.shape[0] == STUDENT_ROWS and teacher.lm_head.weight.shape[0] == TEACHER_ROWS
-    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-    width = inputs["completion_ids"].size(1)
-    with torch.no_grad():
-        logits_s = student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][:, -width:]
-        logits_t = teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][:, -width:]
-    return _divergence(_log_probs(logits_s), _log_probs(logits_t), beta), logits_s.abs().max().item()
+    sequence = [inputs[key] for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")]
+    logits_s = reference.completion_logits(student, *sequence)
+    logits_t = reference.completion_logits(teacher, *sequence)
+    return reference.generalized_jsd(_shared(logits_s), _shared(logits_t), beta), logits_s.abs().max().item()
 
 
 @pytest.mark.parametrize("token_selection", ["all", "soft_or"])
@@ -238,8 +225,8 @@ def test_padded_pair_trains_with_tip_and_the_loss_is_the_reference(padded_paths,
         assert torch.equal(keep, mask)
     else:
         assert keep.sum() < mask.sum()
-    reference = per_token[keep].sum() / keep.sum()
-    assert torch.allclose(records[0]["loss"].double(), reference, rtol=0, atol=1e-6 * scale)
+    expected = reference.token_mean(per_token, keep)
+    assert torch.allclose(records[0]["loss"].double(), expected, rtol=0, atol=1e-6 * scale)
     head = trainer.model.lm_head.weight.detach()
     assert not torch.equal(head[:TOKENS], before["lm_head.weight"][:TOKENS])
     # Padding rows get no gradient; only AdamW's decoupled weight decay touches them.
@@ -269,9 +256,8 @@ def test_padded_pair_trains_with_paced_and_the_loss_is_the_reference(padded_path
     weights = inputs["paced_weights"].double()
     assert weights.gt(0).all()
     per_token, scale = _reference_per_token(padded_paths, inputs, trainer.beta)
-    rollout_means = (per_token * keep).sum(-1) / keep.sum(-1)
-    reference = (weights * rollout_means).sum() / inputs["paced_weight_sum"].double()
-    assert torch.allclose(records[0]["loss"].double(), reference, rtol=0, atol=1e-6 * scale)
+    expected = reference.paced_loss(per_token, keep, weights, inputs["paced_weight_sum"].double())
+    assert torch.allclose(records[0]["loss"].double(), expected, rtol=0, atol=1e-6 * scale)
 
 
 def test_padding_token_and_a_missing_chat_template_are_not_errors():
@@ -292,9 +278,9 @@ def test_every_rule_scores_and_trains_over_the_shared_rows(method):
     mask[1, 5:] = 0
     result = selective_divergence_loss(h_s, h_t, w_s, w_t, mask, 1.0, method=method, ratio=0.5,
                                        generator=torch.Generator().manual_seed(0), vocab_size=TOKENS)
-    log_s, log_t = _log_probs(h_s.double() @ w_s.double().t()), _log_probs(h_t.double() @ w_t.double().t())
-    reverse = _divergence(log_s, log_t, 1.0)
-    entropy = -(log_s.exp() * log_s).sum(-1) / math.log(TOKENS)
+    s_logits, t_logits = _shared(reference.logits(h_s, w_s)), _shared(reference.logits(h_t, w_t))
+    reverse = reference.reverse_kl(s_logits, t_logits)
+    entropy = reference.normalized_entropy(s_logits)
     scale = max((h_s @ w_s.t()).abs().max().item(), (h_t @ w_t.t()).abs().max().item())
     valid = mask.bool()
     # The statistics the rule ranks by are those of the shared rows, and the loss is the kept tokens' mean. The rules

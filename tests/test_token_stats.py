@@ -1,8 +1,5 @@
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 from trl.kernels import chunked_divergence
 from trl_tip._trl_compat import trl_chunked_divergence_loss
 
@@ -10,38 +7,11 @@ import importlib
 from trl_tip import selective_divergence_loss, token_stats
 from trl_tip.selection import select_tokens
 from trl_tip.chunked_stats import divergence_from_stats
+import reference
 from numerics import assert_close_to_float64
 
 
 chunked_stats_module = importlib.import_module("trl_tip.chunked_stats")
-
-
-def _logits(hidden, weight, bias=None, scale=1.0, softcap=None, temperature=1.0):
-    z = hidden @ weight.t()
-    if bias is not None:
-        z = z + bias
-    z = z * scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z / temperature
-
-
-def _reference(student_logits, teacher_logits, beta):
-    # Full-logit reference, in float64: entropy / ln V, KL(S||T), KL(T||S), generalised JSD as TRL defines it.
-    log_s = F.log_softmax(student_logits.double(), -1)
-    log_t = F.log_softmax(teacher_logits.double(), -1)
-    p_s, p_t = log_s.exp(), log_t.exp()
-    entropy = -(p_s * log_s).sum(-1)
-    reverse = (p_s * (log_s - log_t)).sum(-1)
-    forward = (p_t * (log_t - log_s)).sum(-1)
-    if beta == 0.0:
-        divergence = forward
-    elif beta == 1.0:
-        divergence = reverse
-    else:
-        log_m = torch.logsumexp(torch.stack([log_s + math.log(1 - beta), log_t + math.log(beta)]), 0)
-        divergence = beta * (p_t * (log_t - log_m)).sum(-1) + (1 - beta) * (p_s * (log_s - log_m)).sum(-1)
-    return entropy / math.log(student_logits.shape[-1]), reverse, forward, divergence
 
 
 @pytest.fixture
@@ -70,11 +40,12 @@ def test_token_stats_match_full_logits(small_chunks, logit_kwargs, with_bias):
     b_s, b_t = (torch.randn(vocab), torch.randn(vocab)) if with_bias else (None, None)
     stats = token_stats(h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, **logit_kwargs)
     temperature = logit_kwargs.get("temperature", 1.0)
-    s_logits = _logits(h_s, w_s, b_s, logit_kwargs.get("student_logit_scale", 1.0),
-                       logit_kwargs.get("student_final_logit_softcapping"), temperature)
-    t_logits = _logits(h_t, w_t, b_t, logit_kwargs.get("teacher_logit_scale", 1.0),
-                       logit_kwargs.get("teacher_final_logit_softcapping"), temperature)
-    entropy, reverse, forward, _ = _reference(s_logits, t_logits, 1.0)
+    s_logits = reference.logits(h_s, w_s, b_s, logit_kwargs.get("student_logit_scale", 1.0),
+                                logit_kwargs.get("student_final_logit_softcapping"), temperature)
+    t_logits = reference.logits(h_t, w_t, b_t, logit_kwargs.get("teacher_logit_scale", 1.0),
+                                logit_kwargs.get("teacher_final_logit_softcapping"), temperature)
+    entropy = reference.normalized_entropy(s_logits)
+    reverse, forward = reference.reverse_kl(s_logits, t_logits), reference.forward_kl(s_logits, t_logits)
     # Every statistic is a log-partition difference of these logits: its float32 error scales with their magnitude.
     logit_scale = max(s_logits.abs().max().item(), t_logits.abs().max().item())
     assert_close_to_float64(stats.entropy, entropy, scale=logit_scale)
@@ -112,13 +83,13 @@ def test_divergence_from_stats_value_and_gradient_on_chosen_rows(small_chunks, b
     ours.sum().backward()
 
     ref_h, ref_w, ref_b = (t.clone().double().requires_grad_(True) for t in (h_s, w_s, b_s))
-    s_logits = _logits(ref_h, ref_w, ref_b, temperature=0.9)
-    t_logits = _logits(h_t.double(), w_t.double(), temperature=0.9)
-    reference = _reference(s_logits, t_logits, beta)[3][rows]
-    reference.sum().backward()
+    s_logits = reference.logits(ref_h, ref_w, ref_b, temperature=0.9)
+    t_logits = reference.logits(h_t, w_t, temperature=0.9)
+    expected = reference.generalized_jsd(s_logits, t_logits, beta)[rows]
+    expected.sum().backward()
 
     logit_scale = max(s_logits.abs().max().item(), t_logits.abs().max().item())
-    assert_close_to_float64(ours, reference, scale=logit_scale)
+    assert_close_to_float64(ours, expected, scale=logit_scale)
     # A gradient is a sum of (probability differences) × (hidden states or weights); the probabilities carry the
     # logits' relative rounding, so its error scales with the logit magnitude times the gradient's own.
     for ours_grad, reference_grad in ((leaf_h.grad, ref_h.grad), (leaf_w.grad, ref_w.grad), (leaf_b.grad, ref_b.grad)):
@@ -304,11 +275,10 @@ def test_normalized_jsd_matches_full_logits(small_chunks, logit_kwargs):
     stats = token_stats(h_s, w_s, h_t, w_t, **logit_kwargs)
     ours = normalized_jsd(h_s, w_s, h_t, w_t, stats, **logit_kwargs)
     temperature = logit_kwargs.get("temperature", 1.0)
-    s_logits = _logits(h_s, w_s, None, 1.0, logit_kwargs.get("student_final_logit_softcapping"), temperature)
-    t_logits = _logits(h_t, w_t, None, 1.0, None, temperature)
-    jsd = _reference(s_logits, t_logits, 0.5)[3]
+    s_logits = reference.logits(h_s, w_s, None, 1.0, logit_kwargs.get("student_final_logit_softcapping"), temperature)
+    t_logits = reference.logits(h_t, w_t, None, 1.0, None, temperature)
     # Values in [0, 1]: float32 rounding of terms of size <= 1 is ~1e-6 each, summed over 23 entries.
-    torch.testing.assert_close(ours.double(), jsd / math.log(2.0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.double(), reference.normalized_jsd(s_logits, t_logits), rtol=0, atol=1e-5)
     assert ((ours >= 0) & (ours <= 1)).all() and ours.max() > 0.5
 
 
