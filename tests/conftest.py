@@ -25,3 +25,14 @@ def tiny_model_paths(tmp_path_factory):
     from trl_tip.testing import save_tiny_models
 
     return save_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="module")
+def problems(request):
+    """
+    The first problems of the built-in arithmetic task's training split (columns `prompt`, `answer`, `completion`):
+    as many as the test module's `NUM_PROBLEMS`, 16 if it sets none.
+    """
+    from trl_tip.tasks import build_arithmetic_dataset
+
+    return build_arithmetic_dataset()["train"].select(range(getattr(request.module, "NUM_PROBLEMS", 16)))

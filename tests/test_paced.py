@@ -1,6 +1,7 @@
 import copy
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from trl import DistillationConfig
 from trl_tip import PacedConfig, PacedTrainer, PassRateTable, math_reward, paced_weight, selective_divergence_loss
 import trl_tip.losses as losses_module
 import reference
+from builders import training_config
 from numerics import REORDERING_TOLERANCE, GradientRecorder, assert_close_to_float64, assert_same_gradients
 from trl_tip.losses import rollout_token_coefficients
 from trl_tip.pass_rates import ProblemSampler, sampling_probabilities
@@ -28,28 +30,11 @@ from trl_tip.trainers.paced import (
 )
 
 
-@pytest.fixture(scope="module")
-def problems():
-    return build_arithmetic_dataset()["train"].select(range(24))
+# The counts asserted below (24 problems, 24 × 4 estimation rollouts) assume 24.
+NUM_PROBLEMS = 24
 
-
-def _config(tmp_path, **overrides):
-    settings = {
-        "output_dir": str(tmp_path),
-        "per_device_train_batch_size": 8,
-        "max_steps": 2,
-        "learning_rate": 1e-3,
-        "max_completion_length": 32,
-        "bf16": False,
-        "report_to": "none",
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "seed": 0,
-        "pass_rate_rollouts": 4,
-        "disable_tqdm": True,
-    }
-    settings.update(overrides)
-    return PacedConfig(**settings)
+_config = partial(training_config, PacedConfig, per_device_train_batch_size=8, max_steps=2, learning_rate=1e-3,
+                  max_completion_length=32, pass_rate_rollouts=4)
 
 
 class ScriptedReward:

@@ -1,6 +1,7 @@
 """Teachers and students whose `lm_head`s are padded to different sizes over one tokenizer, and tokenizer checks."""
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -8,11 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import reference
+from builders import training_config
 import trl_tip.trainers.tip_distill.tip_distill_trainer as tip_module
 from trl_tip import PacedConfig, PacedTrainer, TipDistillConfig, TipDistillTrainer, selective_divergence_loss
 from trl_tip.losses import STUDENT_SIDE_METHODS
 from trl_tip.selection import SELECTION_METHODS
-from trl_tip.tasks import build_arithmetic_dataset
 from trl_tip.testing import build_tokenizer, save_pretrained_pair, tiny_model
 from trl_tip.vocabulary import TokenizerComparison, compare_tokenizers, end_of_turn_token, shared_vocab_size
 
@@ -37,9 +38,7 @@ def padded_paths(tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="module")
-def problems():
-    return build_arithmetic_dataset()["train"].select(range(8))
+NUM_PROBLEMS = 8
 
 
 def _shared(logits):
@@ -124,22 +123,8 @@ def test_compare_tokenizers_names_the_first_differing_id(tmp_path):
     )
 
 
-def _tip_config(tmp_path, **overrides):
-    settings = {
-        "output_dir": str(tmp_path),
-        "per_device_train_batch_size": 4,
-        "max_steps": 1,
-        "learning_rate": 1e-3,
-        "max_completion_length": 12,
-        "bf16": False,
-        "report_to": "none",
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "seed": 0,
-        "disable_tqdm": True,
-    }
-    settings.update(overrides)
-    return TipDistillConfig(**settings)
+_config = partial(training_config, per_device_train_batch_size=4, max_steps=1, learning_rate=1e-3,
+                  max_completion_length=12)
 
 
 def test_a_teacher_with_another_tokenizer_is_refused_naming_the_token(tiny_model_paths, problems, tmp_path):
@@ -149,9 +134,9 @@ def test_a_teacher_with_another_tokenizer_is_refused_naming_the_token(tiny_model
     _swap_tokens(teacher)
     with pytest.raises(ValueError, match="id 97 is 'a' for the student but 'b' for the teacher.*check_teacher_tokenizer"):
         TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=teacher,
-                          args=_tip_config(tmp_path / "out"), train_dataset=problems)
+                          args=_config(TipDistillConfig, tmp_path / "out"), train_dataset=problems)
     trainer = TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=teacher,
-                                args=_tip_config(tmp_path / "out", check_teacher_tokenizer=False),
+                                args=_config(TipDistillConfig, tmp_path / "out", check_teacher_tokenizer=False),
                                 train_dataset=problems)
     assert trainer.shared_vocab_size is None
 
@@ -161,13 +146,13 @@ def test_padded_heads_with_another_or_no_tokenizer_are_refused(padded_paths, pro
     bare = tmp_path / "bare-teacher"
     teacher.save_pretrained(bare)  # no tokenizer next to the weights
     with pytest.raises(ValueError, match=r"the teacher.s 300\. .*no tokenizer to compare"):
-        TipDistillTrainer(model=padded_paths["student"], teacher_model=str(bare), args=_tip_config(tmp_path / "a"),
-                          train_dataset=problems)
+        TipDistillTrainer(model=padded_paths["student"], teacher_model=str(bare),
+                          args=_config(TipDistillConfig, tmp_path / "a"), train_dataset=problems)
     swapped = save_pretrained_pair(teacher, build_tokenizer(), tmp_path / "swapped-teacher")
     _swap_tokens(swapped)
     with pytest.raises(ValueError, match="tokenizer differs from the student's"):
-        TipDistillTrainer(model=padded_paths["student"], teacher_model=swapped, args=_tip_config(tmp_path / "b"),
-                          train_dataset=problems)
+        TipDistillTrainer(model=padded_paths["student"], teacher_model=swapped,
+                          args=_config(TipDistillConfig, tmp_path / "b"), train_dataset=problems)
 
 
 # ---- Training a padded pair ----
@@ -208,7 +193,8 @@ def _reference_per_token(paths, inputs, beta):
 def test_padded_pair_trains_with_tip_and_the_loss_is_the_reference(padded_paths, problems, tmp_path, monkeypatch,
                                                                    token_selection):
     trainer = TipDistillTrainer(model=padded_paths["student"], teacher_model=padded_paths["teacher"],
-                                args=_tip_config(tmp_path, token_selection=token_selection), train_dataset=problems)
+                                args=_config(TipDistillConfig, tmp_path, token_selection=token_selection),
+                                train_dataset=problems)
     assert trainer.shared_vocab_size == TOKENS
     # TRL's init check is passed for the constructor only: the teacher's config keeps its real size.
     assert trainer.teacher_model.config.vocab_size == TEACHER_ROWS
@@ -240,11 +226,7 @@ def _half_pass_reward(completions, **kwargs):
 
 
 def test_padded_pair_trains_with_paced_and_the_loss_is_the_reference(padded_paths, problems, tmp_path, monkeypatch):
-    config = PacedConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=1e-3,
-        max_completion_length=12, bf16=False, report_to="none", logging_steps=1, save_strategy="no", seed=0,
-        disable_tqdm=True, pass_rate_rollouts=2,
-    )
+    config = _config(PacedConfig, tmp_path, pass_rate_rollouts=2)
     trainer = PacedTrainer(model=padded_paths["student"], teacher_model=padded_paths["teacher"], args=config,
                            train_dataset=problems, reward_funcs=_half_pass_reward)
     assert trainer.shared_vocab_size == TOKENS

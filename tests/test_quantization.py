@@ -1,13 +1,15 @@
 """QLoRA students and separately quantised teachers, on CPU (bitsandbytes runs 4-bit layers on CPU)."""
 
+from functools import partial
+
 import pytest
 import torch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
 
 from trl_tip import OPSDCConfig, OPSDCTrainer, TipDistillConfig, TipDistillTrainer
-from trl_tip.tasks import build_arithmetic_dataset
 from trl_tip.trainers.opsdc import TEACHER_ADAPTER_NAME, _AdapterSnapshot
+from builders import training_config
 
 
 pytest.importorskip("bitsandbytes")
@@ -17,27 +19,20 @@ def _is_4bit(module):
     return type(module).__name__ == "Linear4bit"
 
 
-@pytest.fixture(scope="module")
-def prompts():
-    return build_arithmetic_dataset()["train"].select(range(16))
-
-
-def _args(tmp_path, **overrides):
-    return TipDistillConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, bf16=False,
-                            report_to="none", max_completion_length=8, save_strategy="no", learning_rate=1e-2,
-                            logging_steps=1, **overrides)
+_config = partial(training_config, per_device_train_batch_size=4, max_steps=2, max_completion_length=8,
+                  learning_rate=1e-2)
 
 
 def _student_4bit():
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
 
 
-def test_qlora_student_trains_adapters_and_leaves_the_4bit_base(tiny_model_paths, prompts, tmp_path):
+def test_qlora_student_trains_adapters_and_leaves_the_4bit_base(tiny_model_paths, problems, tmp_path):
     trainer = TipDistillTrainer(
         model=tiny_model_paths["student"],
         teacher_model=tiny_model_paths["teacher"],
-        args=_args(tmp_path),
-        train_dataset=prompts,
+        args=_config(TipDistillConfig, tmp_path),
+        train_dataset=problems,
         quantization_config=_student_4bit(),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
@@ -56,9 +51,10 @@ def test_qlora_student_trains_adapters_and_leaves_the_4bit_base(tiny_model_paths
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
-def test_teacher_quantization_is_its_own_choice(tiny_model_paths, prompts, tmp_path):
+def test_teacher_quantization_is_its_own_choice(tiny_model_paths, problems, tmp_path):
     trainer = TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model_paths["teacher"],
-                                args=_args(tmp_path, teacher_quantization="4bit"), train_dataset=prompts)
+                                args=_config(TipDistillConfig, tmp_path, teacher_quantization="4bit"),
+                                train_dataset=problems)
     assert any(_is_4bit(m) for m in trainer.teacher_model.modules())
     assert not any(_is_4bit(m) for m in trainer.model.modules())
     # The lm_head stays in full precision: the chunked divergence reads its weight directly.
@@ -77,11 +73,12 @@ def test_teacher_quantization_errors():
                          teacher_model_init_kwargs={"quantization_config": {"load_in_4bit": True}})
 
 
-def test_teacher_quantization_needs_a_teacher_path(tiny_model_paths, prompts, tmp_path):
+def test_teacher_quantization_needs_a_teacher_path(tiny_model_paths, problems, tmp_path):
     teacher = AutoModelForCausalLM.from_pretrained(tiny_model_paths["teacher"])
     with pytest.raises(ValueError, match="pass `teacher_model` as a path"):
         TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=teacher,
-                          args=_args(tmp_path, teacher_quantization="4bit"), train_dataset=prompts)
+                          args=_config(TipDistillConfig, tmp_path, teacher_quantization="4bit"),
+                          train_dataset=problems)
 
 
 class _RecordTeacher(TrainerCallback):
@@ -100,20 +97,18 @@ class _RecordTeacher(TrainerCallback):
 
 @pytest.mark.parametrize("gradient_checkpointing", [True, False], ids=["checkpointing", "no-checkpointing"])
 def test_qlora_opsdc_student_trains_its_adapter_against_a_frozen_teacher_adapter(
-    tiny_model_paths, prompts, tmp_path, gradient_checkpointing
+    tiny_model_paths, problems, tmp_path, gradient_checkpointing
 ):
     # The teacher's forward runs the shared 4-bit base with gradients off. On a CPU with AVX512-BF16, bitsandbytes
     # repacks eval-mode 4-bit weights for inference there, after which the student's next forward with gradients (the
     # checkpointed recomputation, or the next step) fails in `matmul_4bit`; on other CPUs this passes either way.
     overrides = {} if gradient_checkpointing else {"gradient_checkpointing": False}
-    args = OPSDCConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, bf16=False,
-                       report_to="none", max_completion_length=8, save_strategy="no", learning_rate=1e-2,
-                       logging_steps=1, teacher_refresh_steps=2, **overrides)
+    args = _config(OPSDCConfig, tmp_path, teacher_refresh_steps=2, **overrides)
     assert args.gradient_checkpointing is gradient_checkpointing  # on by default
     trainer = OPSDCTrainer(
         model=tiny_model_paths["student"],
         args=args,
-        train_dataset=prompts,
+        train_dataset=problems,
         quantization_config=_student_4bit(),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
@@ -149,16 +144,14 @@ def test_qlora_opsdc_student_trains_its_adapter_against_a_frozen_teacher_adapter
     assert trainer.teacher_refreshes == 2
 
 
-def test_qlora_paced_student_trains_adapters_and_leaves_the_4bit_base(tiny_model_paths, prompts, tmp_path):
+def test_qlora_paced_student_trains_adapters_and_leaves_the_4bit_base(tiny_model_paths, problems, tmp_path):
     from trl_tip import PacedConfig, PacedTrainer
 
-    args = PacedConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, bf16=False,
-                       report_to="none", max_completion_length=8, save_strategy="no", learning_rate=1e-2,
-                       logging_steps=1, pass_rate_rollouts=2, paced_alpha=0.0, paced_beta=0.0,
-                       teacher_quantization="4bit")
+    args = _config(PacedConfig, tmp_path, pass_rate_rollouts=2, paced_alpha=0.0, paced_beta=0.0,
+                   teacher_quantization="4bit")
     trainer = PacedTrainer(
         model=tiny_model_paths["student"], teacher_model=tiny_model_paths["teacher"], args=args,
-        train_dataset=prompts, reward_funcs="math", quantization_config=_student_4bit(),
+        train_dataset=problems, reward_funcs="math", quantization_config=_student_4bit(),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
     q_proj = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
@@ -173,13 +166,13 @@ def test_qlora_paced_student_trains_adapters_and_leaves_the_4bit_base(tiny_model
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
-def test_qlora_student_trains_after_evaluation(tiny_model_paths, prompts, tmp_path):
+def test_qlora_student_trains_after_evaluation(tiny_model_paths, problems, tmp_path):
     # Evaluation runs the student in eval mode without gradient; on AVX512-BF16 CPUs bitsandbytes would then repack
     # its 4-bit weights into an inference-only layout and the next training step would fail.
     trainer = TipDistillTrainer(
         model=tiny_model_paths["student"], teacher_model=tiny_model_paths["teacher"],
-        args=_args(tmp_path, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4),
-        train_dataset=prompts, eval_dataset=prompts.select(range(4)), quantization_config=_student_4bit(),
+        args=_config(TipDistillConfig, tmp_path, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4),
+        train_dataset=problems, eval_dataset=problems.select(range(4)), quantization_config=_student_4bit(),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
     trainer.train()
@@ -191,14 +184,12 @@ def _distinct_characters(completions, **kwargs):
     return [len(set(completion[0]["content"])) / 10 for completion in completions]
 
 
-def test_qlora_ace_grpo_student_uses_the_adapter_free_base_as_reference(tiny_model_paths, prompts, tmp_path):
+def test_qlora_ace_grpo_student_uses_the_adapter_free_base_as_reference(tiny_model_paths, problems, tmp_path):
     from trl_tip import ACEGRPOConfig, ACEGRPOTrainer
 
-    args = ACEGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_steps=2,
-                         bf16=False, report_to="none", max_completion_length=8, save_strategy="no",
-                         learning_rate=1e-2, logging_steps=1, beta=0.0)
+    args = _config(ACEGRPOConfig, tmp_path, num_generations=4, beta=0.0)
     trainer = ACEGRPOTrainer(
-        model=tiny_model_paths["student"], reward_funcs=_distinct_characters, args=args, train_dataset=prompts,
+        model=tiny_model_paths["student"], reward_funcs=_distinct_characters, args=args, train_dataset=problems,
         quantization_config=_student_4bit(),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )

@@ -1,3 +1,5 @@
+from functools import partial
+
 import pytest
 import torch
 from datasets import Dataset
@@ -7,32 +9,15 @@ from trl import DistillationConfig, DistillationTrainer
 
 from trl_tip import TipDistillConfig, TipDistillTrainer
 from trl_tip.selection import tokens_per_rollout
+from builders import training_config
 from numerics import GradientRecorder, assert_same_gradients
-from trl_tip.tasks import build_arithmetic_dataset
 
 
-@pytest.fixture(scope="module")
-def prompts():
-    return build_arithmetic_dataset()["train"].select(range(32))
+NUM_PROBLEMS = 32
 
-
-def _config(cls, tmp_path, **overrides):
-    settings = {
-        "output_dir": str(tmp_path),
-        "per_device_train_batch_size": 8,
-        "max_steps": 3,
-        "learning_rate": 1e-3,
-        "max_completion_length": 16,
-        "bf16": False,
-        "report_to": "none",
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "seed": 0,
-        # TRL's own config pins memory, which torch warns about without an accelerator; trl_tip's do not there.
-        "dataloader_pin_memory": False,
-    }
-    settings.update(overrides)
-    return cls(**settings)
+# TRL's own config pins memory, which torch warns about without an accelerator; trl_tip's do not there.
+_config = partial(training_config, per_device_train_batch_size=8, max_steps=3, learning_rate=1e-3,
+                  max_completion_length=16, dataloader_pin_memory=False)
 
 
 def _train(trainer_cls, config, paths, dataset, **kwargs):
@@ -57,29 +42,29 @@ def test_config_rejects_bad_values():
         "soft_or", 0.5, 0.98, 1.0)
 
 
-def test_trainer_needs_its_own_config(tiny_model_paths, prompts, tmp_path):
+def test_trainer_needs_its_own_config(tiny_model_paths, problems, tmp_path):
     with pytest.raises(TypeError, match="needs a TipDistillConfig"):
         TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model_paths["teacher"],
-                          args=_config(DistillationConfig, tmp_path), train_dataset=prompts)
+                          args=_config(DistillationConfig, tmp_path), train_dataset=problems)
 
 
 @pytest.mark.parametrize("gradient_accumulation_steps", [1, 2])
-def test_all_reproduces_trl_distillation_trainer_exactly(tiny_model_paths, prompts, tmp_path,
+def test_all_reproduces_trl_distillation_trainer_exactly(tiny_model_paths, problems, tmp_path,
                                                          gradient_accumulation_steps):
     extra = {"gradient_accumulation_steps": gradient_accumulation_steps, "per_device_train_batch_size": 4}
     trl_trainer, trl_losses = _train(DistillationTrainer, _config(DistillationConfig, tmp_path / "trl", **extra),
-                                     tiny_model_paths, prompts)
+                                     tiny_model_paths, problems)
     tip_trainer, tip_losses = _train(
         TipDistillTrainer, _config(TipDistillConfig, tmp_path / "tip", token_selection="all", **extra),
-        tiny_model_paths, prompts)
+        tiny_model_paths, problems)
     assert len(tip_losses) == 3 and tip_losses == trl_losses
     for (name, trl_param), (_, tip_param) in zip(trl_trainer.model.named_parameters(),
                                                  tip_trainer.model.named_parameters(), strict=True):
         assert torch.equal(trl_param, tip_param), name
 
 
-def test_soft_or_trains_on_half_the_tokens_and_logs(tiny_model_paths, prompts, tmp_path):
-    trainer, losses = _train(TipDistillTrainer, _config(TipDistillConfig, tmp_path), tiny_model_paths, prompts)
+def test_soft_or_trains_on_half_the_tokens_and_logs(tiny_model_paths, problems, tmp_path):
+    trainer, losses = _train(TipDistillTrainer, _config(TipDistillConfig, tmp_path), tiny_model_paths, problems)
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_paths["student"])
     changed = [not torch.equal(p, q) for p, q in zip(initial.parameters(), trainer.model.parameters(), strict=True)]
     assert all(changed)
@@ -95,32 +80,32 @@ def test_soft_or_trains_on_half_the_tokens_and_logs(tiny_model_paths, prompts, t
         assert entry["tip/divergence_kept"] >= entry["tip/divergence_all"]
 
 
-def test_num_items_in_batch_counts_kept_tokens(tiny_model_paths, prompts, tmp_path):
+def test_num_items_in_batch_counts_kept_tokens(tiny_model_paths, problems, tmp_path):
     trainer = TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model_paths["teacher"],
-                                args=_config(TipDistillConfig, tmp_path, token_ratio=0.3), train_dataset=prompts)
-    output = trainer._generate_and_score_completions([prompts[i] for i in range(8)])
+                                args=_config(TipDistillConfig, tmp_path, token_ratio=0.3), train_dataset=problems)
+    output = trainer._generate_and_score_completions([problems[i] for i in range(8)])
     expected = tokens_per_rollout(output["completion_mask"], 0.3).sum()
     assert output["num_items_in_batch"].item() == expected.item()
     assert expected < output["completion_mask"].sum()
 
 
-def test_gradient_accumulation_normalises_like_one_big_batch(tiny_model_paths, prompts, tmp_path):
+def test_gradient_accumulation_normalises_like_one_big_batch(tiny_model_paths, problems, tmp_path):
     # A rule without batch statistics selects the same tokens whatever the micro-batch, so one step over 8 rollouts
     # must equal two accumulated micro-batches of 4.
     common = {"token_selection": "divergence_topk", "max_steps": 1}
     one, two = GradientRecorder(), GradientRecorder()
     _train(TipDistillTrainer, _config(TipDistillConfig, tmp_path / "a", per_device_train_batch_size=8, **common),
-           tiny_model_paths, prompts, callbacks=[one])
+           tiny_model_paths, problems, callbacks=[one])
     _train(TipDistillTrainer, _config(TipDistillConfig, tmp_path / "b", per_device_train_batch_size=4,
-                                      gradient_accumulation_steps=2, **common), tiny_model_paths, prompts,
+                                      gradient_accumulation_steps=2, **common), tiny_model_paths, problems,
            callbacks=[two])
     assert_same_gradients(one, two)
 
 
-def test_lora_student_trains_adapters_only(tiny_model_paths, prompts, tmp_path):
+def test_lora_student_trains_adapters_only(tiny_model_paths, problems, tmp_path):
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer, losses = _train(TipDistillTrainer, _config(TipDistillConfig, tmp_path, max_steps=2), tiny_model_paths,
-                             prompts, peft_config=peft_config)
+                             problems, peft_config=peft_config)
     assert len(losses) == 2
     base = AutoModelForCausalLM.from_pretrained(tiny_model_paths["student"]).state_dict()
     for name, param in trainer.model.named_parameters():
@@ -131,12 +116,12 @@ def test_lora_student_trains_adapters_only(tiny_model_paths, prompts, tmp_path):
             assert torch.equal(param, base[key]), name
 
 
-def test_nan_loss_is_never_stepped(tiny_model_paths, prompts, tmp_path):
+def test_nan_loss_is_never_stepped(tiny_model_paths, problems, tmp_path):
     teacher = AutoModelForCausalLM.from_pretrained(tiny_model_paths["teacher"])
     with torch.no_grad():
         teacher.lm_head.weight[0, 0] = float("nan")
     trainer = TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=teacher,
-                                args=_config(TipDistillConfig, tmp_path, max_steps=1), train_dataset=prompts)
+                                args=_config(TipDistillConfig, tmp_path, max_steps=1), train_dataset=problems)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     with pytest.raises(FloatingPointError, match="refusing to step"):
         trainer.train()
@@ -168,10 +153,10 @@ def test_divergence_options_are_validated_at_construction():
 
 @pytest.mark.parametrize("options", [{"selection_divergence": "jsd"}, {"divergence_clip_quantile": 0.9}],
                          ids=["jsd", "clipped"])
-def test_divergence_options_train_and_log_the_spread_of_the_divergence_axis(tiny_model_paths, prompts, tmp_path,
+def test_divergence_options_train_and_log_the_spread_of_the_divergence_axis(tiny_model_paths, problems, tmp_path,
                                                                               options):
     trainer, losses = _train(TipDistillTrainer, _config(TipDistillConfig, tmp_path, max_steps=2, **options),
-                             tiny_model_paths, prompts)
+                             tiny_model_paths, problems)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     logs = [entry for entry in trainer.state.log_history if "tip/divergence_hat_p50" in entry]
     assert len(logs) == 2
@@ -180,19 +165,19 @@ def test_divergence_options_train_and_log_the_spread_of_the_divergence_axis(tiny
 
 
 @pytest.mark.parametrize("token_selection", ["random", "entropy_sample"])
-def test_resume_with_sampled_selection_repeats_the_uninterrupted_run(tiny_model_paths, prompts, tmp_path,
+def test_resume_with_sampled_selection_repeats_the_uninterrupted_run(tiny_model_paths, problems, tmp_path,
                                                                      token_selection):
     # The selection generator is saved per process in every checkpoint and restored on resume, so the resumed run
     # draws the same tokens as the uninterrupted one and ends on bit-identical parameters.
     settings = {"token_selection": token_selection, "max_steps": 4, "per_device_train_batch_size": 4,
                 "save_strategy": "steps", "save_steps": 2}
     whole, _ = _train(TipDistillTrainer, _config(TipDistillConfig, tmp_path / "whole", **settings), tiny_model_paths,
-                      prompts)
+                      problems)
     checkpoint = tmp_path / "whole" / "checkpoint-2"
     assert (checkpoint / "tip_selection_rng_0.pth").is_file()
     resumed = TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model_paths["teacher"],
                                 args=_config(TipDistillConfig, tmp_path / "resumed", **settings),
-                                train_dataset=prompts)
+                                train_dataset=problems)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 4
     for (name, whole_param), (_, resumed_param) in zip(whole.model.named_parameters(),
