@@ -1,8 +1,8 @@
 import math
+from functools import partial
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
@@ -10,6 +10,7 @@ from trl_tip import ACEGRPOConfig, ACEGRPOTrainer, ace_confidence_shift, ace_sca
 from trl_tip.testing import build_tokenizer, save_pretrained_pair, tiny_model
 from trl_tip.weighting import ace_scale_factors
 import reference
+from builders import training_config
 from numerics import assert_reordered_close
 
 
@@ -189,30 +190,12 @@ def diversity_reward(completions, **kwargs):
     return [len(set(completion[0]["content"])) / 10 for completion in completions]
 
 
-@pytest.fixture(scope="module")
-def prompts():
-    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"{a}+{a + 3}"}] for a in range(10, 42)]})
+NUM_PROBLEMS = 32
 
 
-def make_args(output_dir, config_class=ACEGRPOConfig, **overrides):
-    fields = {
-        "output_dir": str(output_dir),
-        "per_device_train_batch_size": 4,
-        "num_generations": 4,
-        "max_completion_length": 8,
-        "max_steps": 3,
-        "learning_rate": 1e-2,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "bf16": False,
-        "seed": 0,
-        "disable_tqdm": True,
-        # TRL's own config pins memory, which torch warns about without an accelerator; trl_tip's do not there.
-        "dataloader_pin_memory": False,
-        **overrides,
-    }
-    return config_class(**fields)
+# TRL's own config pins memory, which torch warns about without an accelerator; trl_tip's do not there.
+_config = partial(training_config, per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
+                  max_steps=3, learning_rate=1e-2, dataloader_pin_memory=False)
 
 
 def completion_logps(model, batch):
@@ -237,22 +220,22 @@ def dropout_model_path(tmp_path_factory):
 
 @pytest.mark.parametrize("loss_type, dropout", [("dapo", False), ("grpo", True)], ids=["dapo", "grpo-dropout"])
 def test_alpha_zero_reproduces_grpo_exactly(
-    tiny_model_paths, dropout_model_path, prompts, tmp_path, loss_type, dropout
+    tiny_model_paths, dropout_model_path, problems, tmp_path, loss_type, dropout
 ):
     # With dropout, an extra forward pass that advanced the random state would change every later sample.
     model_path = dropout_model_path if dropout else tiny_model_paths["student"]
     grpo = GRPOTrainer(
         model=model_path,
         reward_funcs=diversity_reward,
-        args=make_args(tmp_path / "grpo", GRPOConfig, loss_type=loss_type),
-        train_dataset=prompts,
+        args=_config(GRPOConfig, tmp_path / "grpo", loss_type=loss_type),
+        train_dataset=problems,
     )
     grpo.train()
     ace = ACEGRPOTrainer(
         model=model_path,
         reward_funcs=diversity_reward,
-        args=make_args(tmp_path / "ace", ace_alpha=0.0, loss_type=loss_type),
-        train_dataset=prompts,
+        args=_config(ACEGRPOConfig, tmp_path / "ace", ace_alpha=0.0, loss_type=loss_type),
+        train_dataset=problems,
     )
     ace.train()
 
@@ -270,19 +253,19 @@ def test_alpha_zero_reproduces_grpo_exactly(
     assert all(entry["ace/scaled_fraction"] == 0.0 for entry in ace.state.log_history if "loss" in entry)
 
 
-def _moved_pair(tiny_model_paths, prompts, tmp_path, **ace_overrides):
+def _moved_pair(tiny_model_paths, problems, tmp_path, **ace_overrides):
     """GRPO and ACE (α = 2) on the same policy, moved away from the reference identically."""
     grpo = GRPOTrainer(
         model=tiny_model_paths["student"],
         reward_funcs=diversity_reward,
-        args=make_args(tmp_path / "grpo", GRPOConfig, **ace_overrides),
-        train_dataset=prompts,
+        args=_config(GRPOConfig, tmp_path / "grpo", **ace_overrides),
+        train_dataset=problems,
     )
     ace = ACEGRPOTrainer(
         model=tiny_model_paths["student"],
         reward_funcs=diversity_reward,
-        args=make_args(tmp_path / "ace", ace_alpha=2.0, **ace_overrides),
-        train_dataset=prompts,
+        args=_config(ACEGRPOConfig, tmp_path / "ace", ace_alpha=2.0, **ace_overrides),
+        train_dataset=problems,
     )
     # Move both policies away from the reference identically, so that confidence shifts are not all zero.
     with torch.no_grad():
@@ -291,7 +274,7 @@ def _moved_pair(tiny_model_paths, prompts, tmp_path, **ace_overrides):
             noise = 0.05 * torch.randn(ace_param.shape, generator=generator)
             ace_param.add_(noise)
             grpo_param.add_(noise)
-    inputs = [prompts[i // 4] for i in range(8)]  # two groups of four
+    inputs = [problems[i // 4] for i in range(8)]  # two groups of four
     torch.manual_seed(0)
     grpo_batch = grpo._generate_and_score_completions([dict(x) for x in inputs])
     torch.manual_seed(0)
@@ -309,13 +292,13 @@ def _expected_ace_advantages(ace, ace_batch, advantages, model_path):
     return ace_scale_advantages(advantages, shifts, alpha=2.0)
 
 
-def test_negative_advantages_scaled_positive_untouched(tiny_model_paths, prompts, tmp_path):
+def test_negative_advantages_scaled_positive_untouched(tiny_model_paths, problems, tmp_path):
     """
     ACE's advantages equal ace_scale_advantages(GRPO's advantages, c), c measured against the reference. With one
     iteration and generation aligned with the optimiser step (TRL computes no `old_per_token_logps`), the scaling
     happens in the loss, from the log-probabilities the loss computes anyway.
     """
-    ace, ace_batch, grpo_batch = _moved_pair(tiny_model_paths, prompts, tmp_path)
+    ace, ace_batch, grpo_batch = _moved_pair(tiny_model_paths, problems, tmp_path)
     before = grpo_batch["advantages"]
     assert (before > 0).any() and (before < 0).any()
     # Not scaled yet: the batch carries the reference log-probabilities and the mark of a scaling in the loss.
@@ -335,11 +318,11 @@ def test_negative_advantages_scaled_positive_untouched(tiny_model_paths, prompts
     assert torch.equal(ace_batch["advantages"], after)
 
 
-def test_advantages_scaled_at_generation_when_trl_keeps_the_sampling_policy(tiny_model_paths, prompts, tmp_path):
+def test_advantages_scaled_at_generation_when_trl_keeps_the_sampling_policy(tiny_model_paths, problems, tmp_path):
     # A generation batch spanning two optimiser steps: the weights move between generation and the second half's
     # loss, so TRL computes `old_per_token_logps` at generation, and ACE scales there, from those.
     ace, ace_batch, grpo_batch = _moved_pair(
-        tiny_model_paths, prompts, tmp_path, per_device_train_batch_size=4, steps_per_generation=2
+        tiny_model_paths, problems, tmp_path, per_device_train_batch_size=4, steps_per_generation=2
     )
     assert ace_batch.get("old_per_token_logps") is not None
     before, after = grpo_batch["advantages"], ace_batch["advantages"]
@@ -357,7 +340,7 @@ def _policy_and_reference_forwards(trainer):
     return counts
 
 
-def test_ace_costs_the_forward_passes_of_grpo_with_a_reference(tiny_model_paths, prompts, tmp_path):
+def test_ace_costs_the_forward_passes_of_grpo_with_a_reference(tiny_model_paths, problems, tmp_path):
     # GRPO with a KL penalty (beta > 0) scores the completions under the reference once per generation batch; ACE at
     # beta = 0 needs exactly that reference pass and no policy pass besides the loss's own.
     runs = {}
@@ -368,8 +351,8 @@ def test_ace_costs_the_forward_passes_of_grpo_with_a_reference(tiny_model_paths,
         trainer = trainer_class(
             model=tiny_model_paths["student"],
             reward_funcs=diversity_reward,
-            args=make_args(tmp_path / name, config_class, max_steps=2, **overrides),
-            train_dataset=prompts,
+            args=_config(config_class, tmp_path / name, max_steps=2, **overrides),
+            train_dataset=problems,
         )
         counts = _policy_and_reference_forwards(trainer)
         trainer.train()
@@ -379,12 +362,12 @@ def test_ace_costs_the_forward_passes_of_grpo_with_a_reference(tiny_model_paths,
     assert runs["ace"]["reference"] == 2
 
 
-def test_full_model_reference_with_beta_zero(tiny_model_paths, prompts, tmp_path):
+def test_full_model_reference_with_beta_zero(tiny_model_paths, problems, tmp_path):
     trainer = ACEGRPOTrainer(
         model=tiny_model_paths["student"],
         reward_funcs=diversity_reward,
-        args=make_args(tmp_path, max_steps=2),
-        train_dataset=prompts,
+        args=_config(ACEGRPOConfig, tmp_path, max_steps=2),
+        train_dataset=problems,
     )
     assert trainer.beta == 0.0 and trainer.args.beta == 0.0
     assert trainer.ref_model is not None and trainer.ref_model is not trainer.model
@@ -397,7 +380,7 @@ def test_full_model_reference_with_beta_zero(tiny_model_paths, prompts, tmp_path
     assert any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), initial.parameters(), strict=True))
 
     torch.manual_seed(0)
-    batch = trainer._generate_and_score_completions([dict(prompts[i // 4]) for i in range(4)])
+    batch = trainer._generate_and_score_completions([dict(problems[i // 4]) for i in range(4)])
     reference_logps = trainer._reference_completion_logps(batch, "train")
     mask = batch["completion_mask"].bool()
     assert_reordered_close(reference_logps[mask], completion_logps(initial, batch)[mask])
@@ -408,14 +391,14 @@ def test_full_model_reference_with_beta_zero(tiny_model_paths, prompts, tmp_path
     ]
 
 
-def test_lora_reference_is_the_adapter_disabled_model(tiny_model_paths, prompts, tmp_path):
+def test_lora_reference_is_the_adapter_disabled_model(tiny_model_paths, problems, tmp_path):
     from peft import LoraConfig
 
     trainer = ACEGRPOTrainer(
         model=tiny_model_paths["student"],
         reward_funcs=diversity_reward,
-        args=make_args(tmp_path, max_steps=2, learning_rate=5e-2),
-        train_dataset=prompts,
+        args=_config(ACEGRPOConfig, tmp_path, max_steps=2, learning_rate=5e-2),
+        train_dataset=problems,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
     )
     assert trainer.ref_model is None and trainer.beta == 0.0
@@ -423,7 +406,7 @@ def test_lora_reference_is_the_adapter_disabled_model(tiny_model_paths, prompts,
     trainer.train()
 
     torch.manual_seed(0)
-    batch = trainer._generate_and_score_completions([dict(prompts[i // 4]) for i in range(4)])
+    batch = trainer._generate_and_score_completions([dict(problems[i // 4]) for i in range(4)])
     mask = batch["completion_mask"].bool()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_paths["student"])
     reference_logps = trainer._reference_completion_logps(batch, "train")
@@ -441,12 +424,12 @@ def test_lora_reference_is_the_adapter_disabled_model(tiny_model_paths, prompts,
     ],
     ids=["dr_grpo-relu-mean", "bnpo-kl-bounded"],
 )
-def test_trains_with_other_loss_types(tiny_model_paths, prompts, tmp_path, overrides):
+def test_trains_with_other_loss_types(tiny_model_paths, problems, tmp_path, overrides):
     trainer = ACEGRPOTrainer(
         model=tiny_model_paths["student"],
         reward_funcs=diversity_reward,
-        args=make_args(tmp_path, max_steps=2, **overrides),
-        train_dataset=prompts,
+        args=_config(ACEGRPOConfig, tmp_path, max_steps=2, **overrides),
+        train_dataset=problems,
     )
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -467,17 +450,17 @@ def test_trains_with_other_loss_types(tiny_model_paths, prompts, tmp_path, overr
 def test_rejects_plain_grpo_config(tiny_model_paths, tmp_path):
     with pytest.raises(TypeError, match="needs an ACEGRPOConfig"):
         ACEGRPOTrainer(
-            model=tiny_model_paths["student"], reward_funcs=diversity_reward, args=make_args(tmp_path, GRPOConfig)
+            model=tiny_model_paths["student"], reward_funcs=diversity_reward, args=_config(GRPOConfig, tmp_path)
         )
 
 
-def test_rejects_model_instance_without_path(prompts, tmp_path):
+def test_rejects_model_instance_without_path(problems, tmp_path):
     with pytest.raises(ValueError, match="save_pretrained"):
         ACEGRPOTrainer(
             model=tiny_model("student"),
             reward_funcs=diversity_reward,
-            args=make_args(tmp_path),
-            train_dataset=prompts,
+            args=_config(ACEGRPOConfig, tmp_path),
+            train_dataset=problems,
         )
 
 

@@ -10,7 +10,7 @@ from peft import LoraConfig
 
 from trl_tip import TipDistillConfig, TipDistillTrainer
 from trl_tip.hub import final_metrics, render_card_section
-from trl_tip.tasks import build_arithmetic_dataset
+from builders import training_config
 
 
 class CapturingHfApi:
@@ -38,19 +38,20 @@ def hub(monkeypatch):
     return api
 
 
-def _trainer(paths, tmp_path, peft_config=None):
-    args = TipDistillConfig(output_dir=str(tmp_path / "tip-student"), per_device_train_batch_size=4, max_steps=1,
-                            bf16=False, report_to="none", max_completion_length=8, save_strategy="no",
-                            logging_steps=1, token_ratio=0.2, hub_model_id="tip-student")
+NUM_PROBLEMS = 8
+
+
+def _trainer(paths, problems, tmp_path, peft_config=None):
+    args = training_config(TipDistillConfig, tmp_path / "tip-student", per_device_train_batch_size=4, max_steps=1,
+                           max_completion_length=8, token_ratio=0.2, hub_model_id="tip-student")
     trainer = TipDistillTrainer(model=paths["student"], teacher_model=paths["teacher"], args=args,
-                                train_dataset=build_arithmetic_dataset()["train"].select(range(8)),
-                                peft_config=peft_config)
+                                train_dataset=problems, peft_config=peft_config)
     trainer.train()
     return trainer
 
 
-def test_push_uploads_the_student_and_a_card_naming_the_method(tiny_model_paths, tmp_path, hub):
-    trainer = _trainer(tiny_model_paths, tmp_path)
+def test_push_uploads_the_student_and_a_card_naming_the_method(tiny_model_paths, problems, tmp_path, hub):
+    trainer = _trainer(tiny_model_paths, problems, tmp_path)
     trainer.push_to_hub(dataset_name="builtin/arithmetic", metrics={"test_accuracy": 0.875})
     assert hub.uploads[0]["repo_id"] == "user/tip-student"
     files = hub.uploads[0]["files"]
@@ -66,9 +67,9 @@ def test_push_uploads_the_student_and_a_card_naming_the_method(tiny_model_paths,
     assert "| `loss` |" in text and "| `tip/kept_fraction` |" in text
 
 
-def test_lora_student_pushed_as_adapters_or_merged(tiny_model_paths, tmp_path, hub):
+def test_lora_student_pushed_as_adapters_or_merged(tiny_model_paths, problems, tmp_path, hub):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    trainer = _trainer(tiny_model_paths, tmp_path, peft_config=lora)
+    trainer = _trainer(tiny_model_paths, problems, tmp_path, peft_config=lora)
     trainer.push_to_hub()
     adapter_files = set(hub.uploads[-1]["files"])
     assert {"adapter_model.safetensors", "adapter_config.json"} <= adapter_files
@@ -82,8 +83,8 @@ def test_lora_student_pushed_as_adapters_or_merged(tiny_model_paths, tmp_path, h
     assert any("lora_" in name for name, _ in trainer.model.named_parameters())
 
 
-def test_merge_adapters_needs_adapters(tiny_model_paths, tmp_path, hub):
-    trainer = _trainer(tiny_model_paths, tmp_path)
+def test_merge_adapters_needs_adapters(tiny_model_paths, problems, tmp_path, hub):
+    trainer = _trainer(tiny_model_paths, problems, tmp_path)
     with pytest.raises(ValueError, match="needs a PEFT"):
         trainer.push_to_hub(merge_adapters=True)
 
@@ -135,7 +136,7 @@ def test_merged_state_dict_is_peft_merge_and_unload(tiny_model_paths):
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base)
 
 
-def test_push_merged_from_a_gathered_state_dict(tiny_model_paths, tmp_path, hub):
+def test_push_merged_from_a_gathered_state_dict(tiny_model_paths, problems, tmp_path, hub):
     # Under ZeRO-3 / FSDP2 the trainer's `save_model` passes `_save` the gathered state dict; the merged upload is
     # built from it, not from the (sharded) local model, and loads as the merged student.
     import copy
@@ -143,9 +144,8 @@ def test_push_merged_from_a_gathered_state_dict(tiny_model_paths, tmp_path, hub)
     import torch
     from safetensors.torch import load_file
 
-    trainer = _trainer(tiny_model_paths, tmp_path, peft_config=LoraConfig(r=4, lora_alpha=8,
-                                                                           target_modules=["q_proj", "v_proj"],
-                                                                           task_type="CAUSAL_LM"))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = _trainer(tiny_model_paths, problems, tmp_path, peft_config=lora)
     student = trainer.accelerator.unwrap_model(trainer.model)
     with torch.no_grad():
         for name, parameter in student.named_parameters():

@@ -1,6 +1,7 @@
 """Bad inputs fail at construction, with a message naming the field, before any model generates anything."""
 
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -18,10 +19,10 @@ from trl_tip import (
     math_reward,
 )
 from trl_tip.testing import build_tokenizer
+from builders import training_config
 
 
-COMMON = {"bf16": False, "report_to": "none", "save_strategy": "no", "max_steps": 1, "per_device_train_batch_size": 4,
-          "max_completion_length": 8, "disable_tqdm": True}
+_config = partial(training_config, max_steps=1, per_device_train_batch_size=4, max_completion_length=8)
 PROMPTS = [[{"role": "user", "content": f"{a}+{a + 1}"}] for a in range(8)]
 
 
@@ -31,19 +32,21 @@ def _reward(completions, **kwargs):
 
 def _build(trainer, paths, tmp_path, train_dataset, eval_dataset=None, reward_funcs=_reward, **config):
     """Construct one of the four trainers on the tiny models, with `config` overriding the defaults above."""
-    fields = {"output_dir": str(tmp_path), **COMMON, **config}
     if trainer == "tip":
-        return TipDistillTrainer(model=paths["student"], teacher_model=paths["teacher"], args=TipDistillConfig(**fields),
-                                 train_dataset=train_dataset, eval_dataset=eval_dataset)
+        return TipDistillTrainer(model=paths["student"], teacher_model=paths["teacher"],
+                                 args=_config(TipDistillConfig, tmp_path, **config), train_dataset=train_dataset,
+                                 eval_dataset=eval_dataset)
     if trainer == "paced":
-        return PacedTrainer(model=paths["student"], teacher_model=paths["teacher"], args=PacedConfig(**fields),
-                            train_dataset=train_dataset, eval_dataset=eval_dataset, reward_funcs=reward_funcs)
+        return PacedTrainer(model=paths["student"], teacher_model=paths["teacher"],
+                            args=_config(PacedConfig, tmp_path, **config), train_dataset=train_dataset,
+                            eval_dataset=eval_dataset, reward_funcs=reward_funcs)
     if trainer == "opsdc":
-        return OPSDCTrainer(paths["student"], args=OPSDCConfig(**fields), train_dataset=train_dataset,
-                            eval_dataset=eval_dataset, processing_class=build_tokenizer(), reward_funcs=reward_funcs)
+        return OPSDCTrainer(paths["student"], args=_config(OPSDCConfig, tmp_path, **config),
+                            train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=build_tokenizer(),
+                            reward_funcs=reward_funcs)
     return ACEGRPOTrainer(model=paths["student"], reward_funcs=reward_funcs,
-                          args=ACEGRPOConfig(num_generations=4, **fields), train_dataset=train_dataset,
-                          eval_dataset=eval_dataset)
+                          args=_config(ACEGRPOConfig, tmp_path, num_generations=4, **config),
+                          train_dataset=train_dataset, eval_dataset=eval_dataset)
 
 
 TRAINERS = ["tip", "paced", "opsdc", "ace"]

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from trl_tip.instructions import _add_instruction
 from trl_tip.testing import build_tokenizer
 from trl_tip.trainers.opsdc import OPSDC_STATE_NAME, TEACHER_ADAPTER_NAME, TEACHER_SNAPSHOT_NAME
 import reference
+from builders import training_config
 from numerics import GradientRecorder, assert_same_gradients
 
 
@@ -35,35 +37,8 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def prompts_dataset():
-    pairs = [(10 + i, 31 + 2 * i) for i in range(16)]
-    return Dataset.from_dict(
-        {
-            "prompt": [[{"role": "user", "content": f"{a}+{b}"}] for a, b in pairs],
-            "answer": [str(a + b) for a, b in pairs],
-        }
-    )
-
-
-def make_config(tmp_path, **overrides):
-    fields = {
-        "output_dir": str(tmp_path / "out"),
-        "per_device_train_batch_size": 4,
-        "max_completion_length": 8,
-        "max_steps": 2,
-        "learning_rate": 1e-3,
-        "concise_instruction": INSTRUCTION,
-        "bf16": False,
-        "gradient_checkpointing": False,
-        "report_to": "none",
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "disable_tqdm": True,
-        "seed": 0,
-    }
-    fields.update(overrides)
-    return OPSDCConfig(**fields)
+_config = partial(training_config, OPSDCConfig, per_device_train_batch_size=4, max_completion_length=8, max_steps=2,
+                  learning_rate=1e-3, concise_instruction=INSTRUCTION, gradient_checkpointing=False)
 
 
 def make_trainer(tiny_model_paths, dataset, config, **kwargs):
@@ -145,30 +120,30 @@ def test_config_defaults_and_validation(tmp_path):
         OPSDCConfig(str(tmp_path), bf16=False, beta=0.0)
 
 
-def test_trainer_rejects_a_teacher_and_unusable_prompts(tiny_model_paths, prompts_dataset, tmp_path):
-    config = make_config(tmp_path)
+def test_trainer_rejects_a_teacher_and_unusable_prompts(tiny_model_paths, problems, tmp_path):
+    config = _config(tmp_path)
     with pytest.raises(ValueError, match="teacher_model"):
-        make_trainer(tiny_model_paths, prompts_dataset, config, teacher_model=tiny_model_paths["teacher"])
+        make_trainer(tiny_model_paths, problems, config, teacher_model=tiny_model_paths["teacher"])
     text_prompts = Dataset.from_dict({"prompt": ["1+2", "3+4"]})
     with pytest.raises(ValueError, match="conversational"):
-        make_trainer(tiny_model_paths, text_prompts, make_config(tmp_path, instruction_position="system"))
+        make_trainer(tiny_model_paths, text_prompts, _config(tmp_path, instruction_position="system"))
     with pytest.raises(ValueError, match="Unknown reward 'some/reward-model'.*Reward models are not supported"):
-        make_trainer(tiny_model_paths, prompts_dataset, config, reward_funcs="some/reward-model")
+        make_trainer(tiny_model_paths, problems, config, reward_funcs="some/reward-model")
     with pytest.raises(TypeError, match="OPSDCTrainer's reward_funcs must be callables"):
-        make_trainer(tiny_model_paths, prompts_dataset, config, reward_funcs=[3])
+        make_trainer(tiny_model_paths, problems, config, reward_funcs=[3])
 
 
-def test_fsdp1_is_refused_before_the_model_loads(prompts_dataset, tmp_path, monkeypatch):
+def test_fsdp1_is_refused_before_the_model_loads(problems, tmp_path, monkeypatch):
     # The model path does not exist: reaching the model loader would fail with another error.
     missing_model = str(tmp_path / "never-loaded")
     config = OPSDCConfig(str(tmp_path), bf16=False, fsdp="full_shard", fsdp_config={"version": 1})
     with pytest.raises(ValueError, match="FSDP version 1.*FSDP2"):
-        OPSDCTrainer(model=missing_model, args=config, train_dataset=prompts_dataset)
+        OPSDCTrainer(model=missing_model, args=config, train_dataset=problems)
     # The same limit when `accelerate launch` sets FSDP from its config file.
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ValueError, match="FSDP version 1"):
-        OPSDCTrainer(model=missing_model, args=OPSDCConfig(str(tmp_path), bf16=False), train_dataset=prompts_dataset)
+        OPSDCTrainer(model=missing_model, args=OPSDCConfig(str(tmp_path), bf16=False), train_dataset=problems)
 
 
 # ---- Teacher input and loss ----
@@ -189,9 +164,9 @@ def hidden_state_calls(monkeypatch):
 
 
 def test_teacher_reads_instruction_and_the_students_completion(
-    tiny_model_paths, prompts_dataset, tmp_path, hidden_state_calls
+    tiny_model_paths, problems, tmp_path, hidden_state_calls
 ):
-    trainer = make_trainer(tiny_model_paths, prompts_dataset, make_config(tmp_path, max_steps=1))
+    trainer = make_trainer(tiny_model_paths, problems, _config(tmp_path, max_steps=1))
     trainer.train()
 
     assert len(hidden_state_calls) == 2  # one micro-batch: the student, then the teacher
@@ -217,7 +192,7 @@ def test_teacher_reads_instruction_and_the_students_completion(
 
 def test_plain_text_prompts_with_the_instruction_after(tiny_model_paths, tmp_path, hidden_state_calls):
     dataset = Dataset.from_dict({"prompt": [f"{a}+{a + 7}=" for a in range(10, 18)]})
-    config = make_config(tmp_path, max_steps=1, instruction_position="after")
+    config = _config(tmp_path, max_steps=1, instruction_position="after")
     trainer = make_trainer(tiny_model_paths, dataset, config)
     trainer.train()
     (_, student_ids, _, keep), (_, teacher_ids, _, _) = hidden_state_calls
@@ -229,10 +204,10 @@ def test_plain_text_prompts_with_the_instruction_after(tiny_model_paths, tmp_pat
         assert teacher_prompt == f"{student_prompt}\n\n{INSTRUCTION}"
 
 
-def test_loss_is_zero_when_teacher_equals_student_on_identical_prompts(tiny_model_paths, prompts_dataset, tmp_path):
-    trainer = make_trainer(tiny_model_paths, prompts_dataset, make_config(tmp_path))
+def test_loss_is_zero_when_teacher_equals_student_on_identical_prompts(tiny_model_paths, problems, tmp_path):
+    trainer = make_trainer(tiny_model_paths, problems, _config(tmp_path))
     tokenizer = build_tokenizer()
-    prompts = [tokenizer.apply_chat_template(p, add_generation_prompt=True) for p in prompts_dataset["prompt"][:3]]
+    prompts = [tokenizer.apply_chat_template(p, add_generation_prompt=True) for p in problems["prompt"][:3]]
     prompts = [p["input_ids"] if hasattr(p, "keys") else p for p in prompts]
     width = max(map(len, prompts))
     prompt_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
@@ -253,7 +228,7 @@ def test_loss_is_zero_when_teacher_equals_student_on_identical_prompts(tiny_mode
     assert loss.item() == 0.0  # the same weights on the same inputs: the same float operations
 
     # With the instruction in the teacher's prompt the same completion is scored differently.
-    instructed = [_add_instruction(p, INSTRUCTION) for p in prompts_dataset["prompt"][:3]]
+    instructed = [_add_instruction(p, INSTRUCTION) for p in problems["prompt"][:3]]
     instructed_ids, _, _ = trainer._tokenize_prompts(instructed)
     width = max(map(len, instructed_ids))
     inputs["teacher_prompt_ids"] = torch.tensor(
@@ -264,8 +239,7 @@ def test_loss_is_zero_when_teacher_equals_student_on_identical_prompts(tiny_mode
     assert loss.item() > 1e-6
 
 
-def test_identical_views_give_exactly_zero_loss_and_gradient(tiny_model_paths, prompts_dataset, tmp_path,
-                                                             monkeypatch):
+def test_identical_views_give_exactly_zero_loss_and_gradient(tiny_model_paths, problems, tmp_path, monkeypatch):
     # An empty instruction is refused by the config, so the trainer is built with one and its teacher prompt is then
     # made the student's prompt unchanged. Through the trainer's own generation output and loss (TRL's
     # `compute_loss`, training mode), the teacher (the step-0 snapshot, the same weights) reads the same tokens with
@@ -273,10 +247,10 @@ def test_identical_views_give_exactly_zero_loss_and_gradient(tiny_model_paths, p
     # log p - log p = 0 exactly, and so is every gradient (the kernel's gradient is p·(log p - log p - KL)).
     from trl_tip.trainers.opsdc import opsdc_trainer
 
-    trainer = make_trainer(tiny_model_paths, prompts_dataset, make_config(tmp_path))
+    trainer = make_trainer(tiny_model_paths, problems, _config(tmp_path))
     monkeypatch.setattr(opsdc_trainer, "build_teacher_prompt", lambda prompt, *args, **kwargs: (prompt, False))
     trainer.model.train()
-    rows = [dict(prompts_dataset[i]) for i in range(4)]
+    rows = [dict(problems[i]) for i in range(4)]
     student = trainer.accelerator.unwrap_model(trainer.model)
     parameters = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
     for normalization in ("rollout", "token"):
@@ -310,10 +284,10 @@ class RecordSteps(TrainerCallback):
         self.records.append((state.global_step, self.trainer.teacher_refreshes, snapshot_equals_student(self.trainer)))
 
 
-def test_teacher_refreshes_every_m_steps_and_logs(tiny_model_paths, prompts_dataset, tmp_path):
+def test_teacher_refreshes_every_m_steps_and_logs(tiny_model_paths, problems, tmp_path):
     recorder = RecordSteps()
-    config = make_config(tmp_path, max_steps=5, teacher_refresh_steps=2)
-    trainer = make_trainer(tiny_model_paths, prompts_dataset, config, callbacks=[recorder], reward_funcs=math_reward)
+    config = _config(tmp_path, max_steps=5, teacher_refresh_steps=2)
+    trainer = make_trainer(tiny_model_paths, problems, config, callbacks=[recorder], reward_funcs=math_reward)
     recorder.trainer = trainer
     assert trainer.teacher_refreshes == 1 and snapshot_equals_student(trainer)  # the snapshot at step 0
     trainer.train()
@@ -330,7 +304,7 @@ def test_teacher_refreshes_every_m_steps_and_logs(tiny_model_paths, prompts_data
     # The compression baseline is the first logging window (logging_steps=1: the first step).
     assert logs[0]["opsdc/compression"] == 1.0
 
-    metrics = trainer.evaluate(prompts_dataset.select(range(4)))
+    metrics = trainer.evaluate(problems.select(range(4)))
     assert torch.isfinite(torch.tensor(metrics["eval_loss"])) and 0.0 <= metrics["eval_opsdc/accuracy"] <= 1.0
     assert metrics["eval_opsdc/compression"] > 0
 
@@ -338,10 +312,10 @@ def test_teacher_refreshes_every_m_steps_and_logs(tiny_model_paths, prompts_data
 # ---- LoRA ----
 
 
-def test_lora_teacher_is_a_frozen_second_adapter(tiny_model_paths, prompts_dataset, tmp_path):
+def test_lora_teacher_is_a_frozen_second_adapter(tiny_model_paths, problems, tmp_path):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    config = make_config(tmp_path, max_steps=2, teacher_refresh_steps=100, learning_rate=1e-2)
-    trainer = make_trainer(tiny_model_paths, prompts_dataset, config, peft_config=lora)
+    config = _config(tmp_path, max_steps=2, teacher_refresh_steps=100, learning_rate=1e-2)
+    trainer = make_trainer(tiny_model_paths, problems, config, peft_config=lora)
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     assert TEACHER_ADAPTER_NAME in peft_model.peft_config
 
@@ -380,7 +354,7 @@ def test_lora_teacher_is_a_frozen_second_adapter(tiny_model_paths, prompts_datas
     assert not (tmp_path / "saved" / TEACHER_ADAPTER_NAME).exists()
 
 
-def test_lora_update_is_the_same_with_gradient_checkpointing(tiny_model_paths, prompts_dataset, tmp_path):
+def test_lora_update_is_the_same_with_gradient_checkpointing(tiny_model_paths, problems, tmp_path):
     # Checkpointing recomputes the student's forward during backward, after the teacher's forward switched adapters:
     # the update must still be the one computed with the student adapter (dropout on, as in training).
     # Compared on the gradients before the optimiser step (AdamW's first step amplifies float32 noise; see
@@ -388,9 +362,9 @@ def test_lora_update_is_the_same_with_gradient_checkpointing(tiny_model_paths, p
     recorders = []
     for checkpointing in (False, True):
         lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1, init_lora_weights=False)
-        config = make_config(tmp_path, max_steps=1, gradient_checkpointing=checkpointing, learning_rate=1e-2)
+        config = _config(tmp_path, max_steps=1, gradient_checkpointing=checkpointing, learning_rate=1e-2)
         recorder = GradientRecorder()
-        trainer = make_trainer(tiny_model_paths, prompts_dataset, config, peft_config=lora, callbacks=[recorder])
+        trainer = make_trainer(tiny_model_paths, problems, config, peft_config=lora, callbacks=[recorder])
         trainer.train()
         recorder.steps = [{n: g for n, g in step.items() if ".default." in n} for step in recorder.steps]
         recorders.append(recorder)
@@ -414,9 +388,9 @@ class CheckTeacherOnResume(TrainerCallback):
         )
 
 
-def test_checkpoint_saves_teacher_and_resume_restores_it(tiny_model_paths, prompts_dataset, tmp_path):
-    config = make_config(tmp_path, max_steps=3, teacher_refresh_steps=2, save_strategy="steps", save_steps=3)
-    trainer = make_trainer(tiny_model_paths, prompts_dataset, config)
+def test_checkpoint_saves_teacher_and_resume_restores_it(tiny_model_paths, problems, tmp_path):
+    config = _config(tmp_path, max_steps=3, teacher_refresh_steps=2, save_strategy="steps", save_steps=3)
+    trainer = make_trainer(tiny_model_paths, problems, config)
     trainer.train()
     checkpoint = Path(config.output_dir) / "checkpoint-3"
     snapshot = load_file(checkpoint / TEACHER_SNAPSHOT_NAME)
@@ -425,8 +399,8 @@ def test_checkpoint_saves_teacher_and_resume_restores_it(tiny_model_paths, promp
     assert all(torch.equal(t, snapshot[name]) for name, t, _ in trainer._snapshot_pairs())
 
     check = CheckTeacherOnResume(snapshot)
-    config = make_config(tmp_path, max_steps=4, teacher_refresh_steps=2)
-    resumed = make_trainer(tiny_model_paths, prompts_dataset, config, callbacks=[check])
+    config = _config(tmp_path, max_steps=4, teacher_refresh_steps=2)
+    resumed = make_trainer(tiny_model_paths, problems, config, callbacks=[check])
     check.trainer = resumed
     resumed.train(resume_from_checkpoint=str(checkpoint))
     # At the start of the resumed run the teacher is the saved step-2 snapshot, not the step-3 student.
@@ -592,7 +566,7 @@ def test_teacher_prompt_options_are_validated(tmp_path):
 
 def test_trainer_replaces_the_dapo_lead_and_logs_it(tiny_model_paths, tmp_path, hidden_state_calls):
     dataset = Dataset.from_dict({"prompt": [DAPO_PROMPT] * 4})
-    trainer = make_trainer(tiny_model_paths, dataset, make_config(tmp_path, max_steps=1, max_completion_length=4))
+    trainer = make_trainer(tiny_model_paths, dataset, _config(tmp_path, max_steps=1, max_completion_length=4))
     trainer.train()
     (_, student_ids, _, keep), (_, teacher_ids, _, _) = hidden_state_calls
     tokenizer = build_tokenizer()
@@ -615,14 +589,15 @@ def _float64_reverse_kl(trainer, inputs):
         model = copy.deepcopy(trainer.accelerator.unwrap_model(model)).double().eval()
         return reference.completion_logits(model, prompt_ids, prompt_mask, *completion)
 
-    return reference.reverse_kl(logits(trainer.model, inputs["prompt_ids"], inputs["prompt_mask"]),
-                                logits(trainer.teacher_model, inputs["teacher_prompt_ids"], inputs["teacher_prompt_mask"]))
+    student = logits(trainer.model, inputs["prompt_ids"], inputs["prompt_mask"])
+    teacher = logits(trainer.teacher_model, inputs["teacher_prompt_ids"], inputs["teacher_prompt_mask"])
+    return reference.reverse_kl(student, teacher)
 
 
-def _loss_inputs(trainer, prompts_dataset):
+def _loss_inputs(trainer, problems):
     tokenizer = build_tokenizer()
-    student_ids, _, _ = trainer._tokenize_prompts(prompts_dataset["prompt"][:3])
-    teacher_ids, _, _ = trainer._tokenize_prompts([_add_instruction(p, INSTRUCTION) for p in prompts_dataset["prompt"][:3]])
+    student_ids, _, _ = trainer._tokenize_prompts(problems["prompt"][:3])
+    teacher_ids, _, _ = trainer._tokenize_prompts([_add_instruction(p, INSTRUCTION) for p in problems["prompt"][:3]])
 
     def left_pad(rows):
         width = max(map(len, rows))
@@ -642,12 +617,12 @@ def _loss_inputs(trainer, prompts_dataset):
     }
 
 
-def test_rollout_and_token_normalisation_match_a_float64_reference(tiny_model_paths, prompts_dataset, tmp_path):
-    trainer = make_trainer(tiny_model_paths, prompts_dataset, make_config(tmp_path))
+def test_rollout_and_token_normalisation_match_a_float64_reference(tiny_model_paths, problems, tmp_path):
+    trainer = make_trainer(tiny_model_paths, problems, _config(tmp_path))
     with torch.no_grad():  # a teacher different from the student, so every token has a visible divergence
         for parameter in trainer.accelerator.unwrap_model(trainer.teacher_model).parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
-    inputs = _loss_inputs(trainer, prompts_dataset)
+    inputs = _loss_inputs(trainer, problems)
     kl = _float64_reverse_kl(trainer, inputs)
     per_rollout = reference.rollout_mean_loss(kl, inputs["completion_mask"])
     token_mean = reference.token_mean(kl, inputs["completion_mask"])
@@ -672,14 +647,14 @@ def test_rollout_and_token_normalisation_match_a_float64_reference(tiny_model_pa
     torch.testing.assert_close(loss.double(), token_mean, rtol=1e-4, atol=1e-7)
 
 
-def test_generation_batch_carries_the_rollout_count_of_all_accumulation_steps(tiny_model_paths, prompts_dataset,
+def test_generation_batch_carries_the_rollout_count_of_all_accumulation_steps(tiny_model_paths, problems,
                                                                                  tmp_path):
-    trainer = make_trainer(tiny_model_paths, prompts_dataset, make_config(tmp_path, gradient_accumulation_steps=2))
+    trainer = make_trainer(tiny_model_paths, problems, _config(tmp_path, gradient_accumulation_steps=2))
     trainer.model.train()
-    output = trainer._generate_and_score_completions([dict(prompts_dataset[i]) for i in range(8)])
+    output = trainer._generate_and_score_completions([dict(problems[i]) for i in range(8)])
     non_empty = (output["completion_mask"].sum(-1) > 0).float()
     assert torch.equal(output["opsdc_rollout_weights"], non_empty)
     assert output["opsdc_rollout_count"].tolist() == [non_empty.sum().item()] * 8
     trainer.args.loss_normalization = "token"
-    output = trainer._generate_and_score_completions([dict(prompts_dataset[i]) for i in range(8)])
+    output = trainer._generate_and_score_completions([dict(problems[i]) for i in range(8)])
     assert "opsdc_rollout_weights" not in output

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from functools import partial
 
 import pytest
 from datasets import Dataset
@@ -21,13 +22,13 @@ from trl_tip import (
 )
 from trl_tip.resume import EpochSeededRepeatSampler, atomic_path, checkpoint_problem, last_complete_checkpoint
 from trl_tip.testing import build_tokenizer
+from builders import training_config
 
 
 # Eight problems in batches of four prompts: two optimiser steps per epoch, so checkpoint-2 ends epoch 0.
 PROMPTS = [[{"role": "user", "content": f"{a}+{a + 7}"}] for a in range(10, 18)]
-COMMON = {"bf16": False, "report_to": "none", "logging_steps": 1, "disable_tqdm": True, "seed": 0,
-          "max_completion_length": 8, "learning_rate": 1e-2, "max_steps": 3, "save_strategy": "steps",
-          "save_steps": 2}
+_config = partial(training_config, max_completion_length=8, learning_rate=1e-2, max_steps=3, save_strategy="steps",
+                  save_steps=2)
 
 
 def _parity_reward(completions, **kwargs):
@@ -37,24 +38,26 @@ def _parity_reward(completions, **kwargs):
 
 def _build(trainer, paths, output_dir, **config):
     dataset = Dataset.from_dict({"prompt": PROMPTS})
-    fields = {"output_dir": str(output_dir), **COMMON, **config}
     if trainer == "tip":
         return TipDistillTrainer(model=paths["student"], teacher_model=paths["teacher"],
-                                 args=TipDistillConfig(per_device_train_batch_size=4, **fields), train_dataset=dataset)
+                                 args=_config(TipDistillConfig, output_dir, per_device_train_batch_size=4, **config),
+                                 train_dataset=dataset)
     if trainer.startswith("paced"):
         sampling = trainer.split("-")[1]
         return PacedTrainer(model=paths["student"], teacher_model=paths["teacher"], reward_funcs=_parity_reward,
-                            args=PacedConfig(per_device_train_batch_size=4, pass_rate_rollouts=4,
-                                             paced_sampling=sampling, **fields),
+                            args=_config(PacedConfig, output_dir, per_device_train_batch_size=4, pass_rate_rollouts=4,
+                                         paced_sampling=sampling, **config),
                             train_dataset=dataset)
     if trainer == "opsdc":
         # A refresh inside the resumed part: the teacher snapshot restored from the checkpoint is the one refreshed.
-        return OPSDCTrainer(paths["student"], args=OPSDCConfig(per_device_train_batch_size=4, teacher_refresh_steps=2,
-                                                               **fields),
+        return OPSDCTrainer(paths["student"],
+                            args=_config(OPSDCConfig, output_dir, per_device_train_batch_size=4,
+                                         teacher_refresh_steps=2, **config),
                             train_dataset=dataset, processing_class=build_tokenizer())
     # GRPO: 16 rollouts per step, four prompts of four.
     return ACEGRPOTrainer(model=paths["student"], reward_funcs=_parity_reward,
-                          args=ACEGRPOConfig(per_device_train_batch_size=16, num_generations=4, **fields),
+                          args=_config(ACEGRPOConfig, output_dir, per_device_train_batch_size=16, num_generations=4,
+                                       **config),
                           train_dataset=dataset)
 
 

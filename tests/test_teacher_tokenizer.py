@@ -3,24 +3,22 @@
 import itertools
 import json
 import warnings
+from functools import partial
 from pathlib import Path
 
 import pytest
-from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_tip import TipDistillConfig, TipDistillTrainer
 from trl_tip.testing import build_tokenizer, save_pretrained_pair, tiny_model
 from trl_tip.vocabulary import TokenizerComparison, compare_tokenizers
+from builders import training_config
 
 
-PROMPTS = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"{a}+{a + 1}"}] for a in range(4)]})
+NUM_PROBLEMS = 4
 
-
-def _config(tmp_path, **overrides):
-    return TipDistillConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1,
-                            max_completion_length=8, bf16=False, report_to="none", save_strategy="no",
-                            disable_tqdm=True, **overrides)
+_config = partial(training_config, TipDistillConfig, per_device_train_batch_size=4, max_steps=1,
+                  max_completion_length=8)
 
 
 def _tokenizer_warnings(caught):
@@ -85,8 +83,8 @@ def test_a_permuted_vocabulary_names_the_first_differing_id_and_the_sizes(tmp_pa
     "student_as, teacher_as, processing_class",
     list(itertools.product(["path", "instance"], ["path", "instance"], [True, False])),
 )
-def test_identical_vocabularies_are_accepted_in_every_loading_combination(tiny_model_paths, tmp_path, student_as,
-                                                                          teacher_as, processing_class):
+def test_identical_vocabularies_are_accepted_in_every_loading_combination(tiny_model_paths, problems, tmp_path,
+                                                                          student_as, teacher_as, processing_class):
     def load(role, kind):
         path = tiny_model_paths[role]
         return path if kind == "path" else AutoModelForCausalLM.from_pretrained(path)
@@ -94,22 +92,23 @@ def test_identical_vocabularies_are_accepted_in_every_loading_combination(tiny_m
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         TipDistillTrainer(model=load("student", student_as), teacher_model=load("teacher", teacher_as),
-                          args=_config(tmp_path), train_dataset=PROMPTS,
+                          args=_config(tmp_path), train_dataset=problems,
                           processing_class=build_tokenizer() if processing_class else None)
     assert _tokenizer_warnings(caught) == []
 
 
-def test_a_base_teacher_of_an_instruct_student_warns_and_trains(tiny_model_paths, tmp_path):
+def test_a_base_teacher_of_an_instruct_student_warns_and_trains(tiny_model_paths, problems, tmp_path):
     teacher = save_pretrained_pair(AutoModelForCausalLM.from_pretrained(tiny_model_paths["teacher"]),
                                    _base_tokenizer(), tmp_path / "base-teacher")
     with pytest.warns(UserWarning, match=r"same token, but: eos_token is '<\|im_end\|>' .* Training goes ahead"):
         trainer = TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=teacher,
-                                    args=_config(tmp_path / "out"), train_dataset=PROMPTS)
+                                    args=_config(tmp_path / "out"), train_dataset=problems)
     trainer.train()
     assert trainer.state.global_step == 1
 
 
-def test_a_teacher_of_another_vocab_size_and_tokenizer_is_refused_naming_vocab_size(tiny_model_paths, tmp_path):
+def test_a_teacher_of_another_vocab_size_and_tokenizer_is_refused_naming_vocab_size(tiny_model_paths, problems,
+                                                                                      tmp_path):
     # As TRL's own check of a teacher of another vocabulary expects: the message names `vocab_size`.
     other = build_tokenizer()
     other.save_pretrained(tmp_path / "tokenizer")
@@ -122,14 +121,14 @@ def test_a_teacher_of_another_vocab_size_and_tokenizer_is_refused_naming_vocab_s
         tmp_path / "tokenizer"), tmp_path / "teacher")
     with pytest.raises(ValueError, match=r"id 97 is 'a' .*lm_head has vocab_size 259, the teacher's 300"):
         TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=teacher, args=_config(tmp_path / "out"),
-                          train_dataset=PROMPTS)
+                          train_dataset=problems)
 
 
-def test_a_teacher_built_in_memory_warns_once_that_it_is_not_checked(tiny_model_paths, tmp_path):
+def test_a_teacher_built_in_memory_warns_once_that_it_is_not_checked(tiny_model_paths, problems, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model("teacher"),
-                          args=_config(tmp_path), train_dataset=PROMPTS)
+                          args=_config(tmp_path), train_dataset=problems)
     assert _tokenizer_warnings(caught) == [(
         "The teacher (a model built in memory, with no name_or_path) comes with no tokenizer, so the check that it "
         "reads the student's token ids is skipped. Save the teacher's tokenizer next to its weights to have it "
@@ -138,5 +137,5 @@ def test_a_teacher_built_in_memory_warns_once_that_it_is_not_checked(tiny_model_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=tiny_model("teacher"),
-                          args=_config(tmp_path, check_teacher_tokenizer=False), train_dataset=PROMPTS)
+                          args=_config(tmp_path, check_teacher_tokenizer=False), train_dataset=problems)
     assert _tokenizer_warnings(caught) == []
