@@ -85,7 +85,7 @@ def rollout_means(per_token, mask):
 
 
 def rollout_mean_loss(per_token, mask):
-    """OPSDC's normalisation (and PACED's in sample mode): the plain mean over rollouts of each rollout's token mean."""
+    """OPSDC's normalisation (PACED's too, in sample mode): the plain mean over rollouts of their token means."""
     return rollout_means(per_token, mask).mean()
 
 
