@@ -1,5 +1,6 @@
 """Builders the test modules share. Fixtures live in tests/conftest.py; this is what a module imports by name."""
 
+import json
 from pathlib import Path
 
 
@@ -20,3 +21,12 @@ def training_config(config_class, output_dir: str | Path, **overrides):
     of `SHORT_RUN`, then `overrides`. A test module binds its own defaults with `functools.partial`.
     """
     return config_class(**{"output_dir": str(output_dir), **SHORT_RUN, **overrides})
+
+
+def swap_token_ids(directory: str | Path, first: str = "a", second: str = "b"):
+    """Exchange two tokens' ids in the tokenizer saved under `directory`: same size, other ids for the same text."""
+    file = Path(directory) / "tokenizer.json"
+    data = json.loads(file.read_text())
+    vocab = data["model"]["vocab"]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    file.write_text(json.dumps(data))

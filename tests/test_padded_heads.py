@@ -1,21 +1,19 @@
-"""Teachers and students whose `lm_head`s are padded to different sizes over one tokenizer, and tokenizer checks."""
+"""Teachers and students whose `lm_head`s are padded to different sizes over one tokenizer."""
 
-import json
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import reference
-from builders import training_config
+from builders import swap_token_ids, training_config
 import trl_tip.trainers.tip_distill.tip_distill_trainer as tip_module
 from trl_tip import PacedConfig, PacedTrainer, TipDistillConfig, TipDistillTrainer, selective_divergence_loss
 from trl_tip.losses import STUDENT_SIDE_METHODS
 from trl_tip.selection import SELECTION_METHODS
 from trl_tip.testing import build_tokenizer, save_pretrained_pair, tiny_model
-from trl_tip.vocabulary import TokenizerComparison, compare_tokenizers, end_of_turn_token, shared_vocab_size
+from trl_tip.vocabulary import shared_vocab_size
 
 
 # The byte-level test tokenizer has 259 tokens; like Qwen2.5-1.5B (151,936 rows) and Qwen2.5-14B (152,064 rows) over a
@@ -39,6 +37,9 @@ def padded_paths(tmp_path_factory):
 
 
 NUM_PROBLEMS = 8
+
+_config = partial(training_config, per_device_train_batch_size=4, max_steps=1, learning_rate=1e-3,
+                  max_completion_length=12)
 
 
 def _shared(logits):
@@ -93,54 +94,6 @@ def test_shared_vocab_size():
         shared_vocab_size(250, 300, 259)
 
 
-# ---- Tokenizer comparison ----
-
-def _swap_tokens(path, first="a", second="b"):
-    # The same tokenizer with two ids exchanged: equal size, other ids for the same text.
-    file = Path(path) / "tokenizer.json"
-    data = json.loads(file.read_text())
-    vocab = data["model"]["vocab"]
-    vocab[first], vocab[second] = vocab[second], vocab[first]
-    file.write_text(json.dumps(data))
-
-
-def test_compare_tokenizers_names_the_first_differing_id(tmp_path):
-    tokenizer = build_tokenizer()
-    assert compare_tokenizers(tokenizer, build_tokenizer()) == TokenizerComparison()
-    assert end_of_turn_token(tokenizer) == "<|im_end|>"
-
-    tokenizer.save_pretrained(tmp_path)
-    _swap_tokens(tmp_path)
-    from transformers import AutoTokenizer
-
-    swapped = AutoTokenizer.from_pretrained(tmp_path)
-    assert compare_tokenizers(tokenizer, swapped).error == "id 97 is 'a' for the student but 'b' for the teacher"
-
-    other_template = build_tokenizer()
-    other_template.chat_template = other_template.chat_template.replace("'<|im_end|>'", "'<|endoftext|>'")
-    assert compare_tokenizers(tokenizer, other_template).error == (
-        "the chat template ends a turn with '<|im_end|>' for the student but '<|endoftext|>' for the teacher"
-    )
-
-
-_config = partial(training_config, per_device_train_batch_size=4, max_steps=1, learning_rate=1e-3,
-                  max_completion_length=12)
-
-
-def test_a_teacher_with_another_tokenizer_is_refused_naming_the_token(tiny_model_paths, problems, tmp_path):
-    tokenizer = build_tokenizer()
-    teacher = save_pretrained_pair(AutoModelForCausalLM.from_pretrained(tiny_model_paths["teacher"]), tokenizer,
-                                   tmp_path / "teacher")
-    _swap_tokens(teacher)
-    with pytest.raises(ValueError, match="id 97 is 'a' for the student but 'b' for the teacher.*check_teacher_tokenizer"):
-        TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=teacher,
-                          args=_config(TipDistillConfig, tmp_path / "out"), train_dataset=problems)
-    trainer = TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=teacher,
-                                args=_config(TipDistillConfig, tmp_path / "out", check_teacher_tokenizer=False),
-                                train_dataset=problems)
-    assert trainer.shared_vocab_size is None
-
-
 def test_padded_heads_with_another_or_no_tokenizer_are_refused(padded_paths, problems, tmp_path):
     teacher = AutoModelForCausalLM.from_pretrained(padded_paths["teacher"])
     bare = tmp_path / "bare-teacher"
@@ -149,7 +102,7 @@ def test_padded_heads_with_another_or_no_tokenizer_are_refused(padded_paths, pro
         TipDistillTrainer(model=padded_paths["student"], teacher_model=str(bare),
                           args=_config(TipDistillConfig, tmp_path / "a"), train_dataset=problems)
     swapped = save_pretrained_pair(teacher, build_tokenizer(), tmp_path / "swapped-teacher")
-    _swap_tokens(swapped)
+    swap_token_ids(swapped)
     with pytest.raises(ValueError, match="tokenizer differs from the student's"):
         TipDistillTrainer(model=padded_paths["student"], teacher_model=swapped,
                           args=_config(TipDistillConfig, tmp_path / "b"), train_dataset=problems)
@@ -240,15 +193,6 @@ def test_padded_pair_trains_with_paced_and_the_loss_is_the_reference(padded_path
     per_token, scale = _reference_per_token(padded_paths, inputs, trainer.beta)
     expected = reference.paced_loss(per_token, keep, weights, inputs["paced_weight_sum"].double())
     assert torch.allclose(records[0]["loss"].double(), expected, rtol=0, atol=1e-6 * scale)
-
-
-def test_padding_token_and_a_missing_chat_template_are_not_errors():
-    student, teacher = build_tokenizer(), build_tokenizer()
-    teacher.pad_token = "<|im_start|>"  # masked out for both models
-    teacher.chat_template = None  # a base teacher: nothing to compare the end of turn with
-    assert compare_tokenizers(student, teacher) == TokenizerComparison(
-        notes=("pad_token is '<|endoftext|>' (id 256) for the student but '<|im_start|>' (id 257) for the teacher",)
-    )
 
 
 @pytest.mark.parametrize("method", [m for m in SELECTION_METHODS if m != "all"])

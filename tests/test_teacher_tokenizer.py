@@ -1,18 +1,16 @@
 """The teacher-tokenizer check on pairs shaped like real ones: what changes the scored tokens fails, the rest warns."""
 
 import itertools
-import json
 import warnings
 from functools import partial
-from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_tip import TipDistillConfig, TipDistillTrainer
 from trl_tip.testing import build_tokenizer, save_pretrained_pair, tiny_model
-from trl_tip.vocabulary import TokenizerComparison, compare_tokenizers
-from builders import training_config
+from trl_tip.vocabulary import TokenizerComparison, compare_tokenizers, end_of_turn_token
+from builders import swap_token_ids, training_config
 
 
 NUM_PROBLEMS = 4
@@ -41,6 +39,32 @@ def test_an_in_memory_tokenizer_and_its_reloaded_files_are_the_same(tiny_model_p
     assert compare_tokenizers(reloaded, build_tokenizer()) == TokenizerComparison()
 
 
+def test_compare_tokenizers_names_the_first_differing_id(tmp_path):
+    tokenizer = build_tokenizer()
+    assert compare_tokenizers(tokenizer, build_tokenizer()) == TokenizerComparison()
+    assert end_of_turn_token(tokenizer) == "<|im_end|>"
+
+    tokenizer.save_pretrained(tmp_path)
+    swap_token_ids(tmp_path)
+    swapped = AutoTokenizer.from_pretrained(tmp_path)
+    assert compare_tokenizers(tokenizer, swapped).error == "id 97 is 'a' for the student but 'b' for the teacher"
+
+    other_template = build_tokenizer()
+    other_template.chat_template = other_template.chat_template.replace("'<|im_end|>'", "'<|endoftext|>'")
+    assert compare_tokenizers(tokenizer, other_template).error == (
+        "the chat template ends a turn with '<|im_end|>' for the student but '<|endoftext|>' for the teacher"
+    )
+
+
+def test_padding_token_and_a_missing_chat_template_are_not_errors():
+    student, teacher = build_tokenizer(), build_tokenizer()
+    teacher.pad_token = "<|im_start|>"  # masked out for both models
+    teacher.chat_template = None  # a base teacher: nothing to compare the end of turn with
+    assert compare_tokenizers(student, teacher) == TokenizerComparison(
+        notes=("pad_token is '<|endoftext|>' (id 256) for the student but '<|im_start|>' (id 257) for the teacher",)
+    )
+
+
 def test_base_and_instruct_eos_is_a_note():
     comparison = compare_tokenizers(build_tokenizer(), _base_tokenizer())
     assert comparison.error is None
@@ -64,11 +88,7 @@ def test_special_tokens_added_at_the_end_are_a_note():
 
 def test_a_permuted_vocabulary_names_the_first_differing_id_and_the_sizes(tmp_path):
     build_tokenizer().save_pretrained(tmp_path)
-    file = Path(tmp_path) / "tokenizer.json"
-    data = json.loads(file.read_text())
-    vocab = data["model"]["vocab"]
-    vocab["x"], vocab["y"] = vocab["y"], vocab["x"]
-    file.write_text(json.dumps(data))
+    swap_token_ids(tmp_path, "x", "y")
     permuted = AutoTokenizer.from_pretrained(tmp_path)
     assert compare_tokenizers(build_tokenizer(), permuted).error == (
         "id 120 is 'x' for the student but 'y' for the teacher"
@@ -107,16 +127,25 @@ def test_a_base_teacher_of_an_instruct_student_warns_and_trains(tiny_model_paths
     assert trainer.state.global_step == 1
 
 
+def test_a_teacher_with_another_tokenizer_is_refused_naming_the_token(tiny_model_paths, problems, tmp_path):
+    tokenizer = build_tokenizer()
+    teacher = save_pretrained_pair(AutoModelForCausalLM.from_pretrained(tiny_model_paths["teacher"]), tokenizer,
+                                   tmp_path / "teacher")
+    swap_token_ids(teacher)
+    with pytest.raises(ValueError, match="id 97 is 'a' for the student but 'b' for the teacher.*check_teacher_tokenizer"):
+        TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=teacher,
+                          args=_config(tmp_path / "out"), train_dataset=problems)
+    trainer = TipDistillTrainer(model=tiny_model_paths["student"], teacher_model=teacher,
+                                args=_config(tmp_path / "out", check_teacher_tokenizer=False),
+                                train_dataset=problems)
+    assert trainer.shared_vocab_size is None
+
+
 def test_a_teacher_of_another_vocab_size_and_tokenizer_is_refused_naming_vocab_size(tiny_model_paths, problems,
                                                                                       tmp_path):
     # As TRL's own check of a teacher of another vocabulary expects: the message names `vocab_size`.
-    other = build_tokenizer()
-    other.save_pretrained(tmp_path / "tokenizer")
-    file = tmp_path / "tokenizer" / "tokenizer.json"
-    data = json.loads(file.read_text())
-    vocab = data["model"]["vocab"]
-    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
-    file.write_text(json.dumps(data))
+    build_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    swap_token_ids(tmp_path / "tokenizer")
     teacher = save_pretrained_pair(tiny_model("teacher", vocab_size=300), AutoTokenizer.from_pretrained(
         tmp_path / "tokenizer"), tmp_path / "teacher")
     with pytest.raises(ValueError, match=r"id 97 is 'a' .*lm_head has vocab_size 259, the teacher's 300"):
