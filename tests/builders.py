@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+from trl_tip.testing import build_tokenizer, save_pretrained_pair, tiny_model
+
 
 # What every short test run on the tiny models sets: float32, nothing reported or saved, every step logged, seeded.
 SHORT_RUN = {
@@ -30,3 +32,20 @@ def swap_token_ids(directory: str | Path, first: str = "a", second: str = "b"):
     vocab = data["model"]["vocab"]
     vocab[first], vocab[second] = vocab[second], vocab[first]
     file.write_text(json.dumps(data))
+
+
+# The byte-level test tokenizer has 259 tokens; like Qwen2.5-1.5B (151,936 rows) and Qwen2.5-14B (152,064 rows) over a
+# 151,665-token tokenizer, the padded pair's student and teacher pad their heads to different sizes past it.
+PADDED_HEAD_ROWS = {"student": 272, "teacher": 300}
+
+
+def save_padded_pair(directory: str | Path) -> dict[str, str]:
+    """A tiny student and teacher over the test tokenizer with `PADDED_HEAD_ROWS` head rows, saved under `directory`."""
+    tokenizer = build_tokenizer()
+    return {
+        size: save_pretrained_pair(
+            tiny_model(size, seed=seed, tokenizer=tokenizer, vocab_size=PADDED_HEAD_ROWS[size]), tokenizer,
+            Path(directory) / size,
+        )
+        for size, seed in (("student", 1), ("teacher", 2))
+    }

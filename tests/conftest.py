@@ -36,3 +36,11 @@ def problems(request):
     from trl_tip.tasks import build_arithmetic_dataset
 
     return build_arithmetic_dataset()["train"].select(range(getattr(request.module, "NUM_PROBLEMS", 16)))
+
+
+@pytest.fixture(scope="session")
+def padded_model_paths(tmp_path_factory):
+    """A tiny student and teacher whose `lm_head`s are padded past the tokenizer to different sizes (see builders)."""
+    from builders import save_padded_pair
+
+    return save_padded_pair(tmp_path_factory.mktemp("padded-models"))

@@ -7,34 +7,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import reference
-from builders import swap_token_ids, training_config
+from builders import PADDED_HEAD_ROWS, swap_token_ids, training_config
 import trl_tip.trainers.tip_distill.tip_distill_trainer as tip_module
 from trl_tip import PacedConfig, PacedTrainer, TipDistillConfig, TipDistillTrainer, selective_divergence_loss
 from trl_tip.losses import STUDENT_SIDE_METHODS
 from trl_tip.selection import SELECTION_METHODS
-from trl_tip.testing import build_tokenizer, save_pretrained_pair, tiny_model
+from trl_tip.testing import build_tokenizer, save_pretrained_pair
 from trl_tip.vocabulary import shared_vocab_size
 
 
-# The byte-level test tokenizer has 259 tokens; like Qwen2.5-1.5B (151,936 rows) and Qwen2.5-14B (152,064 rows) over a
-# 151,665-token tokenizer, the student and the teacher pad their heads to different sizes past it.
-TOKENS, STUDENT_ROWS, TEACHER_ROWS = 259, 272, 300
-
-
-@pytest.fixture(scope="module")
-def padded_paths(tmp_path_factory):
-    tokenizer = build_tokenizer()
-    assert len(tokenizer) == TOKENS
-    root = tmp_path_factory.mktemp("padded")
-    return {
-        "student": save_pretrained_pair(
-            tiny_model("student", seed=1, tokenizer=tokenizer, vocab_size=STUDENT_ROWS), tokenizer, root / "student"
-        ),
-        "teacher": save_pretrained_pair(
-            tiny_model("teacher", seed=2, tokenizer=tokenizer, vocab_size=TEACHER_ROWS), tokenizer, root / "teacher"
-        ),
-    }
-
+TOKENS = 259  # the byte-level test tokenizer's size
+STUDENT_ROWS, TEACHER_ROWS = PADDED_HEAD_ROWS["student"], PADDED_HEAD_ROWS["teacher"]
 
 NUM_PROBLEMS = 8
 
@@ -94,17 +77,17 @@ def test_shared_vocab_size():
         shared_vocab_size(250, 300, 259)
 
 
-def test_padded_heads_with_another_or_no_tokenizer_are_refused(padded_paths, problems, tmp_path):
-    teacher = AutoModelForCausalLM.from_pretrained(padded_paths["teacher"])
+def test_padded_heads_with_another_or_no_tokenizer_are_refused(padded_model_paths, problems, tmp_path):
+    teacher = AutoModelForCausalLM.from_pretrained(padded_model_paths["teacher"])
     bare = tmp_path / "bare-teacher"
     teacher.save_pretrained(bare)  # no tokenizer next to the weights
     with pytest.raises(ValueError, match=r"the teacher.s 300\. .*no tokenizer to compare"):
-        TipDistillTrainer(model=padded_paths["student"], teacher_model=str(bare),
+        TipDistillTrainer(model=padded_model_paths["student"], teacher_model=str(bare),
                           args=_config(TipDistillConfig, tmp_path / "a"), train_dataset=problems)
     swapped = save_pretrained_pair(teacher, build_tokenizer(), tmp_path / "swapped-teacher")
     swap_token_ids(swapped)
     with pytest.raises(ValueError, match="tokenizer differs from the student's"):
-        TipDistillTrainer(model=padded_paths["student"], teacher_model=swapped,
+        TipDistillTrainer(model=padded_model_paths["student"], teacher_model=swapped,
                           args=_config(TipDistillConfig, tmp_path / "b"), train_dataset=problems)
 
 
@@ -143,9 +126,9 @@ def _reference_per_token(paths, inputs, beta):
 
 
 @pytest.mark.parametrize("token_selection", ["all", "soft_or"])
-def test_padded_pair_trains_with_tip_and_the_loss_is_the_reference(padded_paths, problems, tmp_path, monkeypatch,
+def test_padded_pair_trains_with_tip_and_the_loss_is_the_reference(padded_model_paths, problems, tmp_path, monkeypatch,
                                                                    token_selection):
-    trainer = TipDistillTrainer(model=padded_paths["student"], teacher_model=padded_paths["teacher"],
+    trainer = TipDistillTrainer(model=padded_model_paths["student"], teacher_model=padded_model_paths["teacher"],
                                 args=_config(TipDistillConfig, tmp_path, token_selection=token_selection),
                                 train_dataset=problems)
     assert trainer.shared_vocab_size == TOKENS
@@ -158,7 +141,7 @@ def test_padded_pair_trains_with_tip_and_the_loss_is_the_reference(padded_paths,
     assert len(records) == 1
     inputs, keep = records[0]["inputs"], records[0]["keep"]
     assert int(inputs["completion_ids"].max()) < TOKENS  # neither model writes a padding id
-    per_token, scale = _reference_per_token(padded_paths, inputs, trainer.beta)
+    per_token, scale = _reference_per_token(padded_model_paths, inputs, trainer.beta)
     mask = inputs["completion_mask"].bool()
     if token_selection == "all":
         assert torch.equal(keep, mask)
@@ -178,9 +161,9 @@ def _half_pass_reward(completions, **kwargs):
     return [float(index % 2) for index in range(len(completions))]
 
 
-def test_padded_pair_trains_with_paced_and_the_loss_is_the_reference(padded_paths, problems, tmp_path, monkeypatch):
+def test_padded_pair_trains_with_paced_and_the_loss_is_the_reference(padded_model_paths, problems, tmp_path, monkeypatch):
     config = _config(PacedConfig, tmp_path, pass_rate_rollouts=2)
-    trainer = PacedTrainer(model=padded_paths["student"], teacher_model=padded_paths["teacher"], args=config,
+    trainer = PacedTrainer(model=padded_model_paths["student"], teacher_model=padded_model_paths["teacher"], args=config,
                            train_dataset=problems, reward_funcs=_half_pass_reward)
     assert trainer.shared_vocab_size == TOKENS
     records = _record_steps(trainer, monkeypatch)
@@ -190,7 +173,7 @@ def test_padded_pair_trains_with_paced_and_the_loss_is_the_reference(padded_path
     inputs, keep = records[0]["inputs"], records[0]["keep"]
     weights = inputs["paced_weights"].double()
     assert weights.gt(0).all()
-    per_token, scale = _reference_per_token(padded_paths, inputs, trainer.beta)
+    per_token, scale = _reference_per_token(padded_model_paths, inputs, trainer.beta)
     expected = reference.paced_loss(per_token, keep, weights, inputs["paced_weight_sum"].double())
     assert torch.allclose(records[0]["loss"].double(), expected, rtol=0, atol=1e-6 * scale)
 

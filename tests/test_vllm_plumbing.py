@@ -80,17 +80,11 @@ def test_tip_distill_vllm_plumbing(recorder, tiny_model_paths, problems, tmp_pat
     _check_reached_vllm(recorder, mode, problems)
 
 
-def test_padded_heads_restrict_vllm_to_the_shared_tokens(recorder, problems, tmp_path):
-    # A student and a teacher whose heads are padded differently past the 259-token tokenizer: vLLM may only sample
-    # ids both models have rows for, which are the tokenizer's.
-    from trl_tip.testing import save_pretrained_pair, tiny_model
-
+def test_padded_heads_restrict_vllm_to_the_shared_tokens(recorder, padded_model_paths, problems, tmp_path):
+    # A student and a teacher whose heads are padded differently past the 259-token tokenizer (272 and 300 rows): vLLM
+    # may only sample ids both models have rows for, which are the tokenizer's.
     tokenizer = build_tokenizer()
-    paths = {
-        size: save_pretrained_pair(tiny_model(size, tokenizer=tokenizer, vocab_size=rows), tokenizer, tmp_path / size)
-        for size, rows in (("student", 272), ("teacher", 300))
-    }
-    trainer = TipDistillTrainer(model=paths["student"], teacher_model=paths["teacher"],
+    trainer = TipDistillTrainer(model=padded_model_paths["student"], teacher_model=padded_model_paths["teacher"],
                                 args=_config(TipDistillConfig, tmp_path / "out", vllm_mode="colocate"),
                                 train_dataset=problems)
     (engine,) = recorder.instances
