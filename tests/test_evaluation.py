@@ -19,6 +19,7 @@ from trl_tip import evaluate_pass_at_k, grade_answer, pass_at_k
 from trl_tip.evaluation import BENCHMARKS, grade_problems, load_benchmark, summarize
 from trl_tip.tasks.arithmetic import generate_completions
 from trl_tip.testing import build_tokenizer
+from builders import training_config
 
 
 @pytest.mark.parametrize(
@@ -496,9 +497,8 @@ def test_callback_logs_pass_at_k_through_the_trainer(arithmetic_models, tmp_path
     trainer = TipDistillTrainer(
         model=arithmetic_models["student"],
         teacher_model=arithmetic_models["teacher"],
-        args=TipDistillConfig(str(tmp_path), max_steps=3, per_device_train_batch_size=8, learning_rate=5e-4,
-                              max_completion_length=32, logging_steps=1, save_strategy="no", report_to="none",
-                              bf16=False, token_selection="all", disable_tqdm=True),
+        args=training_config(TipDistillConfig, tmp_path, max_steps=3, per_device_train_batch_size=8,
+                             learning_rate=5e-4, max_completion_length=32, token_selection="all"),
         train_dataset=train,
     )
     callback = PassAtKCallback(trainer, test, num_samples=3, eval_steps=2, prefix="test")
