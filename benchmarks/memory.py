@@ -52,7 +52,7 @@ def save_models(directory: str, args) -> dict[str, str]:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from trl_tip.testing import build_tokenizer, save_pretrained_pair
+    from trl_tip.tiny_models import build_tokenizer, save_pretrained_pair
 
     tokenizer = build_tokenizer()
     paths = {}

@@ -161,7 +161,7 @@ def _heavy_setup(device, dtype):
     from datasets import Dataset
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from trl_tip.testing import build_tokenizer
+    from trl_tip.tiny_models import build_tokenizer
 
     tokenizer = build_tokenizer()
     vocab, prompt_length, completion_length = 151_936, 16, 128

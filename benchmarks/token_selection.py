@@ -169,7 +169,7 @@ def run_worker(variant: str, args) -> dict:
 
 
 def _tokenizer():
-    from trl_tip.testing import build_tokenizer
+    from trl_tip.tiny_models import build_tokenizer
 
     return build_tokenizer()
 

@@ -135,7 +135,7 @@ def main(argv=None):
         return 1
 
     from trl_tip.tasks import build_arithmetic_dataset
-    from trl_tip.testing import save_tiny_models
+    from trl_tip.tiny_models import save_tiny_models
 
     dataset = build_arithmetic_dataset()["train"].select(range(16))
     failures = 0

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from trl_tip.testing import build_tokenizer, save_pretrained_pair, tiny_model
+from trl_tip.tiny_models import build_tokenizer, save_pretrained_pair, tiny_model
 
 
 # What every short test run on the tiny models sets: float32, nothing reported or saved, every step logged, seeded.

@@ -22,7 +22,7 @@ def arithmetic_models():
 @pytest.fixture(scope="session")
 def tiny_model_paths(tmp_path_factory):
     """Randomly initialised tiny teacher and student saved with the offline tokenizer."""
-    from trl_tip.testing import save_tiny_models
+    from trl_tip.tiny_models import save_tiny_models
 
     return save_tiny_models(tmp_path_factory.mktemp("tiny-models"))
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_tip import ACEGRPOConfig, ACEGRPOTrainer, ace_confidence_shift, ace_scale_advantages
-from trl_tip.testing import build_tokenizer, save_pretrained_pair, tiny_model
+from trl_tip.tiny_models import build_tokenizer, save_pretrained_pair, tiny_model
 from trl_tip.weighting import ace_scale_factors
 import reference
 from builders import training_config

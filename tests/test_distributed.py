@@ -82,7 +82,7 @@ def run_launch(command: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from trl_tip.testing import save_tiny_models
+    from trl_tip.tiny_models import save_tiny_models
 
     directory = tmp_path_factory.mktemp("dist-models")
     save_tiny_models(directory)

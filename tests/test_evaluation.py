@@ -18,7 +18,7 @@ import trl_tip.evaluation as evaluation
 from trl_tip import evaluate_pass_at_k, grade_answer, pass_at_k
 from trl_tip.evaluation import BENCHMARKS, grade_problems, load_benchmark, summarize
 from trl_tip.tasks.arithmetic import generate_completions
-from trl_tip.testing import build_tokenizer
+from trl_tip.tiny_models import build_tokenizer
 from builders import training_config
 
 

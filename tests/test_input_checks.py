@@ -18,7 +18,7 @@ from trl_tip import (
     TipDistillTrainer,
     math_reward,
 )
-from trl_tip.testing import build_tokenizer
+from trl_tip.tiny_models import build_tokenizer
 from builders import training_config
 
 

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from trl_tip.tasks import LabTask, check_preconditions, measure_preconditions, prepare_lab_models
-from trl_tip.testing import build_tokenizer
+from trl_tip.tiny_models import build_tokenizer
 
 
 FIXTURE = Path(__file__).parent / "data" / "lab"

@@ -20,7 +20,7 @@ from trl_tip.tasks.lab import (
     verbose_solution,
 )
 from trl_tip.tasks.lab_preparation import _style_groups, _tokenised_group, prefix_shared_logits
-from trl_tip.testing import build_tokenizer, tiny_model
+from trl_tip.tiny_models import build_tokenizer, tiny_model
 
 
 def test_styles_of_one_problem():

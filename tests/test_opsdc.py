@@ -17,7 +17,7 @@ from trl import DistillationTrainer
 
 from trl_tip import CONCISE_INSTRUCTIONS, OPSDCConfig, OPSDCTrainer, math_reward
 from trl_tip.instructions import _add_instruction
-from trl_tip.testing import build_tokenizer
+from trl_tip.tiny_models import build_tokenizer
 from trl_tip.trainers.opsdc import OPSDC_STATE_NAME, TEACHER_ADAPTER_NAME, TEACHER_SNAPSHOT_NAME
 import reference
 from builders import training_config

@@ -18,7 +18,7 @@ from trl_tip.losses import rollout_token_coefficients
 from trl_tip.pass_rates import ProblemSampler, sampling_probabilities
 from trl_tip.tasks import build_arithmetic_dataset
 from trl_tip.tasks.arithmetic import generate_completions
-from trl_tip.testing import build_tokenizer
+from trl_tip.tiny_models import build_tokenizer
 from trl_tip.trainers.paced import (
     PASS_RATE_FILE,
     add_privileged_context,

@@ -12,7 +12,7 @@ import trl_tip.trainers.tip_distill.tip_distill_trainer as tip_module
 from trl_tip import PacedConfig, PacedTrainer, TipDistillConfig, TipDistillTrainer, selective_divergence_loss
 from trl_tip.losses import STUDENT_SIDE_METHODS
 from trl_tip.selection import SELECTION_METHODS
-from trl_tip.testing import build_tokenizer, save_pretrained_pair
+from trl_tip.tiny_models import build_tokenizer, save_pretrained_pair
 from trl_tip.vocabulary import shared_vocab_size
 
 

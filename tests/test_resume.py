@@ -21,7 +21,7 @@ from trl_tip import (
     TipDistillTrainer,
 )
 from trl_tip.resume import EpochSeededRepeatSampler, atomic_path, checkpoint_problem, last_complete_checkpoint
-from trl_tip.testing import build_tokenizer
+from trl_tip.tiny_models import build_tokenizer
 from builders import training_config
 
 

@@ -81,7 +81,7 @@ def _grading_trainer():
 
     from transformers import TrainerState
 
-    from trl_tip.testing import build_tokenizer
+    from trl_tip.tiny_models import build_tokenizer
 
     return SimpleNamespace(
         processing_class=build_tokenizer(),

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_tip import TipDistillConfig, TipDistillTrainer
-from trl_tip.testing import build_tokenizer, save_pretrained_pair, tiny_model
+from trl_tip.tiny_models import build_tokenizer, save_pretrained_pair, tiny_model
 from trl_tip.vocabulary import TokenizerComparison, compare_tokenizers, end_of_turn_token
 from builders import swap_token_ids, training_config
 

@@ -12,7 +12,7 @@ import pytest
 import trl.trainer.distillation_trainer as distillation_module
 
 from trl_tip import OPSDCConfig, OPSDCTrainer, TipDistillConfig, TipDistillTrainer
-from trl_tip.testing import build_tokenizer
+from trl_tip.tiny_models import build_tokenizer
 from builders import training_config
 
 

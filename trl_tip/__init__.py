@@ -1,6 +1,6 @@
 """trl_tip: TRL trainers for cheaper, better post-training of language models.
 
-The trainers and the chunked kernels are imported on first use, so `import trl_tip` (and `trl_tip.testing`) stays
+The trainers and the chunked kernels are imported on first use, so `import trl_tip` (and `trl_tip.tiny_models`) stays
 light: it does not import TRL's trainer stack until a trainer, config or kernel is asked for.
 """
 

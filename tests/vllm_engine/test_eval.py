@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from trl_tip.cli import main as trl_tip_main
-from trl_tip.testing import build_tokenizer, save_pretrained_pair, tiny_model
+from trl_tip.tiny_models import build_tokenizer, save_pretrained_pair, tiny_model
 
 
 pytestmark = pytest.mark.vllm

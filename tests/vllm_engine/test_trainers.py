@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from trl_tip.tasks import build_arithmetic_dataset
-from trl_tip.testing import build_tokenizer, tiny_model
+from trl_tip.tiny_models import build_tokenizer, tiny_model
 
 
 pytestmark = pytest.mark.vllm

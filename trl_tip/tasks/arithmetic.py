@@ -21,7 +21,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from ..rewards import grade_answer
-from ..testing import build_tokenizer, save_pretrained_pair, tiny_model
+from ..tiny_models import build_tokenizer, save_pretrained_pair, tiny_model
 
 
 # Part of the cache key: bumped whenever the models a cached copy holds would differ (the last time: the student's

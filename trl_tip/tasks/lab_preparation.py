@@ -17,7 +17,7 @@ import torch
 from datasets import Dataset
 
 from ..instructions import build_teacher_prompt
-from ..testing import build_tokenizer, save_pretrained_pair, tiny_model
+from ..tiny_models import build_tokenizer, save_pretrained_pair, tiny_model
 from .arithmetic import completion_loss, default_cache_dir, evaluate_accuracy, sft_loop
 from .lab import (
     CONCISE_PARAPHRASES,

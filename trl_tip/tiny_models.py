@@ -1,4 +1,4 @@
-"""Offline fixtures: a byte-level tokenizer built in code and tiny causal LMs that share it.
+"""Tiny models built in code: a byte-level tokenizer and small causal LMs that share it, for the tasks and the tests.
 
 Nothing here touches the Hugging Face Hub, so tests, the built-in demo and users without network access can run every
 trainer end to end. The tokenizer follows Qwen2's byte-level scheme (one token per byte, no merges, Qwen2's

@@ -4,7 +4,7 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
-from trl_tip.testing import build_tokenizer, tiny_model
+from trl_tip.tiny_models import build_tokenizer, tiny_model
 
 
 TEXTS = [
@@ -73,7 +73,7 @@ def test_tiny_model_is_reproducible():
 
 def test_import_needs_no_experimental_trl():
     code = (
-        "import sys, trl_tip, trl_tip.testing, trl_tip.tasks;"
+        "import sys, trl_tip, trl_tip.tiny_models, trl_tip.tasks;"
         "bad = [m for m in sys.modules if m.startswith('trl.experimental')];"
         "assert not bad, bad"
     )
