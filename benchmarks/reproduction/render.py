@@ -428,8 +428,8 @@ def render(out: Path = DEFAULT_OUT, doc: Path = DEFAULT_DOC, figures: Path = DEF
     `<!-- reproduce:lab-<method>:start/end -->` for the lab) and its figures under `figures` (the lab's under
     `figures/lab`), from the results under `out` (the lab's under `out/lab`), and each task's table of the papers'
     claims (`<!-- reproduce:claims:start/end -->`, `<!-- reproduce:lab-claims:start/end -->`). A doc without a
-    method's markers gets the section appended; methods without results keep their section as it is. Returns the
-    figures written.
+    method's markers gets the section appended; a method without stored results gets a line saying so in place of its
+    section (no number stays on the page without a record behind it). Returns the figures written.
     """
     doc, figures = Path(doc), Path(figures)
     text = doc.read_text() if doc.exists() else "# Results on the built-in tasks\n"
@@ -465,6 +465,13 @@ def _render_task(task: str, results: dict, text: str, doc: Path, figures: Path, 
     all_records = []
     for method in SECTIONS:
         if method not in results:
+            # A section whose runs are not stored says so, rather than keep numbers no stored record backs.
+            pattern = _section_pattern(prefix + method)
+            if pattern.search(text):
+                command = f"python {SCRIPT} {method}" + (" --task lab" if task == "lab" else "")
+                awaiting = f"No stored runs yet: `{command}` makes them and renders this section."
+                body = f"{_marker(prefix + method, 'start')}\n\n{awaiting}\n\n{_marker(prefix + method, 'end')}"
+                text = pattern.sub(lambda _, body=body: body, text)
             continue
         figures.mkdir(parents=True, exist_ok=True)
         variants = results[method]
@@ -488,6 +495,9 @@ def _render_task(task: str, results: dict, text: str, doc: Path, figures: Path, 
         else:
             title = f"The lab: {spec_of(method)['title']}" if task == "lab" else spec_of(method)["title"]
             text = text.rstrip("\n") + f"\n\n## {title}\n\n{body}\n"
+    if not all_records and _section_pattern(prefix + "total").search(text):
+        body = f"{_marker(prefix + 'total', 'start')}\n\nNo stored runs yet.\n\n{_marker(prefix + 'total', 'end')}"
+        text = _section_pattern(prefix + "total").sub(lambda _: body, text)
     if all_records:
         marker = prefix + "total"
         scope = "All results of the lab above" if task == "lab" else "All results above"
