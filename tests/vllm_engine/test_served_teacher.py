@@ -335,3 +335,19 @@ def test_a_server_that_goes_away_stops_training_at_that_step(teacher_server, pro
             trainer.train()
     assert trainer.state.global_step == 1
     assert all(torch.equal(p, Snapshot.parameters[name]) for name, p in trainer.model.named_parameters())
+
+
+def test_the_example_distils_from_the_server(teacher_server, tmp_path):
+    # The built-in task's student reads the lab tokenizer (the same 259 tokens), so the lab teacher's server serves it.
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    result = subprocess.run([
+        sys.executable, str(root / "examples" / "tip_distill.py"), "--teacher_model_server_url", teacher_server,
+        "--loss_top_k", "8", "--max_steps", "2", "--num_eval_problems", "8", "--output_dir", str(tmp_path / "out"),
+    ], capture_output=True, text=True, env=env, cwd=root, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "student accuracy after:" in result.stdout
+    assert (tmp_path / "out" / "model.safetensors").is_file()
