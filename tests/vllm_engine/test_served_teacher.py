@@ -337,7 +337,7 @@ def test_a_server_that_goes_away_stops_training_at_that_step(teacher_server, pro
     assert all(torch.equal(p, Snapshot.parameters[name]) for name, p in trainer.model.named_parameters())
 
 
-def test_the_example_distils_from_the_server(teacher_server, tmp_path):
+def test_the_example_distils_from_the_server(teacher_server, arithmetic_models, tmp_path):
     # The built-in task's student reads the lab tokenizer (the same 259 tokens), so the lab teacher's server serves it.
     import os
     import subprocess
