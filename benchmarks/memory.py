@@ -265,7 +265,8 @@ def served_section(results: dict) -> str:
     saved = (rows[SERVED_SETUPS[0]]["peak_bytes"] - rows[SERVED_SETUPS[1]]["peak_bytes"]) / 2**20
     return (
         "## Memory: a served teacher\n\n"
-        f"Measured {results['measured']} on {results['device']} with `{results['command']}` (torch {versions_used['torch']}, vLLM "
+        f"Measured {results['measured']} on {results['device']} with `{results['command']}` (torch "
+        f"{versions_used['torch']}, vLLM "
         f"{versions_used['vllm']}). Student Qwen2 hidden {shape['student_hidden']} × {shape['student_layers']} layers "
         f"(bf16), teacher hidden {shape['teacher_hidden']} × {shape['teacher_layers']} layers, vocabulary "
         f"{shape['vocabulary']}; one TIP step (soft-OR 50 %) of {shape['prompts']} prompts × ≤ "

@@ -40,7 +40,7 @@ RATIOS = (0.5, 0.2)
 
 
 def rollouts(student, tokenizer, prompts, batch_size: int, max_tokens: int, seed: int) -> list[dict]:
-    """The student's sampled completions, as micro-batches in TRL's layout (left-padded prompt, right-padded completion)."""
+    """The student's sampled completions, in micro-batches of TRL's layout (prompt left-, completion right-padded)."""
     import torch
     from torch.nn.utils.rnn import pad_sequence
 
@@ -67,11 +67,15 @@ def rollouts(student, tokenizer, prompts, batch_size: int, max_tokens: int, seed
 
 
 def last_hidden(model, batch):
-    ids = __import__("torch").cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    mask = __import__("torch").cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    """The hidden states before the `lm_head` that predict each completion token."""
+    import torch
+
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     length = batch["completion_ids"].size(1)
-    return model.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -length - 1 : -1]
+    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    return hidden[:, -length - 1 : -1]
 
 
 def kept_sets(batch, student, teacher, served_by_k: dict, methods, ratios, seed: int) -> dict:
@@ -219,9 +223,9 @@ def section(results: dict) -> str:
         f"Measured {results['measured']} with `{results['command']}` ({results['machine']}, Python "
         f"{results['versions']['python']}, torch {results['versions']['torch']}) on the lab pair "
         f"(`{results['pair']}`, vocabulary {results['vocabulary']}): {results['prompts']} training prompts, one "
-        f"rollout each by the student (temperature 1), {results['completion_tokens']} completion tokens, micro-batches "
-        f"of {results['batch_size']} rollouts, reverse KL (β = 1). Overlap = share of the tokens kept with the local "
-        "full-vocabulary teacher that are also kept from the top-k log-probs plus a tail bucket. Data: "
+        f"rollout each by the student (temperature 1), {results['completion_tokens']} completion tokens, "
+        f"micro-batches of {results['batch_size']} rollouts, reverse KL (β = 1). Overlap = share of the tokens kept "
+        "with the local full-vocabulary teacher that are also kept from the top-k log-probs plus a tail bucket. Data: "
         "`benchmarks/results/served_selection.json`.\n\n" + table(results) + "\n\n" + server_text(results)
     )
 

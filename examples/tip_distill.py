@@ -113,8 +113,8 @@ def main():
     else:
         if training_args.teacher_model_name_or_path is None and not served:
             raise ValueError(
-                "TIP distillation needs a teacher: set `--teacher_model_name_or_path`, or `--teacher_model_server_url` "
-                "for one served by `trl vllm-serve`."
+                "TIP distillation needs a teacher: set `--teacher_model_name_or_path`, or "
+                "`--teacher_model_server_url` for one served by `trl vllm-serve`."
             )
         if script_args.dataset_name is None:
             raise ValueError("Set `--dataset_name` (a dataset with a `prompt` column, and `answer` for evaluation).")

@@ -529,7 +529,9 @@ def selective_sparse_divergence_loss(
                 ranked, normalization = per_position(divergence_of(student_logprobs, all_rows, 0.5) / math.log(2)), (
                     "bounded"
                 )
-            forward_kl = per_position(divergence_of(student_logprobs, all_rows, 0.0)) if method == "overconfident" else None
+            forward_kl = None
+            if method == "overconfident":
+                forward_kl = per_position(divergence_of(student_logprobs, all_rows, 0.0))
         keep = select_tokens(
             entropy,
             ranked,

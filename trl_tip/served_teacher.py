@@ -12,6 +12,7 @@ the log-probability of the token the completion holds), laid out on the batch's 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -81,8 +82,8 @@ class ServedTeacher:
             self.client = VLLMClient(base_url=url, connection_timeout=0.0)
         except ImportError as error:
             raise ImportError(
-                f"teacher_model_server_url={url!r} needs TRL's vLLM client, which imports vLLM in the training process "
-                f"too: pip install 'trl[vllm]' ({error})."
+                f"teacher_model_server_url={url!r} needs TRL's vLLM client, which imports vLLM in the training "
+                f"process too: pip install 'trl[vllm]' ({error})."
             ) from error
         except Exception as error:  # noqa: BLE001 - whatever failed, the message names the URL and the field
             raise TeacherServerError(
@@ -142,8 +143,6 @@ class ServedTeacher:
                                          + advice)
 
     def _local_tokenizer(self):
-        import os
-
         if not os.path.isdir(self.model) or not any(
             os.path.isfile(os.path.join(self.model, name)) for name in ("tokenizer.json", "tokenizer_config.json")
         ):

@@ -179,12 +179,13 @@ def train_stage(stage, script_args, raw, model_args, output_dir, paths: dict, tr
     output = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - started
     trainer.save_model(args.output_dir)
+    served = getattr(args, "teacher_model_server_url", None)
     metrics = {
         "stage": stage,
         "run_id": uuid.uuid4().hex,
         "trains": TRAINS[stage],
         "trainer": type(trainer).__name__,
-        "teacher": (getattr(args, "teacher_model_server_url", None) or paths["teacher"]) if stage != "student_rl" else None,
+        "teacher": None if stage == "student_rl" else served or paths["teacher"],
         "student": paths["student"] if stage != "teacher_rl" else None,
         "max_steps": args.max_steps,
         "learning_rate": args.learning_rate,

@@ -1,4 +1,4 @@
-"""The trainers' side of a served teacher: connecting at init, scoring each generation batch, the student's logit scale."""
+"""The trainers' side of a served teacher: connecting at init, scoring each generation batch, the logit scale."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def served_teacher_logprobs(trainer, batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def student_logit_scale(config) -> float:
-    """The multiplier of a model's logits, read from its (text) config as TRL's `DistillationTrainer._compute_loss` does."""
+    """The multiplier of a model's logits, read from its text config as TRL's distillation loss reads it."""
     scale = getattr(config, "logit_scale", None)
     if scale is None:
         scale = getattr(config, "output_multiplier", None)

@@ -167,8 +167,8 @@ class TipDistillConfig(DistillationConfig):
     teacher_model_server_url: str | None = field(
         default=None,
         metadata={
-            "help": 'Base URL of a vLLM server hosting the teacher (e.g. "http://localhost:8000"); no teacher model is '
-            "loaded in the trainer and the divergences use the top-k log-probabilities the server returns."
+            "help": 'Base URL of a vLLM server hosting the teacher (e.g. "http://localhost:8000"); no teacher model '
+            "is loaded in the trainer and the divergences use the top-k log-probabilities the server returns."
         },
     )
     loss_top_k: int = field(
