@@ -59,3 +59,50 @@ def test_the_bridge_hands_the_server_to_its_distillation_stages(tmp_path):
         config = bridge.stage_config(stage, raw, script_args, model_args, str(tmp_path))
         assert config.teacher_model_server_url == URL and config.loss_top_k == 4
         assert config.teacher_model_name_or_path is None
+
+
+def _http_server(status: int):
+    """A local HTTP server that answers every GET with `status` and a JSON body: not a vLLM server."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = b'{"detail": "not here"}'
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("status", [404, 200])
+def test_a_server_that_is_not_vllm_is_refused_naming_the_url(status):
+    from trl_tip.served_teacher import ServedTeacher, TeacherServerError
+
+    server = _http_server(status)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(TeacherServerError, match=f"teacher_model_server_url='{url}' is not a vLLM server"):
+            ServedTeacher(url)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_unreachable_server_is_refused_naming_the_url():
+    import socket
+
+    from trl_tip.served_teacher import ServedTeacher, TeacherServerError
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with pytest.raises(TeacherServerError, match=f"No teacher server answers at teacher_model_server_url='{url}'"):
+        ServedTeacher(url)

@@ -75,9 +75,10 @@ class ServedTeacher:
     """
 
     def __init__(self, url: str, timeout: float = 300.0, retries: int = 3, backoff: float = 2.0):
+        self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
+        self._probe()
         from trl.generation.vllm_client import VLLMClient
 
-        self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
         try:
             self.client = VLLMClient(base_url=url, connection_timeout=0.0)
         except ImportError as error:
@@ -94,6 +95,30 @@ class ServedTeacher:
         self.client.session.mount("http://", adapter)
         self.client.session.mount("https://", adapter)
         self.model = self.client.model
+
+    def _probe(self) -> None:
+        # Before TRL's client, whose health check waits forever on a server that answers something else than 200.
+        import requests
+
+        where = f"teacher_model_server_url={self.url!r}"
+        try:
+            health = requests.get(f"{self.url.rstrip('/')}/health", timeout=min(self.timeout, 30.0))
+            models = requests.get(f"{self.url.rstrip('/')}/v1/models", timeout=min(self.timeout, 30.0))
+        except requests.exceptions.RequestException as error:
+            raise TeacherServerError(
+                f"No teacher server answers at {where} ({type(error).__name__}: {error}). Start it with "
+                "`trl vllm-serve --model TEACHER --port PORT` and pass its address."
+            ) from error
+        try:
+            served = models.json()["data"][0]["id"] if models.status_code == 200 else None
+        except (ValueError, KeyError, IndexError, TypeError):
+            served = None
+        if health.status_code != 200 or served is None:
+            raise TeacherServerError(
+                f"The server at {where} is not a vLLM server serving a model: GET /health answered "
+                f"{health.status_code} and GET /v1/models {models.status_code}. Point it at `trl vllm-serve --model "
+                "TEACHER`."
+            )
 
     # ---- The served tokenizer ----
 
