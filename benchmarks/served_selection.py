@@ -135,13 +135,18 @@ def run(args) -> dict:
 
         served = ServedTeacher(args.teacher_model_server_url)
         served.check_tokenizer(tokenizer)
-    counts, server_counts, server_error = {}, {}, {k: 0.0 for k in TOP_KS}
+    counts, server_counts, server_error, with_entropy = {}, {}, {k: 0.0 for k in TOP_KS}, {}
     for batch in batches:
         offline = {k: truncated(teacher, batch, k) for k in TOP_KS}
         kept = kept_sets(batch, student, teacher, {k: value[0] for k, value in offline.items()}, METHODS, RATIOS,
                          args.seed)
         for (method, ratio, source), keep in kept.items():
             if source == "local":
+                # How much of what the rule keeps (local teacher) `entropy_topk` keeps too: the share decided by
+                # the student's entropy, which a served teacher leaves exact.
+                total = with_entropy.setdefault(f"{method}|{ratio}", [0, 0])
+                total[0] += int((keep & kept[("entropy_topk", ratio, "local")]).sum())
+                total[1] += int(keep.sum())
                 continue
             local = kept[(method, ratio, "local")]
             total = counts.setdefault(f"{method}|{ratio}|{source}", [0, 0])
@@ -180,6 +185,7 @@ def run(args) -> dict:
         "ratios": list(RATIOS),
         "methods": list(METHODS),
         "overlap": {key: value[0] / value[1] for key, value in counts.items()},
+        "local_overlap_with_entropy_topk": {key: value[0] / value[1] for key, value in with_entropy.items()},
         "server_check": None if served is None else {
             "url_model": served.model,
             "agreement": {key: value[0] / value[1] for key, value in server_counts.items()},
@@ -190,14 +196,15 @@ def run(args) -> dict:
 
 def table(results: dict) -> str:
     ks = results["top_ks"]
-    lines = ["| rule | kept fraction ρ | " + " | ".join(f"overlap at k = {k}" for k in ks) + " |",
-             "|---|---:|" + "---:|" * len(ks)]
+    lines = ["| rule | kept fraction ρ | " + " | ".join(f"overlap at k = {k}" for k in ks)
+             + " | local teacher: also kept by `entropy_topk` |", "|---|---:|" + "---:|" * (len(ks) + 1)]
     for method in results["methods"]:
         for ratio in results["ratios"]:
             cells = [f"{100 * results['overlap'][f'{method}|{ratio}|{k}']:.1f} %" for k in ks]
             rule, _, divergence = method.partition(":")
             label = f"`{rule}`" + (f" (`selection_divergence={divergence!r}`)" if divergence else "")
-            lines.append(f"| {label} | {ratio} | " + " | ".join(cells) + " |")
+            shared = results["local_overlap_with_entropy_topk"][f"{method}|{ratio}"]
+            lines.append(f"| {label} | {ratio} | " + " | ".join(cells) + f" | {100 * shared:.1f} % |")
     return "\n".join(lines)
 
 
@@ -225,7 +232,8 @@ def section(results: dict) -> str:
         f"(`{results['pair']}`, vocabulary {results['vocabulary']}): {results['prompts']} training prompts, one "
         f"rollout each by the student (temperature 1), {results['completion_tokens']} completion tokens, "
         f"micro-batches of {results['batch_size']} rollouts, reverse KL (β = 1). Overlap = share of the tokens kept "
-        "with the local full-vocabulary teacher that are also kept from the top-k log-probs plus a tail bucket. Data: "
+        "with the local full-vocabulary teacher that are also kept from the top-k log-probs plus a tail bucket; the "
+        "last column: share of the tokens the rule keeps with the local teacher that `entropy_topk` keeps too. Data: "
         "`benchmarks/results/served_selection.json`.\n\n" + table(results) + "\n\n" + server_text(results)
     )
 
