@@ -21,6 +21,20 @@ accelerate launch examples/tip_distill.py \
     --max_completion_length 8192 --use_vllm --vllm_mode colocate \
     --output_dir Qwen3-4B-TIP
 ```
+
+With the teacher served by vLLM instead of loaded in the training process (its top-k log-probs are fetched per
+completion token; see docs/tip_distill.md, "A served teacher"):
+
+```bash
+trl vllm-serve --model Qwen/Qwen3-8B --port 8000 &
+accelerate launch examples/tip_distill.py \
+    --model_name_or_path Qwen/Qwen3-4B \
+    --teacher_model_server_url http://127.0.0.1:8000 --loss_top_k 64 \
+    --dataset_name open-r1/DAPO-Math-17k-Processed --output_dir Qwen3-4B-TIP
+```
+
+On the built-in task, serve its teacher (`python -m trl_tip.tasks` prints where it is) and pass only the URL:
+`python examples/tip_distill.py --teacher_model_server_url http://127.0.0.1:8000`.
 """
 
 from __future__ import annotations
@@ -86,16 +100,22 @@ def make_parser():
 def main():
     script_args, training_args, model_args, builtin = parse_with_builtin_defaults(make_parser, BUILTIN_DEFAULTS)
 
+    # A served teacher (`--teacher_model_server_url`) is not loaded here: the server scores the completions.
+    served = training_args.teacher_model_server_url is not None
     if builtin:
         from trl_tip.tasks import prepare_arithmetic_models
 
         prepared = prepare_arithmetic_models()
         model_args.model_name_or_path = prepared["student"]
-        training_args.teacher_model_name_or_path = prepared["teacher"]
+        if not served:
+            training_args.teacher_model_name_or_path = prepared["teacher"]
         dataset = prepared["dataset"]
     else:
-        if training_args.teacher_model_name_or_path is None:
-            raise ValueError("TIP distillation needs a teacher: set `--teacher_model_name_or_path`.")
+        if training_args.teacher_model_name_or_path is None and not served:
+            raise ValueError(
+                "TIP distillation needs a teacher: set `--teacher_model_name_or_path`, or "
+                "`--teacher_model_server_url` for one served by `trl vllm-serve`."
+            )
         if script_args.dataset_name is None:
             raise ValueError("Set `--dataset_name` (a dataset with a `prompt` column, and `answer` for evaluation).")
         dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
@@ -109,12 +129,13 @@ def main():
         **(training_args.model_init_kwargs or {}),
     }
     # The teacher stays unquantised unless asked for, as in TRL's distillation script.
-    training_args.teacher_model_init_kwargs = {
-        "trust_remote_code": training_args.trust_remote_code,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(training_args.teacher_model_init_kwargs or {}),
-    }
+    if not served:
+        training_args.teacher_model_init_kwargs = {
+            "trust_remote_code": training_args.trust_remote_code,
+            "attn_implementation": model_args.attn_implementation,
+            "dtype": model_args.dtype,
+            **(training_args.teacher_model_init_kwargs or {}),
+        }
 
     test_split = dataset[script_args.dataset_test_split] if script_args.dataset_test_split in dataset else None
     if test_split is not None and script_args.num_eval_problems is not None:
@@ -125,7 +146,7 @@ def main():
     evaluate = script_args.evaluate and test_split is not None and "answer" in test_split.column_names
     trainer = TipDistillTrainer(
         model=model_args.model_name_or_path,
-        teacher_model=training_args.teacher_model_name_or_path,
+        teacher_model=None if served else training_args.teacher_model_name_or_path,
         args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
         processing_class=tokenizer,

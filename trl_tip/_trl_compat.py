@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import warnings
 from collections.abc import Callable, Iterator
 
 import trl.trainer.distillation_trainer as _distillation_module
@@ -30,6 +31,16 @@ from trl.kernels.chunked_divergence import (
 )
 from trl.kernels.chunked_logprob import _BLOCK_SIZE, _torch_transform, _use_triton
 from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+
+with warnings.catch_warnings():
+    # `trl.experimental` warns on import that its APIs are unstable; the seam is where that is accounted for.
+    warnings.filterwarnings("ignore", message=".*trl.experimental.*")
+    from trl.experimental.server_distillation.server_distillation_trainer import (
+        _add_tail_bucket,
+        _jsd_divergence,
+        build_teacher_request_inputs,
+    )
 
 
 # ---- The chunked divergence kernel (trl.kernels.chunked_divergence, trl.kernels.chunked_logprob) ----
@@ -198,6 +209,23 @@ def models_loaded_by_path_passed_to(on_load: Callable[[str, object], None]) -> I
         yield
     finally:
         _distillation_module.create_model_from_path = load
+
+
+# ---- A teacher served by `trl vllm-serve` (trl.experimental.server_distillation) ----
+#
+# TRL 1.16's `ServerDistillationTrainer` builds its divergence on the teacher's top-k log-probs that a vLLM server
+# returns. `trl_tip.sparse_divergence` computes the same divergence with the same helpers (module-level functions of
+# the experimental module, private but for `build_teacher_request_inputs`), so that `TipDistillTrainer` with
+# `token_selection="all"` and a served teacher is TRL's server loss.
+
+# `add_tail_bucket(log_probs, valid_mask)`: appends log(1 - Σ exp(log_probs)) as a (K+1)-th element and its mask.
+add_tail_bucket = _add_tail_bucket
+# `sparse_jsd(student_log_probs, teacher_log_probs, beta, support_mask)`: the elementwise generalised JSD (beta=0
+# forward KL, beta=1 reverse KL) on a masked sparse support; summed over the support it is one token's divergence.
+sparse_jsd = _jsd_divergence
+# `teacher_request_inputs(input_ids, attention_mask, prompt_attention_mask)`: the unpadded sequences, prompt lengths
+# and completion lengths that `VLLMClient.get_sequence_logprobs` is sent.
+teacher_request_inputs = build_teacher_request_inputs
 
 
 # ---- vLLM on its CPU platform ----

@@ -414,3 +414,175 @@ def _reduce(divergence, tokens: _TokenRows, keep, loss_rows, coefficients, metho
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(loss.device)
     return loss / num_items_in_batch
+
+
+# ---- A served teacher: the same selection on the teacher's sparse log-probabilities ----
+
+
+@dataclass
+class ServedTeacherLogprobs:
+    """
+    What a teacher server returned for a batch of completions, on the `(B, T)` completion grid (see
+    `trl_tip.served_teacher`).
+
+    Attributes:
+        topk_ids (`torch.LongTensor`): `(B, T, k)` the teacher's top-k token ids at each completion position.
+        topk_logprobs (`torch.Tensor`): `(B, T, k)` their log-probabilities (`-inf` where fewer were returned).
+        sampled_logprobs (`torch.Tensor`): `(B, T)` the teacher's log-probability of the completion's token.
+    """
+
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    sampled_logprobs: torch.Tensor
+
+
+def selective_sparse_divergence_loss(
+    student_hidden_states: torch.Tensor,
+    student_lm_head_weight: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    teacher: ServedTeacherLogprobs,
+    beta: float,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    student_lm_head_bias: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    temperature: float = 1.0,
+    *,
+    method: str = "soft_or",
+    ratio: float = 0.5,
+    entropy_clip_quantile: float = 0.98,
+    generator: torch.Generator | None = None,
+    rollout_weights: torch.Tensor | None = None,
+    weight_sum: torch.Tensor | float | None = None,
+    selection_divergence: str = "reverse_kl",
+    divergence_clip_quantile: float = 1.0,
+    add_tail: bool = True,
+) -> SelectiveLossOutput:
+    """
+    [`selective_divergence_loss`] for a teacher known through its top-k log-probabilities only (a served teacher).
+
+    What is exact and what is not:
+
+    - the student's normalised entropy is the full-vocabulary one, from the student's hidden states
+      ([`student_entropy`], the same values as with a local teacher), so the rules that select from the student alone
+      (`random`, `entropy_sample`, `entropy_topk`) keep the tokens they keep with a local teacher;
+    - the divergences the other rules rank by (reverse KL for `soft_or` / `divergence_topk`, forward KL for
+      `overconfident`, JSD / ln 2 for `selection_divergence="jsd"`) and the trained divergence (TRL's `beta`) are taken
+      on the sparse support of [`~trl_tip.sparse_divergence.sparse_support`] with a tail bucket, as TRL's
+      `ServerDistillationTrainer` takes its loss: lower bounds of the full-vocabulary divergences, equal to them when
+      the support covers the vocabulary.
+
+    Only the kept tokens pay the backward pass; the student's logits are projected in chunks of token rows
+    ([`~trl_tip.sparse_divergence.student_support_logprobs`]). Normalisation as in [`selective_divergence_loss`]:
+    `Σ_kept divergence / num_items_in_batch`, the mean over kept tokens when it is `None`, or PACED's weighted mean
+    over rollouts with `rollout_weights`. With `method="all"`, one process and one micro-batch this is TRL's
+    `ServerDistillationTrainer` loss.
+    """
+    from .sparse_divergence import sparse_divergence, sparse_support, student_support_logprobs
+
+    if selection_divergence not in SELECTION_DIVERGENCES:
+        raise ValueError(
+            f"selection_divergence must be one of {', '.join(SELECTION_DIVERGENCES)}, got {selection_divergence!r}."
+        )
+    mask = completion_mask != 0
+    rows = mask.reshape(-1).nonzero().squeeze(-1)
+    hidden = student_hidden_states.reshape(-1, student_hidden_states.size(-1))
+    weight, bias = _gathered_head(student_lm_head_weight, student_lm_head_bias, student_hidden_states.dtype)
+    scaling = {"temperature": temperature, "logit_scale": student_logit_scale,
+               "final_logit_softcapping": student_final_logit_softcapping}
+    k = teacher.topk_ids.shape[-1]
+    ids, teacher_logprobs, support_mask = sparse_support(
+        teacher.topk_ids.reshape(-1, k)[rows],
+        teacher.topk_logprobs.reshape(-1, k)[rows].float(),
+        completion_ids.reshape(-1)[rows],
+        teacher.sampled_logprobs.reshape(-1)[rows].float(),
+        beta,
+    )
+
+    def per_position(values, fill=0.0, at=None):
+        at = torch.arange(rows.numel(), device=rows.device) if at is None else at
+        grid = values.new_full((mask.numel(),), fill)
+        return grid.index_copy_(0, rows[at], values).reshape(mask.shape)
+
+    def divergence_of(student_logprobs, at, divergence_beta):
+        return sparse_divergence(student_logprobs, teacher_logprobs[at], support_mask[at], divergence_beta, add_tail)
+
+    with torch.no_grad():
+        entropy, entropy_nats = student_entropy(
+            hidden[rows].detach(), weight, bias, temperature, student_logit_scale, student_final_logit_softcapping
+        )
+    entropy, entropy_nats = per_position(entropy), per_position(entropy_nats)
+    selection = {"method": method, "ratio": ratio, "entropy_clip_quantile": entropy_clip_quantile,
+                 "generator": generator}
+    all_rows = torch.arange(rows.numel(), device=rows.device)
+    divergence_hat = None
+    if method in STUDENT_SIDE_METHODS and ratio < 1.0:
+        keep = select_tokens(entropy, torch.zeros_like(entropy), mask, **selection)
+        reverse_kl = None
+    else:
+        with torch.no_grad():
+            student_logprobs = student_support_logprobs(hidden[rows].detach(), weight, ids, bias, **scaling)
+            reverse_kl = divergence_of(student_logprobs, all_rows, 1.0)
+            ranked, normalization = per_position(reverse_kl), "min_max"
+            if selection_divergence == "jsd" and method in ("soft_or", "divergence_topk"):
+                ranked, normalization = per_position(divergence_of(student_logprobs, all_rows, 0.5) / math.log(2)), (
+                    "bounded"
+                )
+            forward_kl = None
+            if method == "overconfident":
+                forward_kl = per_position(divergence_of(student_logprobs, all_rows, 0.0))
+        keep = select_tokens(
+            entropy,
+            ranked,
+            mask,
+            forward_kl=forward_kl,
+            divergence_clip_quantile=divergence_clip_quantile,
+            divergence_normalization=normalization,
+            **selection,
+        )
+        if method == "soft_or":
+            with torch.no_grad():
+                divergence_hat = normalized_divergence(ranked, mask, divergence_clip_quantile, normalization)
+    # The loss rows, as indices into `rows`.
+    kept = keep.reshape(-1)[rows]
+    coefficients = None
+    if rollout_weights is not None:
+        coefficients = rollout_token_coefficients(keep, rollout_weights, weight_sum).reshape(-1)[rows]
+        loss_at = coefficients.nonzero().squeeze(-1)
+        if loss_at.numel() == 0:
+            # As in `_loss_rows`: one token in the graph with coefficient 0, an exact zero with zero gradients.
+            loss_at = kept.nonzero().squeeze(-1)[:1]
+    else:
+        loss_at = kept.nonzero().squeeze(-1)
+    if loss_at.numel() == 0 and rows.numel() == 0:
+        # No completion token at all: a zero that still reaches every parameter of the head.
+        zero = (hidden[:1].sum() * 0.0 + weight.sum() * 0.0).float()
+        empty = entropy.new_full(mask.shape, math.nan)
+        return SelectiveLossOutput(zero, entropy_nats.sum(), mask.sum(), mask, keep, entropy, empty, divergence_hat)
+    student_logprobs = student_support_logprobs(hidden[rows[loss_at]], weight, ids[loss_at], bias, **scaling)
+    divergence = divergence_of(student_logprobs, loss_at, beta)
+    if reverse_kl is None:
+        with torch.no_grad():
+            reverse = divergence.detach() if beta == 1.0 else divergence_of(student_logprobs.detach(), loss_at, 1.0)
+        reverse_kl = per_position(reverse, math.nan, loss_at)
+    else:
+        reverse_kl = per_position(reverse_kl)
+    if coefficients is not None:
+        loss = (divergence * coefficients[loss_at].to(divergence.dtype)).sum()
+    elif num_items_in_batch is None:
+        loss = divergence.sum() / keep.sum().clamp(min=1)
+    else:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(divergence.device)
+        loss = divergence.sum() / num_items_in_batch
+    return SelectiveLossOutput(
+        loss=loss,
+        entropy_sum=entropy_nats.masked_fill(~mask, 0).sum(),
+        num_valid=mask.sum(),
+        mask=mask,
+        keep=keep,
+        entropy=entropy,
+        reverse_kl=reverse_kl,
+        divergence_hat=divergence_hat,
+    )

@@ -79,6 +79,18 @@ class BridgeScriptArguments(ScriptArguments):
     teacher_model_name_or_path: str | None = dataclasses.field(
         default=None, metadata={"help": "The teacher (RL'd in teacher_rl, distilled from in warmup and opd)."}
     )
+    teacher_model_server_url: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Base URL of a `trl vllm-serve` of the teacher: warmup and opd then distil from the server (no "
+            "teacher weights in the training process; the server also writes warmup's completions). Not with the "
+            "teacher_rl stage: serve the RL'd teacher and run the next stages against it."
+        },
+    )
+    loss_top_k: int = dataclasses.field(
+        default=1,
+        metadata={"help": "Top tokens the teacher server returns per position (see TipDistillConfig.loss_top_k)."},
+    )
     teacher_rl_max_steps: int | None = dataclasses.field(
         default=None, metadata={"help": "max_steps of the teacher_rl stage (default: --max_steps)."}
     )

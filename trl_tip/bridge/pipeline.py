@@ -169,8 +169,19 @@ def run_bridge(
     stages = parse_stages(script_args.stages)
     _check_supported(script_args, shared, model_args)
     prepared = _prepare_builtin(script_args, model_args, verbose=state.is_main_process) if builtin else None
-    if script_args.teacher_model_name_or_path is None and any(s in stages for s in ("teacher_rl", "warmup", "opd")):
-        raise ValueError("The bridge needs a teacher: set `--teacher_model_name_or_path`.")
+    served = script_args.teacher_model_server_url
+    if served is not None and "teacher_rl" in stages:
+        raise ValueError(
+            f"--teacher_model_server_url={served!r} serves a fixed teacher, but the teacher_rl stage trains the "
+            "teacher. Run teacher_rl first, serve its model, then run the next stages with the server's URL."
+        )
+    if (
+        script_args.teacher_model_name_or_path is None
+        and served is None
+        and any(s in stages for s in ("teacher_rl", "warmup", "opd"))
+    ):
+        raise ValueError("The bridge needs a teacher: set `--teacher_model_name_or_path` (or a served one, "
+                         "`--teacher_model_server_url`).")
     train, test = _load_data(script_args, builtin, prepared)
     run = _Run(
         state=state,
@@ -188,6 +199,9 @@ def run_bridge(
     # Where each model is now, and how the stages' records name it.
     paths = {"teacher": script_args.teacher_model_name_or_path, "student": model_args.model_name_or_path}
     refs = {role: _model_ref(path) for role, path in paths.items()}
+    if served is not None:
+        # The stages distil from the server; the teacher's path (if given) is only evaluated.
+        refs["teacher"] = {"served": served, "path": paths["teacher"]}
     rows = _evaluate_initial(run, paths, refs) if run.evaluate else []
     trained = 0
     for stage in stages:

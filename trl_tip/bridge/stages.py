@@ -77,6 +77,9 @@ def stage_config(stage: str, raw: dict, script_args: BridgeScriptArguments, mode
         value = getattr(script_args, f"{stage}_{name}")
         if value is not None:
             overrides[name] = value
+    if distillation and raw.get("teacher_model_server_url") is not None:
+        # Served: the stage loads no teacher (its path, if given, is only evaluated).
+        overrides["teacher_model_name_or_path"] = None
     if stage in ("warmup", "opd"):
         overrides["teacher_model_init_kwargs"] = {
             "trust_remote_code": raw.get("trust_remote_code", False),
@@ -122,6 +125,8 @@ def stage_trainer(stage: str, args, teacher: str, student: str, train_dataset, t
         [`ACEGRPOTrainer`] (`teacher_rl`, `student_rl`, rewarded by [`math_reward`]), [`PacedTrainer`] (`warmup`) or
         [`TipDistillTrainer`] (`opd`).
     """
+    if getattr(args, "teacher_model_server_url", None) is not None:
+        teacher = None  # served: the distillation stages load no teacher
     if stage in ("teacher_rl", "student_rl"):
         return ACEGRPOTrainer(
             model=teacher if stage == "teacher_rl" else student,
@@ -174,12 +179,13 @@ def train_stage(stage, script_args, raw, model_args, output_dir, paths: dict, tr
     output = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - started
     trainer.save_model(args.output_dir)
+    served = getattr(args, "teacher_model_server_url", None)
     metrics = {
         "stage": stage,
         "run_id": uuid.uuid4().hex,
         "trains": TRAINS[stage],
         "trainer": type(trainer).__name__,
-        "teacher": paths["teacher"] if stage != "student_rl" else None,
+        "teacher": None if stage == "student_rl" else served or paths["teacher"],
         "student": paths["student"] if stage != "teacher_rl" else None,
         "max_steps": args.max_steps,
         "learning_rate": args.learning_rate,

@@ -278,6 +278,12 @@ class PacedConfig(TipDistillConfig):
                 "self_distillation=True uses a frozen copy of the student as the teacher; unset "
                 f"teacher_model_name_or_path (got {self.teacher_model_name_or_path!r})."
             )
+        if self.self_distillation and self.teacher_model_server_url is not None:
+            raise ValueError(
+                "self_distillation=True makes the teacher the student itself (a frozen copy that reads privileged "
+                "context), which no server can hold; unset teacher_model_server_url "
+                f"(got {self.teacher_model_server_url!r}) or self_distillation."
+            )
         if self.privileged_prompt_template is not None:
             try:
                 rendered = self.privileged_prompt_template.format(

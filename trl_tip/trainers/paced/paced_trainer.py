@@ -306,6 +306,8 @@ class PacedTrainer(PassRateMixin, TipDistillTrainer):
                     } or None
                 return model
             return copy.deepcopy(model).eval()
+        if args.teacher_model_server_url is not None:
+            return teacher_model  # served: none is loaded (TipDistillTrainer refuses one passed as well)
         if teacher_model is None:
             teacher_model = args.teacher_model_name_or_path
         if teacher_model is None:
@@ -465,6 +467,8 @@ class PacedTrainer(PassRateMixin, TipDistillTrainer):
 
     @torch.no_grad()
     def _generate_with_teacher(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        if self.served_teacher is not None:
+            return self._generate_with_served_teacher(prompt_ids)
         device = self.accelerator.device
         prompts = [torch.tensor(ids) for ids in prompt_ids]
         input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
@@ -480,6 +484,26 @@ class PacedTrainer(PassRateMixin, TipDistillTrainer):
                 input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config
             )
         return completion_ids_until_eos(generated[:, input_ids.size(1) :], self.eos_token_ids)
+
+    def _generate_with_served_teacher(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        # The server that scores the completions writes them too, with the trainer's sampling settings.
+        completions = self.served_teacher.generate(
+            [list(ids) for ids in prompt_ids],
+            step=self.state.global_step + 1,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k if self.top_k is not None else 0,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=self.repetition_penalty,
+            max_tokens=self.max_completion_length,
+            generation_kwargs=self.args.generation_kwargs,
+        )
+        ends = set(self.eos_token_ids)
+        cut = []
+        for ids in completions:
+            stop = next((position for position, token in enumerate(ids) if token in ends), None)
+            cut.append(list(ids) if stop is None else list(ids[: stop + 1]))
+        return cut
 
     # ---- Loss ----
 
@@ -538,11 +562,12 @@ class PacedTrainer(PassRateMixin, TipDistillTrainer):
             self._rollout_weights = None
             self._teacher_sequence = None
 
-    def _selective_divergence_loss(self, *args, **kwargs):
+    def _selection_kwargs(self):
+        kwargs = super()._selection_kwargs()
         if self._rollout_weights is not None:
             kwargs["rollout_weights"] = self._rollout_weights.weights
             kwargs["weight_sum"] = self._rollout_weights.weight_sum
-        return super()._selective_divergence_loss(*args, **kwargs)
+        return kwargs
 
     def _get_last_hidden_state(self, unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs):
         if self._teacher_sequence is not None and unwrapped_model is self.accelerator.unwrap_model(self.teacher_model):

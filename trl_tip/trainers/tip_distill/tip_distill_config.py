@@ -75,6 +75,29 @@ class TipDistillConfig(DistillationConfig):
             the student's token ids, which also lets heads padded to different sizes be compared over the student
             tokenizer's tokens.
 
+        > Served teacher
+
+        teacher_model_server_url (`str` or `None`, *optional*):
+            Base URL of a vLLM server hosting the teacher (`trl vllm-serve --model TEACHER`, e.g.
+            `"http://localhost:8000"`), as in TRL's `ServerDistillationConfig`. No teacher model is then loaded in the
+            trainer (pass no `teacher_model`): per completion token the server returns the teacher's top-`loss_top_k`
+            log-probabilities and its log-probability of the completion's token, and the divergences are taken on that
+            sparse support plus a tail bucket for the remaining mass. The student's entropy stays exact; see the
+            "Served teacher" section of the TIP documentation for what is approximated.
+        loss_top_k (`int`, *optional*, defaults to `1`):
+            Number of top tokens the teacher server returns per position, as in TRL's `ServerDistillationConfig`. The
+            support is the teacher's top-k tokens for `beta=0`; the top-k and the completion's token for `beta > 0`
+            (for `beta=1` with `loss_top_k=1`, the completion's token alone, TRL's top-1 rule). Only used with
+            `teacher_model_server_url`.
+        teacher_server_timeout (`float`, *optional*, defaults to `300.0`):
+            Seconds a request to the teacher server may take before it counts as failed.
+        teacher_server_retries (`int`, *optional*, defaults to `3`):
+            How many times a failed or timed-out request to the teacher server is sent again (after
+            `teacher_server_backoff` seconds, doubled each time) before training stops with an error naming the step.
+            No step is taken on a batch without its teacher log-probabilities.
+        teacher_server_backoff (`float`, *optional*, defaults to `2.0`):
+            Seconds before the first retry of a failed request to the teacher server; doubled before each next one.
+
     Batch statistics (the quantile clips, min-max normalisation, the quadrant medians) are taken over the completion
     tokens of the micro-batch one loss call sees, i.e. `per_device_train_batch_size` rollouts on one process, so the
     tokens soft-OR keeps depend on that batch size.
@@ -141,8 +164,40 @@ class TipDistillConfig(DistillationConfig):
         },
     )
 
+    teacher_model_server_url: str | None = field(
+        default=None,
+        metadata={
+            "help": 'Base URL of a vLLM server hosting the teacher (e.g. "http://localhost:8000"); no teacher model '
+            "is loaded in the trainer and the divergences use the top-k log-probabilities the server returns."
+        },
+    )
+    loss_top_k: int = field(
+        default=1,
+        metadata={
+            "help": "Number of top tokens the teacher server returns per position and over which (with the "
+            "completion's token when beta > 0, and a tail bucket) the divergence is computed. Only with "
+            "teacher_model_server_url."
+        },
+    )
+    teacher_server_timeout: float = field(
+        default=300.0,
+        metadata={"help": "Seconds a request to the teacher server may take before it counts as failed."},
+    )
+    teacher_server_retries: int = field(
+        default=3,
+        metadata={
+            "help": "How many times a failed request to the teacher server is retried (with backoff) before training "
+            "stops with an error naming the step."
+        },
+    )
+    teacher_server_backoff: float = field(
+        default=2.0,
+        metadata={"help": "Seconds before the first retry of a failed teacher-server request; doubled each time."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        self._check_served_teacher()
         if self.teacher_quantization not in TEACHER_QUANTIZATION:
             raise ValueError(
                 f"teacher_quantization must be one of {', '.join(TEACHER_QUANTIZATION)}, got "
@@ -188,3 +243,41 @@ class TipDistillConfig(DistillationConfig):
             )
         check_sampling(self.temperature, self.generation_kwargs)
         pin_memory_where_it_helps(self)
+
+    def _check_served_teacher(self) -> None:
+        if self.teacher_model_server_url is not None and not self.teacher_model_server_url.strip():
+            raise ValueError("teacher_model_server_url is empty; pass the server's base URL or leave it unset.")
+        if self.loss_top_k < 1:
+            raise ValueError(
+                f"loss_top_k must be at least 1, got {self.loss_top_k}: a teacher server returns its top-k "
+                "log-probabilities only, so the full-vocabulary divergence (TRL's loss_top_k=0) is not available."
+            )
+        if self.teacher_server_timeout <= 0:
+            raise ValueError(f"teacher_server_timeout must be positive, got {self.teacher_server_timeout}.")
+        if self.teacher_server_retries < 0:
+            raise ValueError(f"teacher_server_retries must be >= 0, got {self.teacher_server_retries}.")
+        if self.teacher_server_backoff < 0:
+            raise ValueError(f"teacher_server_backoff must be >= 0, got {self.teacher_server_backoff}.")
+        if self.teacher_model_server_url is None:
+            return
+        if self.teacher_model_name_or_path is not None:
+            raise ValueError(
+                f"teacher_model_server_url={self.teacher_model_server_url!r} serves the teacher; unset "
+                f"teacher_model_name_or_path={self.teacher_model_name_or_path!r}, which would load one in the trainer."
+            )
+        if self.teacher_quantization != "none":
+            raise ValueError(
+                f"teacher_quantization={self.teacher_quantization!r} quantises a teacher loaded in the trainer; with "
+                "teacher_model_server_url the teacher is served: leave it at 'none' (quantise it in the server)."
+            )
+        student_server = self.vllm_server_base_url or (
+            f"http://{self.vllm_server_host}:{self.vllm_server_port}" if self.vllm_mode == "server" else None
+        )
+        if self.use_vllm and self.vllm_mode == "server" and student_server is not None and (
+            student_server.rstrip("/") == self.teacher_model_server_url.rstrip("/")
+        ):
+            raise ValueError(
+                f"The student's vLLM server (vllm_server_base_url) and the teacher's (teacher_model_server_url) are "
+                f"both {self.teacher_model_server_url!r}: the student's weights would be pushed into the teacher. "
+                "Serve the student on another port."
+            )

@@ -12,13 +12,19 @@ from trl import DistillationTrainer
 
 from ..._trl_compat import divergence_loss_replaced_by, platform_vllm_generation
 from ...hub import TrlTipHubMixin
-from ...losses import STUDENT_SIDE_METHODS, selective_divergence_loss
+from ...losses import (
+    STUDENT_SIDE_METHODS,
+    ServedTeacherLogprobs,
+    selective_divergence_loss,
+    selective_sparse_divergence_loss,
+)
 from ...quantization import keep_4bit_weights_trainable
 from ...resume import ResumableTrainerMixin, atomic_path
 from ...selection import quadrant_counts, quantile, tokens_per_rollout
 from ...sharding import fsdp2_shard_for_inference, is_fsdp2
 from ...vocabulary import compare_tokenizers, shared_vocab_size, tokenizer_of
 from .._inputs import check_prompts, check_sampling, default_config, model_written_mask
+from .._served import SERVED_KEYS, connect_served_teacher, served_teacher_logprobs, student_logit_scale
 from .teacher_loading import (
     _is_quantized,
     _load_teacher_tokenizer,
@@ -105,6 +111,8 @@ class TipDistillTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrain
                 "teacher_quantization applies when the teacher is loaded by the trainer: pass `teacher_model` as a "
                 "path or Hub id, or quantise the instance you pass yourself."
             )
+        # A served teacher: connected and checked against the student's tokenizer before anything is loaded.
+        served_teacher = connect_served_teacher(model, teacher_model, args, processing_class)
         shared_rows = self._check_teacher_vocabulary(model, teacher_model, args, processing_class)
         vocab_check = (
             _vocab_check_passed(teacher_model, _vocab_rows(model, trust_remote_code=args.trust_remote_code))
@@ -149,6 +157,7 @@ class TipDistillTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrain
         # These rules project the teacher on kept tokens only (see `selective_divergence_loss`).
         self._scores_student_first = self.token_selection in STUDENT_SIDE_METHODS and self.token_ratio < 1.0
         self.shared_vocab_size = shared_rows
+        self.served_teacher = served_teacher
         if shared_rows is not None:
             self._suppress_padding_rows(shared_rows)
 
@@ -274,6 +283,10 @@ class TipDistillTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrain
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
+        if self.served_teacher is not None:
+            # The served teacher scores the whole generation batch in one request; its log-probabilities travel with
+            # the rows through TRL's shuffling and splitting. A failure here stops training before any step on it.
+            output.update(served_teacher_logprobs(self, output))
         if self.token_selection != "all":
             # The loss is normalised by the number of kept tokens over the whole generation batch (all accumulation
             # steps, all processes), as TRL normalises by all tokens. Each rollout keeps max(1, ⌊ρ·m_i⌋) tokens, so the
@@ -287,8 +300,51 @@ class TipDistillTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrain
         TRL's `_compute_loss` with the divergence taken on the kept tokens only: `Σ_kept divergence /
         num_items_in_batch`, where `num_items_in_batch` counts kept tokens (see [`~TipDistillTrainer.compute_loss`]).
         """
+        if self.served_teacher is not None:
+            return self._served_compute_loss(unwrapped_student, inputs, num_items_in_batch)
         with divergence_loss_replaced_by(self._selective_divergence_loss):
             return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+
+    def _served_compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        # TRL's `_compute_loss` without the teacher's forward: the student's last hidden states, then the selective
+        # divergence against the served teacher's sparse log-probabilities that came with the batch.
+        if any(key in inputs for key in ("pixel_values", "image_grid_thw", "pixel_attention_mask")):
+            raise ValueError("A served teacher scores text sequences only; multimodal inputs need a local teacher.")
+        completion_ids = inputs["completion_ids"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, completion_ids.size(1))
+        head = unwrapped_student.get_output_embeddings()
+        config = unwrapped_student.config.get_text_config()
+        device = head.weight.device
+        teacher = ServedTeacherLogprobs(*(inputs[key].to(device) for key in SERVED_KEYS))
+        result = selective_sparse_divergence_loss(
+            hidden.to(device),
+            head.weight,
+            completion_ids.to(device),
+            model_written_mask(inputs).to(device),
+            teacher,
+            self.beta,
+            num_items_in_batch=num_items_in_batch,
+            student_lm_head_bias=head.bias,
+            student_logit_scale=student_logit_scale(config),
+            student_final_logit_softcapping=getattr(config, "final_logit_softcapping", None),
+            temperature=self.temperature,
+            **self._selection_kwargs(),
+        )
+        self._record_selection(result)
+        return result.loss, result.entropy_sum.detach(), result.num_valid
+
+    def _selection_kwargs(self) -> dict[str, Any]:
+        # The selection arguments both losses take (PACED adds its rollout weights).
+        return {
+            "method": self.token_selection,
+            "ratio": self.token_ratio,
+            "entropy_clip_quantile": self.entropy_clip_quantile,
+            "generator": self._selection_generator,
+            "divergence_clip_quantile": self.divergence_clip_quantile,
+            "selection_divergence": self.selection_divergence,
+        }
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """
@@ -345,15 +401,15 @@ class TipDistillTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrain
         # Same signature and return value as TRL's `_chunked_divergence_loss`; see `divergence_loss_replaced_by`.
         result = selective_divergence_loss(
             *args,
-            method=self.token_selection,
-            ratio=self.token_ratio,
-            entropy_clip_quantile=self.entropy_clip_quantile,
-            generator=self._selection_generator,
-            divergence_clip_quantile=self.divergence_clip_quantile,
-            selection_divergence=self.selection_divergence,
+            **self._selection_kwargs(),
             vocab_size=self.shared_vocab_size,
             **kwargs,
         )
+        self._record_selection(result)
+        return result.loss, result.entropy_sum, result.num_valid
+
+    def _record_selection(self, result) -> None:
+        # The sums behind the `tip/*` metrics, logged by `compute_loss` after the wrapped forward returns.
         mask, keep, entropy, reverse_kl = result.mask, result.keep, result.entropy, result.reverse_kl
         with torch.no_grad():
             # Under the entropy-only rules the divergence exists on kept tokens only (NaN elsewhere): the sums over
@@ -377,4 +433,3 @@ class TipDistillTrainer(ResumableTrainerMixin, TrlTipHubMixin, DistillationTrain
                     self._divergence_hat_spread(result.divergence_hat, mask).to(entropy.device),
                 ]
             )
-        return result.loss, result.entropy_sum, result.num_valid
