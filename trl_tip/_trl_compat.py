@@ -33,15 +33,6 @@ from trl.kernels.chunked_logprob import _BLOCK_SIZE, _torch_transform, _use_trit
 from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
 
-with warnings.catch_warnings():
-    # `trl.experimental` warns on import that its APIs are unstable; the seam is where that is accounted for.
-    warnings.filterwarnings("ignore", message=".*trl.experimental.*")
-    from trl.experimental.server_distillation.server_distillation_trainer import (
-        _add_tail_bucket,
-        _jsd_divergence,
-        build_teacher_request_inputs,
-    )
-
 
 # ---- The chunked divergence kernel (trl.kernels.chunked_divergence, trl.kernels.chunked_logprob) ----
 #
@@ -218,14 +209,38 @@ def models_loaded_by_path_passed_to(on_load: Callable[[str, object], None]) -> I
 # the experimental module, private but for `build_teacher_request_inputs`), so that `TipDistillTrainer` with
 # `token_selection="all"` and a served teacher is TRL's server loss.
 
-# `add_tail_bucket(log_probs, valid_mask)`: appends log(1 - Σ exp(log_probs)) as a (K+1)-th element and its mask.
-add_tail_bucket = _add_tail_bucket
-# `sparse_jsd(student_log_probs, teacher_log_probs, beta, support_mask)`: the elementwise generalised JSD (beta=0
-# forward KL, beta=1 reverse KL) on a masked sparse support; summed over the support it is one token's divergence.
-sparse_jsd = _jsd_divergence
-# `teacher_request_inputs(input_ids, attention_mask, prompt_attention_mask)`: the unpadded sequences, prompt lengths
-# and completion lengths that `VLLMClient.get_sequence_logprobs` is sent.
-teacher_request_inputs = build_teacher_request_inputs
+# The module is imported on first use, not with trl_tip: `trl.experimental` warns on import that its APIs are
+# unstable, which a user who never serves a teacher should not see (the seam is where that warning is accounted for).
+
+
+def _server_distillation():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*trl.experimental.*")
+        from trl.experimental.server_distillation import server_distillation_trainer
+    return server_distillation_trainer
+
+
+def add_tail_bucket(log_probs, valid_mask):
+    """TRL's `_add_tail_bucket`: appends log(1 − Σ exp(log_probs)) as a (K+1)-th element, and its mask."""
+    return _server_distillation()._add_tail_bucket(log_probs, valid_mask)
+
+
+def sparse_jsd(student_log_probs, teacher_log_probs, beta, support_mask):
+    """
+    TRL's `_jsd_divergence`: the elementwise generalised JSD (beta=0 forward KL, beta=1 reverse KL) on a masked sparse
+    support; summed over the support it is one token's divergence.
+    """
+    return _server_distillation()._jsd_divergence(student_log_probs, teacher_log_probs, beta, support_mask)
+
+
+def teacher_request_inputs(input_ids, attention_mask, prompt_attention_mask):
+    """
+    TRL's `build_teacher_request_inputs`: the unpadded sequences, prompt lengths and completion lengths that
+    `VLLMClient.get_sequence_logprobs` is sent.
+    """
+    return _server_distillation().build_teacher_request_inputs(
+        input_ids=input_ids, attention_mask=attention_mask, prompt_attention_mask=prompt_attention_mask
+    )
 
 
 # ---- vLLM on its CPU platform ----
