@@ -82,7 +82,8 @@ def kept_sets(batch, student, teacher, served_by_k: dict, methods, ratios, seed:
     """`(method, ratio, source) -> keep` for source "local" and each k of `served_by_k` (`ServedTeacherLogprobs`)."""
     import torch
 
-    from trl_tip.losses import selective_divergence_loss, selective_sparse_divergence_loss
+    from trl_tip.losses import selective_divergence_loss
+    from trl_tip.served_loss import selective_sparse_divergence_loss
 
     with torch.no_grad():
         s_hidden, t_hidden = last_hidden(student, batch), last_hidden(teacher, batch)
@@ -108,7 +109,7 @@ def truncated(teacher, batch, k: int):
     """What a server returns for `batch` at `loss_top_k = k`, from the local teacher: top-k and the sampled token."""
     import torch
 
-    from trl_tip.losses import ServedTeacherLogprobs
+    from trl_tip.served_loss import ServedTeacherLogprobs
 
     with torch.no_grad():
         logprobs = (last_hidden(teacher, batch) @ teacher.lm_head.weight.T).float().log_softmax(-1)

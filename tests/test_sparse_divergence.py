@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from trl_tip.losses import ServedTeacherLogprobs, selective_divergence_loss, selective_sparse_divergence_loss
+from trl_tip.losses import selective_divergence_loss
+from trl_tip.served_loss import ServedTeacherLogprobs, selective_sparse_divergence_loss
 from trl_tip.sparse_divergence import (
     sparse_distribution,
     sparse_divergence,

@@ -32,8 +32,8 @@ _LAZY = {
     "TokenStats": "trl_tip.chunked_stats",
     "token_stats": "trl_tip.chunked_stats",
     "selective_divergence_loss": "trl_tip.losses",
-    "selective_sparse_divergence_loss": "trl_tip.losses",
-    "ServedTeacherLogprobs": "trl_tip.losses",
+    "selective_sparse_divergence_loss": "trl_tip.served_loss",
+    "ServedTeacherLogprobs": "trl_tip.served_loss",
 }
 
 __all__ = [

@@ -5,7 +5,7 @@ training step.
 
 The teacher's log-probabilities come from TRL's `VLLMClient.get_sequence_logprobs` (top-k per completion token and
 the log-probability of the token the completion holds), laid out on the batch's `(B, T)` completion grid
-([`~trl_tip.losses.ServedTeacherLogprobs`]); completions the teacher writes (PACED's forward-KL track) come from
+([`~trl_tip.served_loss.ServedTeacherLogprobs`]); completions the teacher writes (PACED's forward-KL track) come from
 `VLLMClient.generate` on the same server.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ._trl_compat import teacher_request_inputs
-from .losses import ServedTeacherLogprobs
+from .served_loss import ServedTeacherLogprobs
 from .vocabulary import compare_tokenizers, tokenizer_of
 
 

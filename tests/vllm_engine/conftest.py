@@ -97,10 +97,25 @@ def served_student(tiny_model_paths, tmp_path_factory):
         yield url
 
 
+@pytest.fixture(scope="session")
+def served_lab_teacher(tmp_path_factory):
+    """A `trl vllm-serve` of the lab's shipped teacher for the whole session: the served teacher of the distillers."""
+    teacher = Path(__file__).resolve().parents[1] / "data" / "lab" / "lab-v4-n1500-30-60-seed0" / "teacher"
+    with vllm_server(str(teacher), tmp_path_factory.mktemp("teacher-server") / "vllm-serve.log") as url:
+        yield url
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A port nothing listens on (as far as the system knows when the test starts)."""
+    return _free_port()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
-    url = item.funcargs.get("served_student") if hasattr(item, "funcargs") else None
-    if report.failed and url in _SERVER_LOGS:
-        report.sections.append(("trl vllm-serve log (tail)", _SERVER_LOGS[url].read_text()[-6000:]))
+    funcargs = getattr(item, "funcargs", {})
+    for url in (funcargs.get("served_student"), funcargs.get("served_lab_teacher")):
+        if report.failed and url in _SERVER_LOGS:
+            report.sections.append(("trl vllm-serve log (tail)", _SERVER_LOGS[url].read_text()[-6000:]))
     return report

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import http.client
-import importlib.util
 import sys
 import threading
 import time
@@ -33,24 +32,6 @@ STUDENT, TEACHER = str(LAB / "student"), str(LAB / "teacher")
 VOCAB = 259
 BATCH = 4
 MAX_TOKENS = 16
-
-
-def _engine_conftest():
-    # tests/vllm_engine/conftest.py, as pytest loaded it (test directories are not packages here).
-    path = Path(__file__).with_name("conftest.py")
-    for module in list(sys.modules.values()):
-        if getattr(module, "__file__", None) and Path(module.__file__) == path:
-            return module
-    spec = importlib.util.spec_from_file_location("vllm_engine_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def teacher_server(tmp_path_factory):
-    with _engine_conftest().vllm_server(TEACHER, tmp_path_factory.mktemp("teacher-server") / "vllm-serve.log") as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
@@ -104,18 +85,18 @@ def _batch(trainer, prompts):
 
 
 @pytest.mark.parametrize("selection", ["soft_or", "all"])
-def test_tip_trains_from_the_served_teacher(teacher_server, prompts, tmp_path, selection):
-    trainer = _tip(tmp_path, teacher_server, prompts, token_selection=selection, loss_top_k=8)
+def test_tip_trains_from_the_served_teacher(served_lab_teacher, prompts, tmp_path, selection):
+    trainer = _tip(tmp_path, served_lab_teacher, prompts, token_selection=selection, loss_top_k=8)
     _trained(trainer)
     assert_no_teacher_weights(trainer)
     kept = [entry["tip/kept_fraction"] for entry in trainer.state.log_history if "tip/kept_fraction" in entry]
     assert kept and all(value == (1.0 if selection == "all" else pytest.approx(0.5, abs=0.1)) for value in kept)
 
 
-def test_paced_forward_track_generates_with_the_server(teacher_server, prompts, tmp_path):
+def test_paced_forward_track_generates_with_the_server(served_lab_teacher, prompts, tmp_path):
     from trl_tip import PacedConfig, PacedTrainer
 
-    args = PacedConfig(**_settings(tmp_path, teacher_server, loss_top_k=8), rollout_source="teacher",
+    args = PacedConfig(**_settings(tmp_path, served_lab_teacher, loss_top_k=8), rollout_source="teacher",
                        kl_schedule="forward", teacher_completions="generate", paced_alpha=0.0, paced_beta=0.0,
                        pass_rate_rollouts=1, token_selection="all")
     trainer = PacedTrainer(model=STUDENT, args=args, train_dataset=prompts, reward_funcs="math")
@@ -133,28 +114,28 @@ def test_paced_forward_track_generates_with_the_server(teacher_server, prompts, 
     assert len(written) == args.max_steps * BATCH and all(written)
 
 
-def test_paced_reverse_track_trains_from_the_served_teacher(teacher_server, prompts, tmp_path):
+def test_paced_reverse_track_trains_from_the_served_teacher(served_lab_teacher, prompts, tmp_path):
     from trl_tip import PacedConfig, PacedTrainer
 
-    args = PacedConfig(**_settings(tmp_path, teacher_server), paced_alpha=0.0, paced_beta=0.0, pass_rate_rollouts=1,
+    args = PacedConfig(**_settings(tmp_path, served_lab_teacher), paced_alpha=0.0, paced_beta=0.0, pass_rate_rollouts=1,
                        token_selection="soft_or")
     trainer = PacedTrainer(model=STUDENT, args=args, train_dataset=prompts, reward_funcs="math")
     _trained(trainer)
     assert_no_teacher_weights(trainer)
 
 
-def test_bridge_opd_stage_trains_from_the_served_teacher(teacher_server, prompts, tmp_path):
+def test_bridge_opd_stage_trains_from_the_served_teacher(served_lab_teacher, prompts, tmp_path):
     from trl_tip import bridge
 
     script_args, _, model_args, _, raw = bridge.parse_arguments([
-        "--model_name_or_path", STUDENT, "--teacher_model_server_url", teacher_server, "--loss_top_k", "4",
+        "--model_name_or_path", STUDENT, "--teacher_model_server_url", served_lab_teacher, "--loss_top_k", "4",
         "--output_dir", str(tmp_path), "--per_device_train_batch_size", str(BATCH), "--num_generations", "4",
         "--opd_max_steps", "2",
         "--max_completion_length", str(MAX_TOKENS), "--report_to", "none", "--bf16", "false", "--use_cpu", "true",
         "--token_selection", "soft_or", "--save_strategy", "no", "--learning_rate", "1e-3"])  # fmt: skip
     paths = {"teacher": None, "student": STUDENT}
     metrics = bridge.train_stage("opd", script_args, raw, model_args, str(tmp_path), paths, prompts, None)
-    assert metrics["teacher"] == teacher_server and metrics["trainer"] == "TipDistillTrainer"
+    assert metrics["teacher"] == served_lab_teacher and metrics["trainer"] == "TipDistillTrainer"
     assert torch.isfinite(torch.tensor(metrics["train_loss"]))
     assert (tmp_path / "opd" / "model.safetensors").is_file()
 
@@ -163,14 +144,14 @@ def test_bridge_opd_stage_trains_from_the_served_teacher(teacher_server, prompts
 
 
 @pytest.mark.parametrize(("beta", "top_k"), [(1.0, 1), (0.5, 1), (0.0, 8)])
-def test_all_tokens_is_trls_server_distillation_loss(teacher_server, prompts, tmp_path, beta, top_k):
+def test_all_tokens_is_trls_server_distillation_loss(served_lab_teacher, prompts, tmp_path, beta, top_k):
     from trl.experimental.server_distillation import ServerDistillationConfig, ServerDistillationTrainer
 
-    trainer = _tip(tmp_path / "tip", teacher_server, prompts, token_selection="all", beta=beta, loss_top_k=top_k)
+    trainer = _tip(tmp_path / "tip", served_lab_teacher, prompts, token_selection="all", beta=beta, loss_top_k=top_k)
     batch = _batch(trainer, prompts)
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, batch)
-    trl_args = ServerDistillationConfig(**{**_settings(tmp_path / "trl", teacher_server), "beta": beta,
+    trl_args = ServerDistillationConfig(**{**_settings(tmp_path / "trl", served_lab_teacher), "beta": beta,
                                            "loss_top_k": top_k})
     reference = ServerDistillationTrainer(model=STUDENT, args=trl_args, train_dataset=prompts)
     reference.model.eval()
@@ -180,12 +161,12 @@ def test_all_tokens_is_trls_server_distillation_loss(teacher_server, prompts, tm
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_top_k_over_the_whole_vocabulary_is_the_local_teacher_loss(teacher_server, prompts, tmp_path):
+def test_top_k_over_the_whole_vocabulary_is_the_local_teacher_loss(served_lab_teacher, prompts, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from trl_tip import TipDistillConfig, TipDistillTrainer
 
-    served = _tip(tmp_path / "served", teacher_server, prompts, token_selection="all", loss_top_k=VOCAB)
+    served = _tip(tmp_path / "served", served_lab_teacher, prompts, token_selection="all", loss_top_k=VOCAB)
     batch = _batch(served, prompts)
     local = TipDistillTrainer(model=STUDENT, teacher_model=TEACHER, train_dataset=prompts, args=TipDistillConfig(
         **{**_settings(tmp_path / "local", None), "token_selection": "all"}))
@@ -214,13 +195,13 @@ def test_top_k_over_the_whole_vocabulary_is_the_local_teacher_loss(teacher_serve
 # ---- Failures ----
 
 
-def test_an_unreachable_server_fails_at_init_naming_the_url(prompts, tmp_path):
-    url = f"http://127.0.0.1:{_engine_conftest()._free_port()}"
+def test_an_unreachable_server_fails_at_init_naming_the_url(prompts, tmp_path, free_port):
+    url = f"http://127.0.0.1:{free_port}"
     with pytest.raises(TeacherServerError, match=f"teacher_model_server_url='{url}'"):
         _tip(tmp_path, url, prompts)
 
 
-def test_a_server_with_another_tokenizer_fails_at_init(teacher_server, prompts, tmp_path):
+def test_a_server_with_another_tokenizer_fails_at_init(served_lab_teacher, prompts, tmp_path):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -241,8 +222,8 @@ def test_a_server_with_another_tokenizer_fails_at_init(teacher_server, prompts, 
                                            tmp_path / "student")
     from trl_tip import TipDistillConfig, TipDistillTrainer
 
-    with pytest.raises(TeacherServerError, match=f"teacher_model_server_url='{teacher_server}'.*token id 0"):
-        TipDistillTrainer(model=student, args=TipDistillConfig(**_settings(tmp_path, teacher_server)),
+    with pytest.raises(TeacherServerError, match=f"teacher_model_server_url='{served_lab_teacher}'.*token id 0"):
+        TipDistillTrainer(model=student, args=TipDistillConfig(**_settings(tmp_path, served_lab_teacher)),
                           train_dataset=prompts)
 
 
@@ -308,8 +289,8 @@ class _Relay:
             self.server.server_close()
 
 
-def test_a_stalled_request_is_retried(teacher_server, prompts, tmp_path):
-    with _Relay(teacher_server).running() as relay:
+def test_a_stalled_request_is_retried(served_lab_teacher, prompts, tmp_path):
+    with _Relay(served_lab_teacher).running() as relay:
         trainer = _tip(tmp_path, relay.url, prompts, teacher_server_timeout=1.0, teacher_server_retries=2,
                        teacher_server_backoff=0.1)
         relay.hang, relay.drop = 1, 1  # the first step's request times out, its retry is dropped, the next answers
@@ -317,7 +298,7 @@ def test_a_stalled_request_is_retried(teacher_server, prompts, tmp_path):
         assert relay.hang == 0 and relay.drop == 0
 
 
-def test_a_server_that_goes_away_stops_training_at_that_step(teacher_server, prompts, tmp_path):
+def test_a_server_that_goes_away_stops_training_at_that_step(served_lab_teacher, prompts, tmp_path):
     from transformers import TrainerCallback
 
     class Snapshot(TrainerCallback):
@@ -326,7 +307,7 @@ def test_a_server_that_goes_away_stops_training_at_that_step(teacher_server, pro
         def on_step_end(self, args, state, control, model=None, **kwargs):
             Snapshot.parameters = {name: p.detach().clone() for name, p in model.named_parameters()}
 
-    with _Relay(teacher_server).running() as relay:
+    with _Relay(served_lab_teacher).running() as relay:
         trainer = _tip(tmp_path, relay.url, prompts, max_steps=3, teacher_server_retries=2,
                        teacher_server_backoff=0.1)
         trainer.add_callback(Snapshot())
@@ -337,7 +318,7 @@ def test_a_server_that_goes_away_stops_training_at_that_step(teacher_server, pro
     assert all(torch.equal(p, Snapshot.parameters[name]) for name, p in trainer.model.named_parameters())
 
 
-def test_the_example_distils_from_the_server(teacher_server, arithmetic_models, tmp_path):
+def test_the_example_distils_from_the_server(served_lab_teacher, arithmetic_models, tmp_path):
     # The built-in task's student reads the lab tokenizer (the same 259 tokens), so the lab teacher's server serves it.
     import os
     import subprocess
@@ -345,7 +326,7 @@ def test_the_example_distils_from_the_server(teacher_server, arithmetic_models, 
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
     result = subprocess.run([
-        sys.executable, str(root / "examples" / "tip_distill.py"), "--teacher_model_server_url", teacher_server,
+        sys.executable, str(root / "examples" / "tip_distill.py"), "--teacher_model_server_url", served_lab_teacher,
         "--loss_top_k", "8", "--max_steps", "2", "--num_eval_problems", "8", "--output_dir", str(tmp_path / "out"),
     ], capture_output=True, text=True, env=env, cwd=root, timeout=900)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]

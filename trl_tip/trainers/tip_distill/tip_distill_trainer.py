@@ -12,14 +12,10 @@ from trl import DistillationTrainer
 
 from ..._trl_compat import divergence_loss_replaced_by, platform_vllm_generation
 from ...hub import TrlTipHubMixin
-from ...losses import (
-    STUDENT_SIDE_METHODS,
-    ServedTeacherLogprobs,
-    selective_divergence_loss,
-    selective_sparse_divergence_loss,
-)
+from ...losses import STUDENT_SIDE_METHODS, selective_divergence_loss
 from ...quantization import keep_4bit_weights_trainable
 from ...resume import ResumableTrainerMixin, atomic_path
+from ...served_loss import ServedTeacherLogprobs, selective_sparse_divergence_loss
 from ...selection import quadrant_counts, quantile, tokens_per_rollout
 from ...sharding import fsdp2_shard_for_inference, is_fsdp2
 from ...vocabulary import compare_tokenizers, shared_vocab_size, tokenizer_of
