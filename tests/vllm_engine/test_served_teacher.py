@@ -205,21 +205,23 @@ def test_a_server_with_another_tokenizer_fails_at_init(served_lab_teacher, promp
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from trl_tip import testing
+    from trl_tip import tiny_models
 
     # The lab tokenizer's 259 tokens with the three special tokens first: same size, other ids.
-    byte_map = testing._bytes_to_unicode()
-    vocab = {token: index for index, token in enumerate(testing.SPECIAL_TOKENS)}
+    byte_map = tiny_models._bytes_to_unicode()
+    vocab = {token: index for index, token in enumerate(tiny_models.SPECIAL_TOKENS)}
     vocab.update({byte_map[byte]: len(vocab) for byte in range(256)})
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in testing.SPECIAL_TOKENS])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=testing.END_OF_TURN,
-                                        pad_token=testing.PAD_TOKEN, padding_side="left",
-                                        chat_template=testing.CHAT_TEMPLATE)
-    student = testing.save_pretrained_pair(testing.tiny_model("student", tokenizer=tokenizer), tokenizer,
-                                           tmp_path / "student")
+    backend.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in tiny_models.SPECIAL_TOKENS]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=tiny_models.END_OF_TURN,
+                                        pad_token=tiny_models.PAD_TOKEN, padding_side="left",
+                                        chat_template=tiny_models.CHAT_TEMPLATE)
+    student = tiny_models.save_pretrained_pair(tiny_models.tiny_model("student", tokenizer=tokenizer), tokenizer,
+                                               tmp_path / "student")
     from trl_tip import TipDistillConfig, TipDistillTrainer
 
     with pytest.raises(TeacherServerError, match=f"teacher_model_server_url='{served_lab_teacher}'.*token id 0"):
