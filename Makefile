@@ -45,7 +45,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 test-fast: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m "not slow and not vllm and not results" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)
 
 # The tests marked `vllm` (tests/vllm_engine): real vLLM engines and a real `trl vllm-serve` on this CPU. vLLM's
 # CPU build pins transformers below the version the main environment gets, so they run in an environment of their

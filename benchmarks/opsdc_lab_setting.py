@@ -16,7 +16,8 @@ is also measured on it after training, and reported.
 
     python benchmarks/opsdc_lab_setting.py grid                 # the grid, then the choice, into the JSON
     python benchmarks/opsdc_lab_setting.py builtin              # `python examples/opsdc.py` as it ships, timed
-    python benchmarks/opsdc_lab_setting.py render --write docs/opsdc.md   # the docs section, from the JSON
+    python benchmarks/opsdc_lab_setting.py render --write docs/opsdc.md   # the docs section, from the JSON (and with
+                                                                          # --write docs/results.md, the results page's)
 """
 
 from __future__ import annotations

@@ -324,16 +324,18 @@ def test_generated_sections_are_up_to_date():
 
 
 def test_opsdc_built_in_setting_is_rendered_from_its_measurements():
-    # docs/opsdc.md quotes the grid and the built-in run of benchmarks/opsdc_lab_setting.py, from its committed JSON.
+    # docs/opsdc.md and docs/results.md quote the grid and the built-in run of benchmarks/opsdc_lab_setting.py, from its
+    # committed JSON.
     import json
 
     setting = _load_module(ROOT / "benchmarks" / "opsdc_lab_setting.py", "_docs_opsdc_lab_setting")
     results = json.loads(setting.RESULTS.read_text())
-    text = (DOCS / "opsdc.md").read_text(encoding="utf-8")
     start, end = "<!-- opsdc-lab-setting:start -->\n", "<!-- opsdc-lab-setting:end -->"
-    assert text.split(start, 1)[1].split(end, 1)[0] == setting.section(results), (
-        "docs/opsdc.md is out of date: run `python benchmarks/opsdc_lab_setting.py render --write docs/opsdc.md`"
-    )
+    for page in ("opsdc.md", "results.md"):  # OPSDC's page and the results page show the same grid
+        text = (DOCS / page).read_text(encoding="utf-8")
+        assert text.split(start, 1)[1].split(end, 1)[0] == setting.section(results), (
+            f"docs/{page} is out of date: run `python benchmarks/opsdc_lab_setting.py render --write docs/{page}`"
+        )
     # The built-in run that was measured is the example as it ships.
     example = _example("opsdc.py")
     chosen = next(run for run in results["runs"] if run["name"] == results["choice"]["name"])
